@@ -1,0 +1,83 @@
+"""Responses the gateway produces itself, in MLflow's error shape, and the one map from failures to them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Mapping
+
+from aiohttp import web
+
+from .upstream import UpstreamError
+
+# MLflow error codes (mlflow.protos.databricks_pb2.ErrorCode names), so MLflow clients can read them.
+BAD_REQUEST = "BAD_REQUEST"
+INVALID_PARAMETER_VALUE = "INVALID_PARAMETER_VALUE"
+RESOURCE_DOES_NOT_EXIST = "RESOURCE_DOES_NOT_EXIST"
+ENDPOINT_NOT_FOUND = "ENDPOINT_NOT_FOUND"
+TEMPORARILY_UNAVAILABLE = "TEMPORARILY_UNAVAILABLE"
+DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+IO_ERROR = "IO_ERROR"
+RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+UNAUTHENTICATED = "UNAUTHENTICATED"
+PERMISSION_DENIED = "PERMISSION_DENIED"
+INVALID_STATE = "INVALID_STATE"
+RESOURCE_ALREADY_EXISTS = "RESOURCE_ALREADY_EXISTS"
+INTERNAL_ERROR = "INTERNAL_ERROR"
+
+# Status of aiohttp's own HTTP exceptions → MLflow error code.
+_HTTP_EXCEPTION_CODES = {
+    400: BAD_REQUEST,
+    401: UNAUTHENTICATED,
+    403: PERMISSION_DENIED,
+    404: ENDPOINT_NOT_FOUND,
+    405: ENDPOINT_NOT_FOUND,
+    409: INVALID_STATE,
+    413: RESOURCE_EXHAUSTED,
+    415: BAD_REQUEST,
+}
+
+
+class BodyTooLarge(Exception):
+    """The request body grew past the configured limit while streaming."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body exceeds the limit of {limit} bytes")
+        self.limit = limit
+
+
+def error_response(
+    status: int, error_code: str, message: str, *, headers: Mapping[str, str] | None = None, **extra: object
+) -> web.Response:
+    """A JSON error body ``{"error_code", "message", ...}`` with the given status."""
+    body = json.dumps({"error_code": error_code, "message": message, **extra})
+    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
+
+
+def upstream_error_response(exc: UpstreamError, deployment: str, headers: Mapping[str, str]) -> web.Response:
+    """502 for an unreachable or broken upstream, 504 when it ran out of time."""
+    if exc.is_timeout:
+        return error_response(504, DEADLINE_EXCEEDED, f"deployment {deployment!r}: {exc}", headers=headers)
+    return error_response(502, TEMPORARILY_UNAVAILABLE, f"deployment {deployment!r}: {exc}", headers=headers)
+
+
+def body_too_large_response(limit: int, headers: Mapping[str, str] | None = None) -> web.Response:
+    """413 for a body over ``max_body_bytes``."""
+    return error_response(
+        413, RESOURCE_EXHAUSTED, f"request body exceeds the gateway's limit of {limit} bytes", headers=headers
+    )
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def mlflow_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Give aiohttp's own errors (unknown path, wrong method, ...) MLflow's JSON shape."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        code = _HTTP_EXCEPTION_CODES.get(exc.status, INTERNAL_ERROR if exc.status >= 500 else BAD_REQUEST)
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "www-authenticate")}
+        return error_response(exc.status, code, exc.reason if exc.text is None else exc.text, headers=headers)

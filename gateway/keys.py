@@ -1,0 +1,67 @@
+"""Every Redis key name and every published message format, in one place."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+# Message kinds published on the events channel.
+ROUTE_CHANGED = "route"
+DEPLOYMENT_CHANGED = "deployment"
+# Not published: yielded locally by a subscription once it listens (anything earlier was missed).
+SUBSCRIBED = "subscribed"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key names under one namespace (``TURNOUT_NAMESPACE``)."""
+
+    namespace: str
+
+    @property
+    def route(self) -> str:
+        """Hash: active, previous, generation, changed_at."""
+        return f"{self.namespace}:route"
+
+    @property
+    def deployments(self) -> str:
+        """Set of deployment names."""
+        return f"{self.namespace}:deployments"
+
+    def deployment(self, name: str) -> str:
+        """Hash: one deployment record (see ``records.Deployment``)."""
+        return f"{self.namespace}:deployment:{name}"
+
+    def lease(self, name: str) -> str:
+        """String with a TTL: the id of the worker hosting ``name``; its expiry frees the deployment."""
+        return f"{self.namespace}:lease:{name}"
+
+    @property
+    def history(self) -> str:
+        """List of JSON history entries, newest first, trimmed to a bound."""
+        return f"{self.namespace}:history"
+
+    @property
+    def events(self) -> str:
+        """Pub/sub channel announcing every change (messages: :func:`encode_event`)."""
+        return f"{self.namespace}:events"
+
+    @property
+    def pattern(self) -> str:
+        """Glob matching every key of this namespace (for cleanup in tests and tools)."""
+        return f"{self.namespace}:*"
+
+
+def encode_event(kind: str, **fields: Any) -> str:
+    """A change notification: ``{"kind": "route", "generation": 7}`` or ``{"kind": "deployment", "name": "blue"}``."""
+    return json.dumps({"kind": kind, **fields}, separators=(",", ":"))
+
+
+def decode_event(raw: str | bytes) -> dict[str, Any]:
+    """Parse a change notification; a malformed one decodes to an empty dict (it still triggers a re-read)."""
+    try:
+        value = json.loads(raw)
+    except (ValueError, TypeError):
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -1,0 +1,109 @@
+"""Prometheus metrics of a gateway, on a registry of its own (so several apps can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from .records import Snapshot
+
+# Model serving spans a fast tree (~1 ms) to a slow batch (~30 s).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+# Outcomes of a proxied request (the `outcome` label).
+OK = "ok"
+CLIENT_ERROR = "client_error"
+MODEL_ERROR = "model_error"
+UPSTREAM_ERROR = "upstream_error"
+
+__all__ = ["CONTENT_TYPE_LATEST", "GatewayMetrics", "DeploymentMetrics", "LATENCY_BUCKETS"]
+
+
+class DeploymentMetrics:
+    """Label children of one deployment, bound once so the hot path skips the label lookup."""
+
+    __slots__ = ("inflight", "duration", "_requests", "_by_code", "_upstream_errors", "name")
+
+    def __init__(self, metrics: GatewayMetrics, name: str) -> None:
+        self.name = name
+        self.inflight = metrics.inflight.labels(name)
+        self.duration = metrics.duration.labels(name)
+        self._requests = metrics.requests
+        self._upstream_errors = metrics.upstream_errors
+        self._by_code: dict[tuple[int, str], Counter] = {}
+
+    def observe(self, code: int, outcome: str, seconds: float) -> None:
+        """Count one finished request."""
+        child = self._by_code.get((code, outcome))
+        if child is None:
+            child = self._by_code[(code, outcome)] = self._requests.labels(self.name, str(code), outcome)
+        child.inc()
+        self.duration.observe(seconds)
+
+    def upstream_error(self, kind: str) -> None:
+        """Count one failure to reach or hear from the model server."""
+        self._upstream_errors.labels(self.name, kind).inc()
+
+
+class GatewayMetrics:
+    """Every metric the gateway exposes on ``/metrics``."""
+
+    def __init__(self) -> None:
+        # The *_created series double the exposition and nothing here reads them.
+        disable_created_metrics()
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "turnout_requests", "Proxied prediction requests by deployment, status code and outcome.",
+            ["deployment", "code", "outcome"], registry=r,
+        )
+        self.duration = Histogram(
+            "turnout_request_duration_seconds", "Time from request arrival to the last response byte, per deployment.",
+            ["deployment"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.upstream_errors = Counter(
+            "turnout_upstream_errors", "Failures to reach or hear from a model server, by kind.",
+            ["deployment", "kind"], registry=r,
+        )
+        self.inflight = Gauge(
+            "turnout_inflight_requests", "Requests being proxied right now, per deployment.", ["deployment"], registry=r,
+        )
+        self.generation = Gauge("turnout_route_generation", "Generation of the route this gateway applies.", registry=r)
+        self.active = Gauge(
+            "turnout_active_deployment", "1 for the deployment receiving traffic, 0 for the others.", ["deployment"], registry=r,
+        )
+        self.ready = Gauge(
+            "turnout_deployment_ready", "1 when a deployment is ready to serve (as this gateway sees it).", ["deployment"], registry=r,
+        )
+        self.store_up = Gauge("turnout_store_up", "1 while the route store (Redis) answers, 0 during an outage.", registry=r)
+        self.store_errors = Counter(
+            "turnout_store_errors", "Failed reads of the route store (each is retried; the last route keeps serving).", registry=r,
+        )
+        self.route_updates = Counter(
+            "turnout_route_updates", "Snapshots applied by this gateway, by what caused the read.", ["source"], registry=r,
+        )
+        self.switches = Counter("turnout_switches", "Route changes applied through Turnout, by trigger.", ["trigger"], registry=r)
+        self.rollbacks = Counter("turnout_rollbacks", "Rollbacks to the previous deployment, by trigger.", ["trigger"], registry=r)
+        self._deployments: dict[str, DeploymentMetrics] = {}
+
+    def deployment(self, name: str) -> DeploymentMetrics:
+        """The bound metrics of one deployment."""
+        found = self._deployments.get(name)
+        if found is None:
+            found = self._deployments[name] = DeploymentMetrics(self, name)
+        return found
+
+    def apply_snapshot(self, snapshot: Snapshot) -> None:
+        """Mirror the route and readiness gauges; deployments that disappeared drop their series."""
+        self.generation.set(snapshot.route.generation)
+        for name in snapshot.deployments:
+            self.active.labels(name).set(1 if name == snapshot.route.active else 0)
+            self.ready.labels(name).set(1 if snapshot.is_ready(name) else 0)
+        for gauge in (self.active, self.ready):
+            for (name,) in list(gauge._metrics):
+                if name not in snapshot.deployments:
+                    gauge.remove(name)
+
+    def exposition(self) -> bytes:
+        """The text exposition format of every metric."""
+        return generate_latest(self.registry)

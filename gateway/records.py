@@ -1,0 +1,125 @@
+"""The routing state as immutable values: the route, deployment records and the snapshot a gateway serves from."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from types import MappingProxyType
+from typing import Any
+
+
+class State(str, enum.Enum):
+    """Lifecycle of a deployment, as its worker reports it."""
+
+    STARTING = "starting"
+    READY = "ready"
+    UNHEALTHY = "unhealthy"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """The pointer: which deployment gets traffic, which one a rollback returns to, and its fencing generation."""
+
+    active: str | None = None
+    previous: str | None = None
+    generation: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """One named model server: where it is, what it serves and whether it is ready."""
+
+    name: str
+    url: str | None = None
+    model_uri: str | None = None
+    state: State = State.STARTING
+    reason: str = ""
+    external: bool = False
+    worker: str | None = None
+    mlflow_name: str | None = None
+    mlflow_version: str | None = None
+    mlflow_alias: str | None = None
+    warmup: str = ""
+    started_at: float | None = None
+    ready_at: float | None = None
+    created_at: float | None = None
+    updated_at: float | None = None
+    restarts: int = 0
+
+    def to_fields(self) -> dict[str, str]:
+        """Flat string fields for storage; unset values are left out."""
+        encoded = encode_changes({f.name: getattr(self, f.name) for f in fields(self)})
+        return {k: v for k, v in encoded.items() if v is not None}
+
+    @classmethod
+    def from_fields(cls, data: Mapping[str, str]) -> Deployment:
+        """Inverse of :meth:`to_fields`; unknown fields are ignored so old gateways read newer records."""
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = data.get(f.name)
+            if raw is None:
+                continue
+            if f.name == "state":
+                kwargs[f.name] = State(raw)
+            elif f.name == "external":
+                kwargs[f.name] = raw == "1"
+            elif f.name == "restarts":
+                kwargs[f.name] = int(raw)
+            elif f.name in ("started_at", "ready_at", "created_at", "updated_at"):
+                kwargs[f.name] = float(raw)
+            else:
+                kwargs[f.name] = raw
+        return cls(**kwargs)
+
+    def with_changes(self, **changes: Any) -> Deployment:
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(Deployment))
+
+
+def encode_changes(changes: Mapping[str, Any]) -> dict[str, str | None]:
+    """Stored string form of some record fields; None means "remove the field"."""
+    out: dict[str, str | None] = {}
+    for key, value in changes.items():
+        if key not in _FIELD_NAMES:
+            raise ValueError(f"unknown deployment field {key!r}")
+        if value is None:
+            out[key] = None
+        elif isinstance(value, State):
+            out[key] = value.value
+        elif isinstance(value, bool):
+            out[key] = "1" if value else "0"
+        else:
+            out[key] = str(value)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything the data plane needs, read at one instant and replaced whole."""
+
+    route: Route
+    deployments: Mapping[str, Deployment] = field(default_factory=lambda: MappingProxyType({}))
+    # Deployments whose hosting worker holds a live lease; external ones count as live.
+    live: frozenset[str] = frozenset()
+
+    def is_ready(self, name: str | None) -> bool:
+        """True when the deployment exists, reports ready, and its worker is alive."""
+        if name is None:
+            return False
+        dep = self.deployments.get(name)
+        return dep is not None and dep.url is not None and dep.state is State.READY and name in self.live
+
+    def effective_state(self, name: str) -> State | None:
+        """The state as the gateway should treat it: a ready deployment whose worker died is unhealthy."""
+        dep = self.deployments.get(name)
+        if dep is None:
+            return None
+        if dep.state is State.READY and name not in self.live:
+            return State.UNHEALTHY
+        return dep.state

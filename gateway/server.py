@@ -1,0 +1,60 @@
+"""Running the gateway: signals → startup → serve → graceful drain → shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+
+from .app import create_app
+from .settings import Settings
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+def install_event_loop_policy() -> None:
+    """Use uvloop where installed: about 20% more proxied requests per CPU-second (field-notes)."""
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def start_gateway(settings: Settings, *, store: Store | None = None) -> web.AppRunner:
+    """Start listening; the caller owns the returned runner and calls ``cleanup()`` to drain and stop."""
+    app = create_app(settings, store=store)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.shutdown_timeout)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=settings.reuse_port or None)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    log.info("gateway listening on http://%s:%d", settings.host, settings.port)
+    return runner
+
+
+def stop_on_signals(stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT only set the flag; the main coroutine does the shutdown."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def serve(settings: Settings) -> None:
+    """Run one gateway process until SIGTERM/SIGINT, then drain in-flight requests and exit."""
+    stop = asyncio.Event()
+    stop_on_signals(stop)
+    runner = await start_gateway(settings)
+    await stop.wait()
+    # Shutdown, in order: stop accepting (sites close), close idle keep-alive connections, wait up
+    # to shutdown_timeout for in-flight requests, then cancel the rest and run cleanup contexts
+    # (watcher, upstream pool, store) in reverse order of creation.
+    log.info("draining in-flight requests (up to %.0f s)", settings.shutdown_timeout)
+    await runner.cleanup()
+    log.info("gateway stopped")

@@ -1,0 +1,111 @@
+"""Turnout's settings: one frozen object, read from flags, then ``TURNOUT_*`` variables, then defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, get_type_hints
+
+ENV_PREFIX = "TURNOUT_"
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used."""
+
+
+def _doc(text: str, **kwargs: Any) -> Any:
+    """A dataclass field whose help text lives next to its default."""
+    return field(metadata={"doc": text}, **kwargs)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a gateway or worker process is configured with."""
+
+    redis_url: str | None = _doc(
+        "Redis URL holding the route, deployments and history; unset = embedded in-process store.",
+        default=None,
+    )
+    namespace: str = _doc("Key prefix in Redis, so several Turnout installations share one server.", default="turnout")
+    host: str = _doc("Address the gateway's data plane listens on.", default="127.0.0.1")
+    port: int = _doc("Port of the data plane (and of the admin API unless admin_port is set).", default=8080)
+    reuse_port: bool = _doc("Bind with SO_REUSEPORT so several gateway processes share the port.", default=False)
+    admin_token: str | None = _doc("Bearer token for the admin API; unset = admin API on loopback only.", default=None)
+    admin_host: str | None = _doc("Address of a separate admin listener (default: the data plane's).", default=None)
+    admin_port: int | None = _doc("Port of a separate admin listener; unset = admin API on the data plane port.", default=None)
+    poll_interval: float = _doc("Seconds between full re-reads of the route (pub/sub is the fast path).", default=1.0)
+    connect_timeout: float = _doc("Seconds to open an upstream connection.", default=2.0)
+    read_timeout: float = _doc("Seconds to wait for the upstream's response head, and between body chunks.", default=60.0)
+    total_timeout: float = _doc("Seconds one proxied request may take in all.", default=120.0)
+    upstream_keepalive: float = _doc(
+        "Seconds an idle upstream connection is kept; shorter than uvicorn's 5 s so it never closes under us.",
+        default=2.0,
+    )
+    upstream_max_connections: int = _doc("Upper bound of open connections per upstream.", default=256)
+    max_body_bytes: int = _doc("Largest request body accepted, counted as it streams (413 above).", default=100 * 1024 * 1024)
+    shutdown_timeout: float = _doc("Seconds SIGTERM waits for in-flight requests before closing them.", default=30.0)
+    log_level: str = _doc("Python logging level.", default="INFO")
+
+    def __post_init__(self) -> None:
+        for name in ("poll_interval", "connect_timeout", "read_timeout", "total_timeout", "upstream_keepalive"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.max_body_bytes <= 0 or self.upstream_max_connections <= 0:
+            raise SettingsError("max_body_bytes and upstream_max_connections must be positive")
+        if not self.namespace or any(c in self.namespace for c in " {}:"):
+            raise SettingsError(f"namespace must be a non-empty word without spaces, braces or colons: {self.namespace!r}")
+        for name in ("port", "admin_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                raise SettingsError(f"{name} out of range: {value}")
+
+    @classmethod
+    def load(cls, overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+        """Build settings: explicit overrides (flags) win over ``TURNOUT_*`` variables, which win over defaults."""
+        env = os.environ if env is None else env
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f.name, hints[f.name], raw)
+        for key, value in (overrides or {}).items():
+            if key not in hints:
+                raise SettingsError(f"unknown setting {key!r}")
+            if value is not None:
+                values[key] = value
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some settings changed."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def reference(cls) -> list[tuple[str, str, str]]:
+        """(environment variable, default, meaning) for every setting, for docs and ``--help``."""
+        return [
+            (ENV_PREFIX + f.name.upper(), repr(f.default), f.metadata.get("doc", ""))
+            for f in fields(cls)
+        ]
+
+
+def _parse(name: str, hint: Any, raw: str) -> Any:
+    """Convert one environment string to the field's type, naming the variable on failure."""
+    text = str(hint)
+    try:
+        if "bool" in text:
+            lowered = raw.strip().lower()
+            if lowered in {"1", "true", "yes", "on"}:
+                return True
+            if lowered in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(raw)
+        if "int" in text:
+            return int(raw)
+        if "float" in text:
+            return float(raw)
+    except ValueError:
+        raise SettingsError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {text}") from None
+    return raw

@@ -1,0 +1,234 @@
+"""The store interface (route, deployments, leases, history) and its embedded in-process implementation."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import json
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from .keys import DEPLOYMENT_CHANGED, ROUTE_CHANGED, SUBSCRIBED
+from .records import Deployment, Route, Snapshot, encode_changes
+from .settings import Settings
+
+DEFAULT_HISTORY_MAX = 10_000
+
+
+class StoreUnavailable(ConnectionError):
+    """The backing store cannot be reached; callers keep their last known state."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteChange:
+    """Outcome of a compare-and-swap on the route."""
+
+    ok: bool
+    route: Route
+    # Why it did not apply: "conflict" (generation moved) or "unknown" (target not a deployment).
+    refusal: str | None = None
+
+
+class Store(abc.ABC):
+    """Where the route, deployment records, worker leases and the history live."""
+
+    history_max: int = DEFAULT_HISTORY_MAX
+
+    @abc.abstractmethod
+    async def read_snapshot(self) -> Snapshot:
+        """The route, every deployment and which are live, read atomically."""
+
+    async def get_route(self) -> Route:
+        """The current route."""
+        return (await self.read_snapshot()).route
+
+    @abc.abstractmethod
+    async def set_route(
+        self,
+        active: str,
+        previous: str | None,
+        *,
+        expected_generation: int | None = None,
+        history: Mapping[str, Any] | None = None,
+    ) -> RouteChange:
+        """Atomically point traffic at ``active``: applies only if the generation still equals
+        ``expected_generation`` (when given) and ``active`` is a known deployment; on success the
+        generation rises by one, ``history`` (with the new generation filled in) is appended and
+        the change is published, all in one step."""
+
+    @abc.abstractmethod
+    async def create_deployment(self, deployment: Deployment) -> bool:
+        """Add a deployment record; False if one with that name already exists."""
+
+    @abc.abstractmethod
+    async def update_deployment(self, name: str, *, owner: str | None = None, **changes: Any) -> bool:
+        """Change fields of an existing record; with ``owner``, only while that worker holds its lease."""
+
+    @abc.abstractmethod
+    async def delete_deployment(self, name: str, *, force: bool = False) -> str | None:
+        """Remove a record and its lease. Returns None on success, else why not:
+        "unknown", "active" or "previous" (the latter two only without ``force``)."""
+
+    @abc.abstractmethod
+    async def claim(self, name: str, owner: str, ttl: float) -> bool:
+        """Take or renew the hosting lease of ``name`` for ``owner``; False if another owner holds it."""
+
+    @abc.abstractmethod
+    async def release(self, name: str, owner: str) -> None:
+        """Drop ``owner``'s lease of ``name`` if it still holds it."""
+
+    @abc.abstractmethod
+    async def append_history(self, entry: Mapping[str, Any]) -> None:
+        """Record an event that changed nothing (a refused or failed attempt)."""
+
+    @abc.abstractmethod
+    async def read_history(self, offset: int = 0, limit: int = 50) -> tuple[list[dict[str, Any]], int]:
+        """A page of history entries, newest first, and the total held."""
+
+    @abc.abstractmethod
+    def events(self) -> AsyncIterator[dict[str, Any]]:
+        """Change notifications as they are published, starting with ``{"kind": "subscribed"}`` once
+        listening (anything before it was missed); raises :class:`StoreUnavailable` when the feed breaks."""
+
+    async def ping(self) -> None:
+        """Raise :class:`StoreUnavailable` if the store cannot be reached."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+
+def create_store(settings: Settings) -> Store:
+    """Redis when a URL is configured, the embedded store otherwise."""
+    if settings.redis_url:
+        from .redis_store import RedisStore
+
+        return RedisStore.from_url(settings.redis_url, settings.namespace)
+    return EmbeddedStore()
+
+
+class EmbeddedStore(Store):
+    """All state in this process: for a single gateway process (``turnout up``/``demo`` without Redis).
+
+    Every method runs without awaiting in between its reads and writes, so on one event loop each
+    is as atomic as the Redis scripts it mirrors.
+    """
+
+    def __init__(self, history_max: int = DEFAULT_HISTORY_MAX) -> None:
+        self.history_max = history_max
+        self._route = Route()
+        self._deployments: dict[str, Deployment] = {}
+        self._leases: dict[str, tuple[str, float]] = {}
+        self._history: deque[dict[str, Any]] = deque(maxlen=history_max)
+        self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+
+    def _publish(self, kind: str, **fields: Any) -> None:
+        message = {"kind": kind, **fields}
+        for queue in self._subscribers:
+            queue.put_nowait(message)
+
+    def _live(self, name: str, now: float) -> bool:
+        dep = self._deployments.get(name)
+        if dep is not None and dep.external:
+            return True
+        lease = self._leases.get(name)
+        return lease is not None and lease[1] > now
+
+    async def read_snapshot(self) -> Snapshot:
+        now = time.monotonic()
+        return Snapshot(
+            route=self._route,
+            deployments=MappingProxyType(dict(self._deployments)),
+            live=frozenset(n for n in self._deployments if self._live(n, now)),
+        )
+
+    async def set_route(
+        self,
+        active: str,
+        previous: str | None,
+        *,
+        expected_generation: int | None = None,
+        history: Mapping[str, Any] | None = None,
+    ) -> RouteChange:
+        current = self._route
+        if expected_generation is not None and expected_generation != current.generation:
+            return RouteChange(False, current, "conflict")
+        if active not in self._deployments:
+            return RouteChange(False, current, "unknown")
+        self._route = Route(active=active, previous=previous, generation=current.generation + 1)
+        if history is not None:
+            self._history.appendleft({**history, "generation": self._route.generation})
+        self._publish(ROUTE_CHANGED, generation=self._route.generation)
+        return RouteChange(True, self._route)
+
+    async def create_deployment(self, deployment: Deployment) -> bool:
+        if deployment.name in self._deployments:
+            return False
+        self._deployments[deployment.name] = deployment
+        self._publish(DEPLOYMENT_CHANGED, name=deployment.name)
+        return True
+
+    async def update_deployment(self, name: str, *, owner: str | None = None, **changes: Any) -> bool:
+        dep = self._deployments.get(name)
+        if dep is None:
+            return False
+        if owner is not None:
+            lease = self._leases.get(name)
+            if lease is None or lease[0] != owner or lease[1] <= time.monotonic():
+                return False
+        # Round-trip through the stored form so both stores accept and return the same values.
+        merged: dict[str, str | None] = {**dep.to_fields(), **encode_changes(changes)}
+        self._deployments[name] = Deployment.from_fields({k: v for k, v in merged.items() if v is not None})
+        self._publish(DEPLOYMENT_CHANGED, name=name)
+        return True
+
+    async def delete_deployment(self, name: str, *, force: bool = False) -> str | None:
+        if name not in self._deployments:
+            return "unknown"
+        if not force:
+            if self._route.active == name:
+                return "active"
+            if self._route.previous == name:
+                return "previous"
+        del self._deployments[name]
+        self._leases.pop(name, None)
+        self._publish(DEPLOYMENT_CHANGED, name=name)
+        return None
+
+    async def claim(self, name: str, owner: str, ttl: float) -> bool:
+        now = time.monotonic()
+        lease = self._leases.get(name)
+        if lease is not None and lease[0] != owner and lease[1] > now:
+            return False
+        newly_live = not self._live(name, now)
+        self._leases[name] = (owner, now + ttl)
+        if newly_live:
+            self._publish(DEPLOYMENT_CHANGED, name=name)
+        return True
+
+    async def release(self, name: str, owner: str) -> None:
+        lease = self._leases.get(name)
+        if lease is not None and lease[0] == owner:
+            del self._leases[name]
+            self._publish(DEPLOYMENT_CHANGED, name=name)
+
+    async def append_history(self, entry: Mapping[str, Any]) -> None:
+        self._history.appendleft(dict(entry))
+
+    async def read_history(self, offset: int = 0, limit: int = 50) -> tuple[list[dict[str, Any]], int]:
+        items = list(self._history)
+        # Copies, so a caller cannot edit the record.
+        return [json.loads(json.dumps(e)) for e in items[offset : offset + limit]], len(items)
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:  # type: ignore[override]
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._subscribers.add(queue)
+        try:
+            yield {"kind": SUBSCRIBED}
+            while True:
+                yield await queue.get()
+        finally:
+            self._subscribers.discard(queue)

@@ -1,0 +1,1 @@
+"""Turnout's workers: launch and supervise warm ``mlflow models serve`` processes."""
