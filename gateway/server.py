@@ -27,7 +27,11 @@ def install_event_loop_policy() -> None:
 async def start_gateway(settings: Settings, *, store: Store | None = None) -> web.AppRunner:
     """Start listening; the caller owns the returned runner and calls ``cleanup()`` to drain and stop."""
     app = create_app(settings, store=store)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.shutdown_timeout)
+    # auto_decompress=False: aiohttp's server would otherwise gunzip request bodies while the
+    # Content-Encoding header still goes upstream, corrupting every compressed prediction request.
+    runner = web.AppRunner(
+        app, access_log=None, shutdown_timeout=settings.shutdown_timeout, auto_decompress=False
+    )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_port=settings.reuse_port or None)
     try:

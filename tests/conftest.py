@@ -1,0 +1,108 @@
+"""Fixtures: stores (embedded, fakeredis, the real Redis under a private namespace), backends, gateways."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from gateway.redis_store import RedisStore
+from gateway.settings import Settings
+from gateway.server import start_gateway
+from gateway.store import EmbeddedStore, Store
+from tests.support import free_port
+
+# The machine's shared Redis; tests only ever touch keys under their own random namespace.
+REDIS_URL = os.environ.get("TURNOUT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def new_namespace() -> str:
+    """A namespace no other test (or run) uses."""
+    return f"turnout-test-{uuid.uuid4().hex[:12]}"
+
+
+async def drop_namespace(url: str, namespace: str) -> None:
+    """Delete this namespace's keys (never FLUSHALL: the server is shared)."""
+    client = aioredis.Redis.from_url(url)
+    try:
+        async for key in client.scan_iter(match=f"{namespace}:*", count=500):
+            await client.delete(key)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def redis_store() -> AsyncIterator[RedisStore]:
+    """A store on the real Redis server, in a private namespace removed afterwards."""
+    namespace = new_namespace()
+    store = RedisStore.from_url(REDIS_URL, namespace)
+    try:
+        yield store
+    finally:
+        await store.close()
+        await drop_namespace(REDIS_URL, namespace)
+
+
+@pytest.fixture
+async def redis_store_factory() -> AsyncIterator[Callable[[str | None], RedisStore]]:
+    """Several stores on one namespace of the real Redis (one per simulated replica)."""
+    namespace = new_namespace()
+    stores: list[RedisStore] = []
+
+    def make(url: str | None = None) -> RedisStore:
+        store = RedisStore.from_url(url or REDIS_URL, namespace)
+        stores.append(store)
+        return store
+
+    make.namespace = namespace  # type: ignore[attr-defined]
+    try:
+        yield make
+    finally:
+        for store in stores:
+            await store.close()
+        await drop_namespace(REDIS_URL, namespace)
+
+
+@pytest.fixture(params=["embedded", "fakeredis", "redis"])
+async def any_store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """Each store implementation, for contract tests."""
+    if request.param == "embedded":
+        yield EmbeddedStore()
+        return
+    if request.param == "fakeredis":
+        import fakeredis
+
+        client = fakeredis.FakeAsyncRedis(decode_responses=True)
+        store = RedisStore(client, new_namespace())
+        yield store
+        await client.aclose()
+        return
+    namespace = new_namespace()
+    real = RedisStore.from_url(REDIS_URL, namespace)
+    yield real
+    await real.close()
+    await drop_namespace(REDIS_URL, namespace)
+
+
+@pytest.fixture
+async def gateway_factory() -> AsyncIterator[Callable[..., Any]]:
+    """Start gateways on real sockets: ``url = await gateway_factory(store, **settings)``."""
+    runners: list[web.AppRunner] = []
+
+    async def start(store: Store | None = None, **settings: Any) -> str:
+        port = free_port()
+        runner = await start_gateway(Settings(port=port, **settings), store=store)
+        runners.append(runner)
+        start.runners = runners  # type: ignore[attr-defined]
+        return f"http://127.0.0.1:{port}"
+
+    try:
+        yield start
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()

@@ -1,0 +1,215 @@
+"""Helpers shared by the tests: free ports, servers on real sockets, waiting for conditions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app: web.Application, port: int | None = None) -> AsyncIterator[str]:
+    """Run an aiohttp app on a real socket; yields its base URL."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1, auto_decompress=False)
+    await runner.setup()
+    port = port or free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def eventually(
+    check: Callable[[], Awaitable[Any]] | Callable[[], Any], timeout: float = 10.0, interval: float = 0.02
+) -> Any:
+    """Poll ``check`` until it returns something truthy; fail with its last value after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        last = result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s (last value: {last!r})")
+        await asyncio.sleep(interval)
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    """Block until something accepts connections on ``port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on port {port} after {timeout} s")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment for a child process: the venv's bin first (mlflow needs uvicorn on PATH)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TURNOUT_")}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    env["DO_NOT_TRACK"] = "true"
+    env.update(extra)
+    return env
+
+
+class RedisServer:
+    """A private redis-server we may stop and restart (the shared one must never be disturbed)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start (or restart) on the same port, empty."""
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        """Kill it: clients see their connections drop."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@contextlib.contextmanager
+def private_redis() -> Iterator[RedisServer]:
+    """A private Redis for the duration of a test."""
+    server = RedisServer(free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+SEEN = web.AppKey("seen", list)
+
+
+def backend_app(name: str) -> web.Application:
+    """A fast test backend speaking the scoring protocol; ``?mode=`` selects a behaviour."""
+    import gzip
+    import hashlib
+    import json
+
+    app = web.Application(client_max_size=1024**3)
+    app[SEEN] = []
+
+    async def invocations(request: web.Request) -> web.StreamResponse:
+        mode = request.query.get("mode", "echo")
+        hasher = hashlib.sha256()
+        length = 0
+        async for chunk in request.content.iter_any():
+            hasher.update(chunk)
+            length += len(chunk)
+        headers = {"X-Backend": name}
+        app[SEEN].append(dict(request.headers))
+        if mode == "slow":
+            await asyncio.sleep(float(request.query.get("delay", "1")))
+        if mode == "gzip":
+            payload = gzip.compress(json.dumps({"predictions": list(range(200))}).encode())
+            return web.Response(body=payload, headers={**headers, "Content-Encoding": "gzip", "Content-Type": "application/json"})
+        if mode == "big":
+            size = int(request.query["size"])
+            response = web.StreamResponse(headers=headers)
+            await response.prepare(request)
+            block = b"z" * 65536
+            sent = 0
+            while sent < size:
+                part = block[: min(len(block), size - sent)]
+                await response.write(part)
+                sent += len(part)
+            await response.write_eof()
+            return response
+        if mode == "status":
+            code = int(request.query["code"])
+            return web.json_response({"error_code": "X", "message": "asked for it"}, status=code, headers=headers)
+        if mode == "crash":
+            return web.json_response(
+                {
+                    "error_code": "BAD_REQUEST",
+                    "message": "Encountered an unexpected error while evaluating the model. Verify that ...",
+                    "stack_trace": "Traceback ...",
+                },
+                status=400,
+                headers=headers,
+            )
+        if mode == "abort":
+            assert request.transport is not None
+            request.transport.abort()
+            await asyncio.sleep(1)
+        body = {"backend": name, "length": length, "sha256": hasher.hexdigest(), "headers": dict(request.headers)}
+        return web.json_response(body, headers=headers)
+
+    app.router.add_post("/invocations", invocations)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def raw_backend(response: bytes) -> AsyncIterator[tuple[str, list[bytes]]]:
+    """A socket server answering every request with exactly ``response`` (for headers aiohttp would rewrite)."""
+    received: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                received.append(head + await reader.readexactly(length))
+                writer.write(response)
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", received
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def raw_request(url: str, request: bytes) -> tuple[bytes, bytes]:
+    """Send exact request bytes, read one response (until the server closes); returns (head, body)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(request)
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head, body

@@ -1,0 +1,149 @@
+"""Route propagation between replicas and fail-static behaviour, against real Redis servers."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+
+from gateway.metrics import GatewayMetrics
+from gateway.records import Deployment, Route, Snapshot, State
+from gateway.redis_store import RedisStore
+from gateway.store import EmbeddedStore
+from gateway.watcher import RouteWatcher
+from tests.support import backend_app, eventually, free_port, private_redis, serve_app
+
+
+def dep(name: str, url: str) -> Deployment:
+    return Deployment(name=name, url=url, state=State.READY, external=True)
+
+
+async def backend_of(session: aiohttp.ClientSession, url: str) -> str | int:
+    async with session.post(url + "/invocations", json={}) as resp:
+        return resp.headers.get("X-Backend") or resp.status
+
+
+async def test_pubsub_propagates_a_switch_to_every_replica(redis_store_factory: Any, gateway_factory: Any) -> None:
+    """Polling is set to a minute, so only pub/sub can deliver the switch to the two replicas in time."""
+    async with serve_app(backend_app("blue")) as blue, serve_app(backend_app("green")) as green:
+        admin = redis_store_factory()
+        await admin.create_deployment(dep("blue", blue))
+        await admin.create_deployment(dep("green", green))
+        await admin.set_route("blue", None)
+        replicas = [await gateway_factory(redis_store_factory(), poll_interval=60) for _ in range(2)]
+        async with aiohttp.ClientSession() as s:
+            for url in replicas:
+                await eventually(lambda url=url: serves(s, url, "blue"), timeout=5)
+            await admin.set_route("green", "blue")
+            for url in replicas:
+                await eventually(lambda url=url: serves(s, url, "green"), timeout=2)
+
+
+async def serves(session: aiohttp.ClientSession, url: str, name: str) -> bool:
+    return await backend_of(session, url) == name
+
+
+async def metric_is(session: aiohttp.ClientSession, url: str, name: str, value: float) -> bool:
+    return await _metric_value(session, url, name) == value
+
+
+async def test_polling_recovers_a_missed_message(redis_store_factory: Any) -> None:
+    """A change whose message never arrives (written without PUBLISH) is picked up by the poll."""
+    store: RedisStore = redis_store_factory()
+    await store.create_deployment(dep("blue", "http://127.0.0.1:1"))
+    watcher = RouteWatcher(store, GatewayMetrics(), poll_interval=0.2)
+    await watcher.start()
+    try:
+        await watcher.wait_ready(5)
+        await store.client.hset(store.keys.route, mapping={"active": "blue", "generation": 5})
+        await eventually(lambda: watcher.snapshot and watcher.snapshot.route.generation == 5, timeout=3)
+    finally:
+        await watcher.stop()
+
+
+async def test_lower_generation_is_never_applied() -> None:
+    watcher = RouteWatcher(EmbeddedStore(), GatewayMetrics())
+    newer = Snapshot(route=Route("green", "blue", 7))
+    older = Snapshot(route=Route("blue", None, 3))
+    watcher._apply(newer, "test")
+    watcher._apply(older, "test")
+    assert watcher.snapshot is newer
+
+
+async def test_redis_outage_keeps_serving_and_reconnects(gateway_factory: Any) -> None:
+    """Redis dies while traffic flows: no request fails; it comes back empty; a newer route is applied."""
+    async with serve_app(backend_app("blue")) as blue, serve_app(backend_app("green")) as green:
+        with private_redis() as server:
+            admin = RedisStore.from_url(server.url, "t")
+            await admin.create_deployment(dep("blue", blue))
+            await admin.set_route("blue", None)
+            # Slow polling: after the restart the change must arrive by re-subscription and pub/sub.
+            url = await gateway_factory(RedisStore.from_url(server.url, "t"), poll_interval=30)
+            statuses: list[int | str] = []
+            stop = asyncio.Event()
+
+            async def traffic() -> None:
+                async with aiohttp.ClientSession() as s:
+                    while not stop.is_set():
+                        try:
+                            statuses.append(await backend_of(s, url))
+                        except aiohttp.ClientError as exc:
+                            statuses.append(repr(exc))
+                        await asyncio.sleep(0.005)
+
+            async with aiohttp.ClientSession() as s:
+                await eventually(lambda: serves(s, url, "blue"), timeout=5)
+                load = asyncio.create_task(traffic())
+                await asyncio.sleep(0.3)
+                server.stop()
+                await eventually(lambda: metric_is(s, url, "turnout_store_up", 0.0), timeout=10)
+                await asyncio.sleep(1.0)
+                served_during_outage = len(statuses)
+                server.start()
+                # The restarted Redis is empty (generation 0): the gateway keeps its route meanwhile.
+                await admin.create_deployment(dep("blue", blue))
+                await admin.create_deployment(dep("green", green))
+                await eventually(lambda: metric_is(s, url, "turnout_store_up", 1.0), timeout=10)
+                await admin.set_route("blue", None)
+                await admin.set_route("green", "blue")
+                await eventually(lambda: statuses and statuses[-1] == "green", timeout=5)
+                stop.set()
+                await load
+            await admin.close()
+    assert served_during_outage > 20
+    failures = [s for s in statuses if s not in ("blue", "green")]
+    assert failures == [], failures[:5]
+
+
+async def _metric_value(session: aiohttp.ClientSession, url: str, name: str) -> float | None:
+    async with session.get(url + "/metrics") as resp:
+        for line in (await resp.text()).splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return None
+
+
+async def test_gateway_started_while_redis_down_serves_503_until_it_reads_a_route(gateway_factory: Any) -> None:
+    port = free_port()
+    url = await gateway_factory(RedisStore.from_url(f"redis://127.0.0.1:{port}/0", "t"), poll_interval=0.2)
+    async with serve_app(backend_app("blue")) as blue, aiohttp.ClientSession() as s:
+        for _ in range(3):
+            async with s.post(url + "/invocations", json={}) as resp:
+                assert resp.status == 503
+                assert "not read a route" in (await resp.json())["message"]
+            await asyncio.sleep(0.1)
+        async with s.get(url + "/health") as resp:
+            assert resp.status == 503
+        from tests.support import RedisServer
+
+        server = RedisServer(port)
+        server.start()
+        try:
+            admin = RedisStore.from_url(server.url, "t")
+            await admin.create_deployment(dep("blue", blue))
+            await admin.set_route("blue", None)
+            await eventually(lambda: serves(s, url, "blue"), timeout=10)
+            await admin.close()
+        finally:
+            server.stop()
