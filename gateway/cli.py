@@ -11,7 +11,7 @@ from typing import Any, TypeVar, get_type_hints
 import click
 
 from . import __version__
-from .settings import ENV_PREFIX, Settings, SettingsError
+from .settings import ENV_PREFIX, Settings, SettingsError, base_type
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -24,13 +24,12 @@ def settings_options(names: list[str]) -> Callable[[F], F]:
     def decorate(func: F) -> F:
         for name in reversed(names):
             f = by_name[name]
-            hint = str(hints[name])
+            kind = base_type(hints[name])
             flag = "--" + name.replace("_", "-")
             help_text = f"{f.metadata.get('doc', '')} [env {ENV_PREFIX}{name.upper()}; default {f.default!r}]"
-            if "bool" in hint:
+            if kind is bool:
                 option = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
             else:
-                kind = int if "int" in hint else float if "float" in hint else str
                 option = click.option(flag, name, type=kind, default=None, help=help_text)
             func = option(func)
         return func

@@ -6,7 +6,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 ENV_PREFIX = "TURNOUT_"
 
@@ -91,21 +91,25 @@ class Settings:
         ]
 
 
+def base_type(hint: Any) -> type:
+    """``int`` for ``int | None``, ``bool`` for ``bool``: the one concrete type a setting holds."""
+    args = [a for a in get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
 def _parse(name: str, hint: Any, raw: str) -> Any:
     """Convert one environment string to the field's type, naming the variable on failure."""
-    text = str(hint)
+    kind = base_type(hint)
     try:
-        if "bool" in text:
+        if kind is bool:
             lowered = raw.strip().lower()
             if lowered in {"1", "true", "yes", "on"}:
                 return True
             if lowered in {"0", "false", "no", "off"}:
                 return False
             raise ValueError(raw)
-        if "int" in text:
-            return int(raw)
-        if "float" in text:
-            return float(raw)
+        if kind in (int, float):
+            return kind(raw)
     except ValueError:
-        raise SettingsError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {text}") from None
+        raise SettingsError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
     return raw

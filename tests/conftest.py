@@ -106,3 +106,11 @@ async def gateway_factory() -> AsyncIterator[Callable[..., Any]]:
     finally:
         for runner in reversed(runners):
             await runner.cleanup()
+
+
+@pytest.fixture(scope="session")
+def mlflow_registry(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A sqlite MLflow registry with iris v1 and v2 (alias ``champion`` → 2), built once per session."""
+    from tests.mlflow_support import build_registry
+
+    return build_registry(tmp_path_factory.mktemp("mlflow"))

@@ -1,0 +1,84 @@
+"""The gateway in front of a real ``mlflow models serve``: every payload form passes byte for byte."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.records import Deployment, State
+from gateway.store import EmbeddedStore
+from tests.mlflow_support import Registry, model_server
+from tests.support import eventually
+
+pytestmark = pytest.mark.slow
+
+ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
+COLUMNS = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+
+
+def _parquet() -> bytes:
+    import pandas as pd
+
+    buf = io.BytesIO()
+    pd.DataFrame(ROWS, columns=COLUMNS).to_parquet(buf)
+    return buf.getvalue()
+
+
+PAYLOADS: list[tuple[str, str, bytes]] = [
+    ("dataframe_split", "application/json", json.dumps({"dataframe_split": {"columns": COLUMNS, "data": ROWS}}).encode()),
+    ("dataframe_records", "application/json", json.dumps({"dataframe_records": [dict(zip(COLUMNS, r)) for r in ROWS]}).encode()),
+    ("instances", "application/json", json.dumps({"instances": [dict(zip(COLUMNS, r)) for r in ROWS]}).encode()),
+    ("inputs", "application/json", json.dumps({"inputs": {c: [r[i] for r in ROWS] for i, c in enumerate(COLUMNS)}}).encode()),
+    ("csv", "text/csv", (",".join(COLUMNS) + "\n" + "\n".join(",".join(map(str, r)) for r in ROWS)).encode()),
+    ("parquet", "application/vnd.apache.parquet", b"parquet"),
+    ("malformed-json", "application/json", b'{"dataframe_split": '),
+    ("wrong-columns", "application/json", json.dumps({"dataframe_split": {"columns": ["a", "b"], "data": [[1, 2]]}}).encode()),
+    ("wrong-content-type", "text/plain", b"hello"),
+]
+
+
+@pytest.fixture(scope="module")
+def served(mlflow_registry: Registry) -> Iterator[str]:
+    with model_server(mlflow_registry, f"models:/{mlflow_registry.model_name}/1") as url:
+        yield url
+
+
+@pytest.fixture
+async def through_gateway(served: str, gateway_factory: Any) -> AsyncIterator[str]:
+    store = EmbeddedStore()
+    await store.create_deployment(Deployment(name="blue", url=served, state=State.READY, external=True))
+    await store.set_route("blue", None)
+    url = await gateway_factory(store)
+
+    async def ready() -> bool:
+        async with aiohttp.ClientSession() as s, s.get(url + "/health") as resp:
+            return resp.status == 200
+
+    await eventually(ready, timeout=5)
+    yield url
+
+
+@pytest.mark.parametrize(("form", "content_type", "body"), PAYLOADS, ids=[p[0] for p in PAYLOADS])
+async def test_same_status_and_bytes_as_direct(
+    served: str, through_gateway: str, form: str, content_type: str, body: bytes
+) -> None:
+    if form == "parquet":
+        body = _parquet()
+    async with aiohttp.ClientSession() as s:
+        async with s.post(served + "/invocations", data=body, headers={"Content-Type": content_type}) as resp:
+            direct = (resp.status, await resp.read(), resp.headers.get("Content-Type"))
+        async with s.post(through_gateway + "/invocations", data=body, headers={"Content-Type": content_type}) as resp:
+            proxied = (resp.status, await resp.read(), resp.headers.get("Content-Type"))
+            assert resp.headers["X-Turnout-Deployment"] == "blue"
+    if form in ("malformed-json", "wrong-columns"):
+        assert direct[0] == 400
+    elif form == "wrong-content-type":
+        assert direct[0] == 415
+    else:
+        assert direct[0] == 200 and json.loads(direct[1])["predictions"]
+    assert proxied == direct

@@ -1,0 +1,46 @@
+"""Settings: flags over environment over defaults, with precise errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.settings import Settings, SettingsError
+
+
+def test_defaults() -> None:
+    s = Settings.load(env={})
+    assert s.redis_url is None and s.namespace == "turnout" and s.port == 8080 and s.poll_interval == 1.0
+
+
+def test_env_then_flags() -> None:
+    env = {"TURNOUT_PORT": "9000", "TURNOUT_REDIS_URL": "redis://r:6379/1", "TURNOUT_REUSE_PORT": "yes", "TURNOUT_ADMIN_PORT": "9001"}
+    s = Settings.load({"port": 9100, "namespace": None}, env=env)
+    assert s.port == 9100, "a flag wins over the environment"
+    assert s.redis_url == "redis://r:6379/1" and s.reuse_port is True and s.admin_port == 9001
+    assert s.namespace == "turnout", "an unset flag (None) leaves the lower layers alone"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"TURNOUT_PORT": "eighty"}, "TURNOUT_PORT='eighty' is not a valid int"),
+        ({"TURNOUT_REUSE_PORT": "maybe"}, "TURNOUT_REUSE_PORT='maybe' is not a valid bool"),
+        ({"TURNOUT_PORT": "70000"}, "port out of range"),
+        ({"TURNOUT_NAMESPACE": "a:b"}, "namespace must be"),
+        ({"TURNOUT_READ_TIMEOUT": "0"}, "read_timeout must be positive"),
+    ],
+)
+def test_bad_values_name_the_setting(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        Settings.load(env=env)
+
+
+def test_unknown_override_is_refused() -> None:
+    with pytest.raises(SettingsError, match="unknown setting 'prot'"):
+        Settings.load({"prot": 1}, env={})
+
+
+def test_reference_documents_every_setting() -> None:
+    ref = Settings.reference()
+    assert ("TURNOUT_NAMESPACE", "'turnout'") == ref[1][:2]
+    assert all(doc for _, _, doc in ref)
