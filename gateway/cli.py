@@ -51,7 +51,7 @@ def setup_logging(level: str) -> None:
 
 
 GATEWAY_SETTINGS = [
-    "redis_url", "namespace", "host", "port", "reuse_port", "admin_token", "admin_host", "admin_port",
+    "redis_url", "namespace", "host", "port", "reuse_port",
     "poll_interval", "connect_timeout", "read_timeout", "total_timeout", "upstream_keepalive",
     "upstream_max_connections", "max_body_bytes", "shutdown_timeout", "log_level",
 ]
@@ -66,7 +66,7 @@ def main() -> None:
 @main.command()
 @settings_options(GATEWAY_SETTINGS)
 def gateway(**options: Any) -> None:
-    """Run the data plane (and admin API and metrics); any number of replicas against one Redis."""
+    """Run the data plane and its metrics; any number of replicas against one Redis."""
     from .server import install_event_loop_policy, serve
 
     settings = load_settings(options)

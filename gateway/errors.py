@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 
 from aiohttp import web
 
@@ -23,18 +23,6 @@ PERMISSION_DENIED = "PERMISSION_DENIED"
 INVALID_STATE = "INVALID_STATE"
 RESOURCE_ALREADY_EXISTS = "RESOURCE_ALREADY_EXISTS"
 INTERNAL_ERROR = "INTERNAL_ERROR"
-
-# Status of aiohttp's own HTTP exceptions → MLflow error code.
-_HTTP_EXCEPTION_CODES = {
-    400: BAD_REQUEST,
-    401: UNAUTHENTICATED,
-    403: PERMISSION_DENIED,
-    404: ENDPOINT_NOT_FOUND,
-    405: ENDPOINT_NOT_FOUND,
-    409: INVALID_STATE,
-    413: RESOURCE_EXHAUSTED,
-    415: BAD_REQUEST,
-}
 
 
 class BodyTooLarge(Exception):
@@ -67,17 +55,13 @@ def body_too_large_response(limit: int, headers: Mapping[str, str] | None = None
     )
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+async def not_found(request: web.Request) -> web.Response:
+    """Any path the gateway does not serve."""
+    return error_response(404, ENDPOINT_NOT_FOUND, f"no endpoint {request.method} {request.path}")
 
 
-@web.middleware
-async def mlflow_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Give aiohttp's own errors (unknown path, wrong method, ...) MLflow's JSON shape."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400 or exc.content_type == "application/json":
-            raise
-        code = _HTTP_EXCEPTION_CODES.get(exc.status, INTERNAL_ERROR if exc.status >= 500 else BAD_REQUEST)
-        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "www-authenticate")}
-        return error_response(exc.status, code, exc.reason if exc.text is None else exc.text, headers=headers)
+async def method_not_allowed(request: web.Request) -> web.Response:
+    """A known path with the wrong method (scoring is POST only)."""
+    return error_response(
+        405, ENDPOINT_NOT_FOUND, f"{request.path} accepts POST, not {request.method}", headers={"Allow": "POST"}
+    )

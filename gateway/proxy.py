@@ -104,12 +104,18 @@ def request_head(request: web.Request, target: Target, length: int | None) -> by
 
 def response_headers(upstream: UpstreamResponse, deployment: str, generation: str) -> list[tuple[str, str]]:
     """Upstream response headers minus hop-by-hop ones, plus Turnout's own."""
-    drop = _dropped(upstream.headers)
-    out = [
-        (name.decode("latin-1"), value.decode("latin-1"))
-        for name, value in upstream.headers
-        if (lowered := name.lower()) not in drop and lowered not in _RESPONSE_OWNED and not lowered.startswith(b"proxy-")
-    ]
+    out = []
+    named: list[bytes] = []
+    for name, value in upstream.headers:
+        lowered = name.lower()
+        if lowered in HOP_BY_HOP or lowered in _RESPONSE_OWNED or lowered.startswith(b"proxy-"):
+            if lowered == b"connection":
+                named += [token.strip().lower() for token in value.split(b",")]
+            continue
+        out.append((name.decode("latin-1"), value.decode("latin-1")))
+    if named:
+        # Rare (uvicorn sends no Connection header on keep-alive): drop what it names.
+        out = [(n, v) for n, v in out if n.lower().encode("latin-1") not in named]
     out.append((DEPLOYMENT_HEADER, deployment))
     out.append((GENERATION_HEADER, generation))
     return out

@@ -30,11 +30,8 @@ class Settings:
     )
     namespace: str = _doc("Key prefix in Redis, so several Turnout installations share one server.", default="turnout")
     host: str = _doc("Address the gateway's data plane listens on.", default="127.0.0.1")
-    port: int = _doc("Port of the data plane (and of the admin API unless admin_port is set).", default=8080)
+    port: int = _doc("Port of the data plane.", default=8080)
     reuse_port: bool = _doc("Bind with SO_REUSEPORT so several gateway processes share the port.", default=False)
-    admin_token: str | None = _doc("Bearer token for the admin API; unset = admin API on loopback only.", default=None)
-    admin_host: str | None = _doc("Address of a separate admin listener (default: the data plane's).", default=None)
-    admin_port: int | None = _doc("Port of a separate admin listener; unset = admin API on the data plane port.", default=None)
     poll_interval: float = _doc("Seconds between full re-reads of the route (pub/sub is the fast path).", default=1.0)
     connect_timeout: float = _doc("Seconds to open an upstream connection.", default=2.0)
     read_timeout: float = _doc("Seconds to wait for the upstream's response head, and between body chunks.", default=60.0)
@@ -56,10 +53,8 @@ class Settings:
             raise SettingsError("max_body_bytes and upstream_max_connections must be positive")
         if not self.namespace or any(c in self.namespace for c in " {}:"):
             raise SettingsError(f"namespace must be a non-empty word without spaces, braces or colons: {self.namespace!r}")
-        for name in ("port", "admin_port"):
-            value = getattr(self, name)
-            if value is not None and not 0 <= value <= 65535:
-                raise SettingsError(f"{name} out of range: {value}")
+        if not 0 <= self.port <= 65535:
+            raise SettingsError(f"port out of range: {self.port}")
 
     @classmethod
     def load(cls, overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:

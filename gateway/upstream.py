@@ -74,6 +74,7 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._reading_paused = False
         self._until_close = False
+        self.keep_alive = False
         # Set when we stopped sending a request body midway: the connection is out of step.
         self.truncated = False
 
@@ -113,6 +114,8 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
+        # llhttp only answers this reliably before the message completes.
+        self.keep_alive = self.parser.should_keep_alive()
         self.headers_done = True
         names = {n.lower() for n, _ in self.headers}
         self._until_close = b"content-length" not in names and b"transfer-encoding" not in names
@@ -174,7 +177,7 @@ class _Connection(asyncio.Protocol):
 
     def take_chunk(self) -> bytes:
         """Everything buffered so far, resuming the socket if it was paused."""
-        data = b"".join(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
+        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks.clear()
         self._buffered = 0
         if self._reading_paused and self.transport is not None:
@@ -233,6 +236,8 @@ class UpstreamResponse:
 
     async def read(self) -> bytes:
         """The whole body."""
+        if self._conn.complete:
+            return self._conn.take_chunk()
         parts = [chunk async for chunk in self.iter_chunks()]
         return b"".join(parts)
 
@@ -243,7 +248,7 @@ class UpstreamResponse:
         self._released = True
         conn = self._conn
         reusable = (
-            conn.complete and conn.error is None and not conn.truncated and conn.usable and conn.parser.should_keep_alive()
+            conn.complete and conn.error is None and not conn.truncated and conn.usable and conn.keep_alive
         )
         self._pool._put_back(self._key, conn, reusable)
 

@@ -39,10 +39,10 @@ def build_registry(root: Path, model_name: str = "iris") -> Registry:
     env = child_env(MLFLOW_TRACKING_URI=tracking_uri)
     os.environ.update({"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"})
     mlflow.set_tracking_uri(tracking_uri)
-    experiment = mlflow.set_experiment("turnout-tests")
-    # Artifacts next to the database, not in the current directory.
-    if not experiment.artifact_location.startswith("file:" + str(root)):
-        mlflow.set_experiment(experiment_name="turnout-tests-" + root.name)
+    client = MlflowClient(tracking_uri)
+    # Artifacts next to the database: the default would be ./mlruns in the current directory.
+    experiment_id = client.create_experiment("turnout-tests", artifact_location=(root / "artifacts").as_uri())
+    mlflow.set_experiment(experiment_id=experiment_id)
     iris = load_iris(as_frame=True)
     X: pd.DataFrame = iris.data.rename(columns=lambda c: c.replace(" (cm)", "").replace(" ", "_"))
     y = iris.target
@@ -59,7 +59,7 @@ def build_registry(root: Path, model_name: str = "iris") -> Registry:
                 skops_trusted_types=["sklearn.tree._tree.Tree"],
             )
         versions[str(info.registered_model_version)] = f"runs:/{run.info.run_id}/model"
-    MlflowClient(tracking_uri).set_registered_model_alias(model_name, "champion", "2")
+    client.set_registered_model_alias(model_name, "champion", "2")
     return Registry(tracking_uri, model_name, versions, env)
 
 

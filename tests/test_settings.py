@@ -13,10 +13,10 @@ def test_defaults() -> None:
 
 
 def test_env_then_flags() -> None:
-    env = {"TURNOUT_PORT": "9000", "TURNOUT_REDIS_URL": "redis://r:6379/1", "TURNOUT_REUSE_PORT": "yes", "TURNOUT_ADMIN_PORT": "9001"}
+    env = {"TURNOUT_PORT": "9000", "TURNOUT_REDIS_URL": "redis://r:6379/1", "TURNOUT_REUSE_PORT": "yes"}
     s = Settings.load({"port": 9100, "namespace": None}, env=env)
     assert s.port == 9100, "a flag wins over the environment"
-    assert s.redis_url == "redis://r:6379/1" and s.reuse_port is True and s.admin_port == 9001
+    assert s.redis_url == "redis://r:6379/1" and s.reuse_port is True
     assert s.namespace == "turnout", "an unset flag (None) leaves the lower layers alone"
 
 
@@ -44,3 +44,11 @@ def test_reference_documents_every_setting() -> None:
     ref = Settings.reference()
     assert ("TURNOUT_NAMESPACE", "'turnout'") == ref[1][:2]
     assert all(doc for _, _, doc in ref)
+
+
+def test_readme_documents_every_setting() -> None:
+    from tests.support import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [env for env, _, _ in Settings.reference() if f"`{env}`" not in readme]
+    assert missing == []
