@@ -75,5 +75,43 @@ def gateway(**options: Any) -> None:
     asyncio.run(serve(settings))
 
 
+WORKER_SETTINGS = [
+    "redis_url", "namespace", "claim", "model_host", "advertise_host", "model_ports", "health_interval",
+    "lease_ttl", "start_timeout", "max_start_attempts", "restart_backoff", "stop_timeout", "warmup_payload",
+    "worker_metrics_port", "log_level",
+]
+
+
+@main.command()
+@click.option(
+    "--deployment", "-d", "deployment_specs", multiple=True, metavar="NAME=MODEL_URI",
+    help="A deployment to host, e.g. blue=models:/iris/1 (repeatable; adds to TURNOUT_DEPLOYMENTS).",
+)
+@settings_options(WORKER_SETTINGS)
+def worker(deployment_specs: tuple[str, ...], **options: Any) -> None:
+    """Launch and supervise warm `mlflow models serve` processes; report their health to Redis."""
+    from gateway.records import parse_specs
+    from gateway.server import install_event_loop_policy
+    from workers.service import run_worker
+
+    settings = load_settings(options)
+    specs = [s for s in (settings.deployments, *deployment_specs) if s]
+    try:
+        parse_specs(specs)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    settings = settings.replace(deployments=",".join(specs))
+    if not settings.redis_url:
+        raise click.UsageError(
+            "a worker shares state with gateways through Redis: set --redis-url or TURNOUT_REDIS_URL "
+            "(or run `turnout up` for gateway and worker in one process)"
+        )
+    if not settings.deployments and not settings.claim:
+        raise click.UsageError("nothing to host: give --deployment NAME=MODEL_URI and/or --claim")
+    setup_logging(settings.log_level)
+    install_event_loop_policy()
+    asyncio.run(run_worker(settings))
+
+
 if __name__ == "__main__":
     main()

@@ -3,10 +3,39 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any
+
+
+# Deployment names appear in URLs, Redis keys and metric labels: keep them plain.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def check_name(name: str) -> str:
+    """The name, if it is a valid deployment name; else ``ValueError`` saying what is allowed."""
+    if not NAME_PATTERN.match(name):
+        raise ValueError(
+            f"invalid deployment name {name!r}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def parse_specs(items: Iterable[str]) -> dict[str, str]:
+    """``["blue=models:/iris/1", "green=models:/iris@champion"]`` (items may hold comma-separated lists) → name → URI."""
+    out: dict[str, str] = {}
+    for item in items:
+        for spec in filter(None, (part.strip() for part in item.split(","))):
+            name, sep, uri = spec.partition("=")
+            if not sep or not uri.strip():
+                raise ValueError(f"deployment {spec!r} must be NAME=MODEL_URI")
+            name = check_name(name.strip())
+            if name in out:
+                raise ValueError(f"deployment {name!r} given twice")
+            out[name] = uri.strip()
+    return out
 
 
 class State(str, enum.Enum):

@@ -44,13 +44,38 @@ class Settings:
     max_body_bytes: int = _doc("Largest request body accepted, counted as it streams (413 above).", default=100 * 1024 * 1024)
     shutdown_timeout: float = _doc("Seconds SIGTERM waits for in-flight requests before closing them.", default=30.0)
     log_level: str = _doc("Python logging level.", default="INFO")
+    # --- worker -------------------------------------------------------------------------------
+    deployments: str = _doc(
+        "Deployments a worker hosts: NAME=MODEL_URI, comma-separated (or --deployment, repeatable).", default=""
+    )
+    claim: bool = _doc("Worker also hosts deployments created through the store that no live worker holds.", default=False)
+    model_host: str = _doc("Address the worker's model servers listen on.", default="127.0.0.1")
+    advertise_host: str | None = _doc("Host the gateway uses to reach model servers (default: model_host).", default=None)
+    model_ports: str = _doc("Port range for model servers; ports already taken are skipped.", default="5001-5999")
+    health_interval: float = _doc("Seconds between health checks of a ready model server.", default=2.0)
+    lease_ttl: float = _doc(
+        "Seconds a worker's claim on a deployment outlives its last heartbeat (gateways then see it not ready).",
+        default=5.0,
+    )
+    start_timeout: float = _doc("Seconds a model server may take from launch to a successful warm-up.", default=120.0)
+    max_start_attempts: int = _doc("Failed starts in a row before a deployment is marked failed.", default=3)
+    restart_backoff: float = _doc("First delay before restarting a crashed server; doubles per crash, up to 30 s.", default=1.0)
+    stop_timeout: float = _doc("Seconds a model server may drain on stop before it is killed.", default=10.0)
+    worker_metrics_port: int | None = _doc("Port of the worker's /metrics and /health; unset = not served.", default=None)
+    warmup_payload: str | None = _doc(
+        "JSON file used as the warm-up request for models logged without an input example.", default=None
+    )
 
     def __post_init__(self) -> None:
-        for name in ("poll_interval", "connect_timeout", "read_timeout", "total_timeout", "upstream_keepalive"):
+        for name in (
+            "poll_interval", "connect_timeout", "read_timeout", "total_timeout", "upstream_keepalive",
+            "health_interval", "lease_ttl", "start_timeout", "restart_backoff", "stop_timeout",
+        ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive, got {getattr(self, name)!r}")
-        if self.max_body_bytes <= 0 or self.upstream_max_connections <= 0:
-            raise SettingsError("max_body_bytes and upstream_max_connections must be positive")
+        for name in ("max_body_bytes", "upstream_max_connections", "max_start_attempts"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name} must be positive, got {getattr(self, name)!r}")
         if not self.namespace or any(c in self.namespace for c in " {}:"):
             raise SettingsError(f"namespace must be a non-empty word without spaces, braces or colons: {self.namespace!r}")
         if not 0 <= self.port <= 65535:

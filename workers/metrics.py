@@ -1,0 +1,38 @@
+"""Prometheus metrics of a worker: model server restarts, states and start-up times."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+from prometheus_client.exposition import generate_latest
+
+from gateway.records import State
+
+
+class WorkerMetrics:
+    """Every metric a worker exposes on its ``/metrics``."""
+
+    def __init__(self) -> None:
+        disable_created_metrics()
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.restarts = Counter(
+            "turnout_model_server_restarts", "Model servers restarted after a crash or failed health checks.",
+            ["deployment"], registry=r,
+        )
+        self.state = Gauge(
+            "turnout_model_server_state", "1 for the state each hosted deployment is in, 0 for the others.",
+            ["deployment", "state"], registry=r,
+        )
+        self.startup_seconds = Gauge(
+            "turnout_model_server_startup_seconds", "Seconds from launch to ready (warm-up included) of the last start.",
+            ["deployment"], registry=r,
+        )
+
+    def set_state(self, deployment: str, state: State) -> None:
+        """Mark ``state`` as the deployment's current one."""
+        for candidate in State:
+            self.state.labels(deployment, candidate.value).set(1 if candidate is state else 0)
+
+    def exposition(self) -> bytes:
+        """Text exposition of every metric."""
+        return generate_latest(self.registry)

@@ -1,0 +1,350 @@
+"""The worker: host deployments as warm model servers, prove them ready, keep them alive, report to the store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+import aiohttp
+
+from gateway.records import Deployment, State, parse_specs
+from gateway.settings import Settings
+from gateway.store import Store, StoreUnavailable
+
+from . import registry
+from .metrics import WorkerMetrics
+from .model_server import ModelServer, PortRange, server_env
+
+log = logging.getLogger(__name__)
+
+# A server that stays ready this long has recovered: its next crash starts the backoff afresh.
+_STABLE_AFTER = 60.0
+_BACKOFF_CAP = 30.0
+_UNHEALTHY_CHECKS_BEFORE_RESTART = 3
+
+T = TypeVar("T")
+
+
+class LeaseLost(Exception):
+    """This worker no longer holds the deployment (another worker took it, or it was deleted)."""
+
+
+class Hosted:
+    """One deployment this worker hosts: its model server and the lifecycle loop that keeps it warm."""
+
+    def __init__(self, worker: Worker, name: str, model_uri: str) -> None:
+        self.worker = worker
+        self.name = name
+        self.model_uri = model_uri
+        self.state: State | None = None
+        self.server: ModelServer | None = None
+        self.restarts = 0
+        self.task: asyncio.Task[None] | None = None
+
+    async def set_state(self, state: State, reason: str, **fields: object) -> None:
+        """Write the state (fenced by this worker's lease); log and count only transitions."""
+        ok = await self.worker.store.update_deployment(
+            self.name, owner=self.worker.id, state=state, reason=reason, updated_at=time.time(), **fields
+        )
+        if not ok:
+            raise LeaseLost(self.name)
+        if state is not self.state:
+            log.info("deployment %s: %s — %s", self.name, state.value, reason)
+            self.worker.metrics.set_state(self.name, state)
+        self.state = state
+
+    async def run(self) -> None:
+        """Resolve, launch, prove ready, watch, restart; give up after too many failed starts."""
+        w = self.worker
+        s = w.settings
+        info = await w.in_registry_thread(registry.resolve, self.model_uri)
+        example = await w.in_registry_thread(registry.serving_example, self.model_uri)
+        warmup = "model's input example" if example else None
+        if example is None and w.sample_payload is not None:
+            example, warmup = w.sample_payload, "configured sample payload"
+        await self.set_state(
+            State.STARTING,
+            "resolving and launching",
+            model_uri=self.model_uri,
+            worker=w.id,
+            mlflow_name=info.name,
+            mlflow_version=info.version,
+            mlflow_alias=info.alias,
+            warmup=warmup or "/ping only (no input example, no sample payload configured)",
+        )
+        failures = 0
+        crashes = 0
+        while True:
+            port = w.ports.allocate()
+            url = f"http://{w.advertise_host}:{port}"
+            started = time.monotonic()
+            server = await self._launch(port)
+            await self.set_state(
+                State.STARTING,
+                f"launched on port {port} (attempt {failures + 1} of {s.max_start_attempts})",
+                url=url,
+                started_at=time.time(),
+            )
+            problem = await self._until_ready(server, f"http://{s.model_host}:{port}", example)
+            if problem is not None:
+                await self._discard(server)
+                failures += 1
+                if failures >= s.max_start_attempts:
+                    await self.set_state(State.FAILED, f"gave up after {failures} failed starts: {problem}", url=None)
+                    return
+                delay = min(s.restart_backoff * 2 ** (failures - 1), _BACKOFF_CAP)
+                await self.set_state(State.STARTING, f"start {failures} failed ({problem}); retrying in {delay:.0f} s")
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            startup = time.monotonic() - started
+            w.metrics.startup_seconds.labels(self.name).set(startup)
+            detail = f"warm-up with the {warmup} succeeded" if warmup else "answered /ping (no warm-up request: the model has no input example)"
+            await self.set_state(State.READY, f"ready {startup:.1f} s after launch; {detail}", ready_at=time.time())
+            ready_since = time.monotonic()
+            why = await self._watch(server, f"http://{s.model_host}:{port}")
+            crashes = 1 if time.monotonic() - ready_since > _STABLE_AFTER else crashes + 1
+            delay = min(s.restart_backoff * 2 ** (crashes - 1), _BACKOFF_CAP)
+            self.restarts += 1
+            w.metrics.restarts.labels(self.name).inc()
+            await self.set_state(State.UNHEALTHY, f"{why}; restarting in {delay:.0f} s", restarts=self.restarts)
+            await self._discard(server)
+            await asyncio.sleep(delay)
+
+    async def _launch(self, port: int) -> ModelServer:
+        w = self.worker
+        server = ModelServer(self.model_uri, w.settings.model_host, port, w.child_env)
+        pgid = await server.start()
+        self.server = server
+        w.watch_group(pgid)
+        return server
+
+    async def _discard(self, server: ModelServer) -> None:
+        await server.stop(self.worker.settings.stop_timeout)
+        if server.pgid is not None:
+            self.worker.unwatch_group(server.pgid)
+        self.worker.ports.release(server.port)
+        if self.server is server:
+            self.server = None
+
+    async def _until_ready(self, server: ModelServer, url: str, example: str | None) -> str | None:
+        """None once /ping answers and the warm-up prediction succeeds; else why not."""
+        session = self.worker.session
+        deadline = time.monotonic() + self.worker.settings.start_timeout
+        while time.monotonic() < deadline:
+            if server.exited:
+                return f"mlflow models serve exited with status {server.proc.returncode}: {server.tail() or '(no output)'}"  # type: ignore[union-attr]
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                async with session.get(url + "/ping", timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                    if resp.status == 200:
+                        return await self._warm_up(url, example)
+            await asyncio.sleep(0.25)
+        return f"not ready within {self.worker.settings.start_timeout:.0f} s: {server.tail(4) or '(no output)'}"
+
+    async def _warm_up(self, url: str, example: str | None) -> str | None:
+        if example is None:
+            return None
+        timeout = aiohttp.ClientTimeout(total=self.worker.settings.start_timeout)
+        try:
+            async with self.worker.session.post(
+                url + "/invocations", data=example.encode(), headers={"Content-Type": "application/json"}, timeout=timeout
+            ) as resp:
+                body = await resp.text()
+                if resp.status == 200:
+                    return None
+                return f"warm-up prediction answered {resp.status}: {body[:300]}"
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            return f"warm-up prediction failed: {exc!r}"
+
+    async def _watch(self, server: ModelServer, url: str) -> str:
+        """Health-check until the server dies or fails several checks in a row; returns why."""
+        interval = self.worker.settings.health_interval
+        exit_wait = asyncio.ensure_future(server.wait_exit())
+        failed = 0
+        try:
+            while True:
+                done, _ = await asyncio.wait({exit_wait}, timeout=interval)
+                if done:
+                    return f"model server exited (status {exit_wait.result()}): {server.tail(4) or '(no output)'}"
+                problem = await self._ping(url, interval)
+                if problem is None:
+                    if self.state is State.UNHEALTHY:
+                        await self.set_state(State.READY, "health check passes again")
+                    failed = 0
+                    continue
+                failed += 1
+                if failed >= _UNHEALTHY_CHECKS_BEFORE_RESTART:
+                    return f"health check failed {failed} times in a row ({problem})"
+                await self.set_state(State.UNHEALTHY, f"health check failed: {problem}")
+        finally:
+            exit_wait.cancel()
+
+    async def _ping(self, url: str, timeout: float) -> str | None:
+        try:
+            async with self.worker.session.get(url + "/ping", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                return None if resp.status == 200 else f"/ping answered {resp.status}"
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            return f"/ping failed: {type(exc).__name__}"
+
+    async def stop(self, reason: str) -> None:
+        """Cancel the lifecycle, stop the server, say so in the record (if still ours)."""
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        if self.server is not None:
+            await self._discard(self.server)
+        with contextlib.suppress(LeaseLost, StoreUnavailable):
+            await self.set_state(State.STOPPED, reason, url=None)
+
+
+class Worker:
+    """Hosts deployments (static ones from settings, plus claimable ones with ``claim``) on one machine."""
+
+    def __init__(self, settings: Settings, store: Store, *, worker_id: str | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.static = parse_specs([settings.deployments])
+        self.ports = PortRange.parse(settings.model_host, settings.model_ports)
+        self.advertise_host = settings.advertise_host or settings.model_host
+        self.child_env = server_env(os.environ, self.id)
+        self.metrics = WorkerMetrics()
+        self.sample_payload = Path(settings.warmup_payload).read_text() if settings.warmup_payload else None
+        self.hosted: dict[str, Hosted] = {}
+        # One thread for MLflow's (blocking) client: concurrent first imports of mlflow deadlocked.
+        self._registry_thread = ThreadPoolExecutor(1, thread_name_prefix="mlflow-registry")
+        self.session: aiohttp.ClientSession
+        self._watchdog: asyncio.subprocess.Process | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def in_registry_thread(self, func: Callable[[str], T], arg: str) -> T:
+        """Run a blocking MLflow call off the event loop, one at a time."""
+        return await asyncio.get_running_loop().run_in_executor(self._registry_thread, func, arg)
+
+    # --- the watchdog that outlives a SIGKILLed worker -------------------------------------------
+    async def _start_watchdog(self) -> None:
+        self._watchdog = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "workers.watchdog", str(self.settings.stop_timeout),
+            stdin=asyncio.subprocess.PIPE, start_new_session=True,
+            cwd=str(Path(__file__).resolve().parent.parent),
+        )
+
+    def watch_group(self, pgid: int) -> None:
+        """Tell the watchdog to kill this group if the worker dies."""
+        self._tell_watchdog(f"add {pgid}\n")
+
+    def unwatch_group(self, pgid: int) -> None:
+        """The group is gone; the watchdog can forget it."""
+        self._tell_watchdog(f"del {pgid}\n")
+
+    def _tell_watchdog(self, line: str) -> None:
+        if self._watchdog is not None and self._watchdog.stdin is not None:
+            self._watchdog.stdin.write(line.encode())
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the watchdog, register static deployments, begin heartbeats (and claiming)."""
+        self.session = aiohttp.ClientSession()
+        await self._start_watchdog()
+        for name, uri in self.static.items():
+            created = await self.store.create_deployment(
+                Deployment(name=name, model_uri=uri, state=State.STARTING, reason="registered by a worker", created_at=time.time())
+            )
+            if not created:
+                await self.store.update_deployment(name, model_uri=uri)
+        await self._claim_round()
+        self._tasks = [asyncio.create_task(self._heartbeat_forever(), name="worker-heartbeat")]
+        log.info("worker %s hosting %s%s", self.id, sorted(self.hosted) or "nothing yet",
+                 " and claiming unheld deployments" if self.settings.claim else "")
+
+    async def stop(self) -> None:
+        """Undo start in reverse: stop heartbeats, stop every server (in parallel), release leases, stop the watchdog."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        hosted = list(self.hosted.values())
+        await asyncio.gather(*(h.stop("worker stopped") for h in hosted), return_exceptions=True)
+        for h in hosted:
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.release(h.name, self.id)
+        self.hosted.clear()
+        if self._watchdog is not None:
+            assert self._watchdog.stdin is not None
+            self._watchdog.stdin.close()
+            await self._watchdog.wait()
+        await self.session.close()
+        self._registry_thread.shutdown(wait=False, cancel_futures=True)
+
+    async def _host(self, name: str, model_uri: str) -> None:
+        hosted = Hosted(self, name, model_uri)
+        self.hosted[name] = hosted
+        hosted.task = asyncio.create_task(self._run_hosted(hosted), name=f"deployment-{name}")
+
+    async def _run_hosted(self, hosted: Hosted) -> None:
+        try:
+            await hosted.run()
+        except LeaseLost:
+            log.warning("deployment %s: no longer ours (deleted or claimed elsewhere); stopping its server", hosted.name)
+            if hosted.server is not None:
+                await hosted._discard(hosted.server)
+            self.hosted.pop(hosted.name, None)
+        except StoreUnavailable as exc:
+            # The lifecycle cannot record states; the claim round restarts it once the store is back.
+            log.error("deployment %s: store unavailable (%s); will resume", hosted.name, exc)
+            if hosted.server is not None:
+                await hosted._discard(hosted.server)
+            self.hosted.pop(hosted.name, None)
+        except Exception as exc:
+            # A bug must not leave a server unwatched: stop it and say why in the record.
+            log.exception("deployment %s: lifecycle crashed", hosted.name)
+            if hosted.server is not None:
+                await hosted._discard(hosted.server)
+            with contextlib.suppress(LeaseLost, StoreUnavailable):
+                await hosted.set_state(State.FAILED, f"worker error: {exc!r}", url=None)
+
+    async def _claim_round(self) -> None:
+        """Take every static deployment we can, and with ``claim`` every unheld one that has a model URI."""
+        snapshot = await self.store.read_snapshot()
+        wanted: dict[str, str] = {}
+        for name, uri in self.static.items():
+            wanted[name] = uri
+        if self.settings.claim:
+            for name, dep in snapshot.deployments.items():
+                if dep.model_uri and not dep.external and name not in snapshot.live:
+                    wanted.setdefault(name, dep.model_uri)
+        for name, uri in wanted.items():
+            if name in self.hosted or name not in snapshot.deployments:
+                continue
+            if await self.store.claim(name, self.id, self.settings.lease_ttl):
+                await self._host(name, snapshot.deployments[name].model_uri or uri)
+
+    async def _heartbeat_forever(self) -> None:
+        interval = self.settings.lease_ttl / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._heartbeat()
+                await self._claim_round()
+            except StoreUnavailable as exc:
+                log.warning("store unavailable (%s); leases may lapse until it is back", exc)
+
+    async def _heartbeat(self) -> None:
+        """Renew every lease; stop what was deleted or taken by another worker."""
+        snapshot = await self.store.read_snapshot()
+        for name, hosted in list(self.hosted.items()):
+            gone = name not in snapshot.deployments
+            if gone or not await self.store.claim(name, self.id, self.settings.lease_ttl):
+                log.info("deployment %s: %s; stopping its server", name, "deleted" if gone else "lease lost")
+                self.hosted.pop(name, None)
+                await hosted.stop("deployment deleted" if gone else "lease lost")
+
