@@ -1,45 +1,70 @@
-"""The gateway application: ``create_app(settings)`` wires store → watcher → proxy → metrics."""
+"""The gateway application: ``create_app(settings)`` wires store → watcher → proxy → metrics, plus the admin API."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
 from . import __version__, errors
+from .admin import Admin
 from .metrics import CONTENT_TYPE_LATEST, GatewayMetrics
 from .proxy import SMALL_BODY, Proxy
+from .registry_sync import RegistrySync
 from .settings import Settings
 from .store import Store, create_store
+from .switching import RouteControl
+from .traffic import Traffic
 from .upstream import Timeouts, UpstreamPool
 from .watcher import RouteWatcher
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
 METRICS = web.AppKey("metrics", GatewayMetrics)
+TRAFFIC = web.AppKey("traffic", Traffic)
 WATCHER = web.AppKey("watcher", RouteWatcher)
 POOL = web.AppKey("pool", UpstreamPool)
 PROXY = web.AppKey("proxy", Proxy)
+REGISTRY = web.AppKey("registry", RegistrySync)
+CONTROL = web.AppKey("control", RouteControl)
+ADMIN = web.AppKey("admin", Admin)
+
+Context = Callable[[web.Application], AsyncIterator[None]]
 
 
 def create_app(settings: Settings, *, store: Store | None = None) -> web.Application:
     """Build the gateway; ``store`` lets tests and ``turnout up`` share one store object (not closed here)."""
-    app = web.Application(
-        # Small bodies are read whole; larger ones stream and are counted against max_body_bytes.
-        client_max_size=SMALL_BODY,
-    )
+    # Small bodies are read whole; larger ones stream and are counted against max_body_bytes.
+    app = web.Application(client_max_size=SMALL_BODY)
     app[SETTINGS] = settings
-    app[METRICS] = GatewayMetrics()
-    app.cleanup_ctx.append(_store_ctx(store))
+    app[STORE] = store or create_store(settings)
+    app[METRICS] = metrics = GatewayMetrics()
+    app[TRAFFIC] = traffic = Traffic()
+    app[WATCHER] = watcher = RouteWatcher(app[STORE], metrics, poll_interval=settings.poll_interval)
+    app[POOL] = pool = UpstreamPool(
+        Timeouts(connect=settings.connect_timeout, read=settings.read_timeout, total=settings.total_timeout),
+        keepalive=settings.upstream_keepalive,
+        max_per_host=settings.upstream_max_connections,
+    )
+    app[PROXY] = Proxy(watcher, pool, metrics, traffic, settings.max_body_bytes)
+    app[REGISTRY] = registry = RegistrySync(settings.registry_alias, app[STORE].append_history, settings.registry_sync)
+    app[CONTROL] = control = RouteControl(app[STORE], metrics, registry)
+    app[ADMIN] = admin = Admin(settings, app[STORE], watcher, traffic, control)
+
+    # Started in this order, stopped in reverse.
+    app.cleanup_ctx.append(_store_ctx(owned=store is None))
     app.cleanup_ctx.append(_pool_ctx)
+    app.cleanup_ctx.append(_registry_ctx)
     app.cleanup_ctx.append(_watcher_ctx)
+
     app.router.add_post("/invocations", _invocations)
     app.router.add_post("/deployments/{name}/invocations", _pinned)
     app.router.add_get("/ping", ping)
     app.router.add_get("/health", health)
     app.router.add_get("/version", version)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_routes(admin.routes())
     # Catch-alls instead of a middleware, so the hot path pays nothing for MLflow-shaped 404/405s.
     app.router.add_route("*", "/invocations", errors.method_not_allowed)
     app.router.add_route("*", "/deployments/{name}/invocations", errors.method_not_allowed)
@@ -47,37 +72,31 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     return app
 
 
-def _store_ctx(given: Store | None):  # type: ignore[no-untyped-def]
+def _store_ctx(owned: bool) -> Context:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        store = given or create_store(app[SETTINGS])
-        app[STORE] = store
         yield
-        if given is None:
-            await store.close()
+        if owned:
+            await app[STORE].close()
 
     return ctx
 
 
 async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
-    s = app[SETTINGS]
-    pool = UpstreamPool(
-        Timeouts(connect=s.connect_timeout, read=s.read_timeout, total=s.total_timeout),
-        keepalive=s.upstream_keepalive,
-        max_per_host=s.upstream_max_connections,
-    )
-    await pool.start()
-    app[POOL] = pool
+    await app[POOL].start()
     yield
-    await pool.close()
+    await app[POOL].close()
+
+
+async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
+    await app[REGISTRY].start()
+    yield
+    await app[REGISTRY].close()
 
 
 async def _watcher_ctx(app: web.Application) -> AsyncIterator[None]:
-    watcher = RouteWatcher(app[STORE], app[METRICS], poll_interval=app[SETTINGS].poll_interval)
-    app[WATCHER] = watcher
-    app[PROXY] = Proxy(watcher, app[POOL], app[METRICS], app[SETTINGS].max_body_bytes)
-    await watcher.start()
+    await app[WATCHER].start()
     yield
-    await watcher.stop()
+    await app[WATCHER].stop()
 
 
 async def _invocations(request: web.Request) -> web.StreamResponse:
@@ -115,7 +134,7 @@ async def version(request: web.Request) -> web.Response:
     return web.Response(text=__version__)
 
 
-async def metrics(request: web.Request) -> web.Response:
+async def metrics_endpoint(request: web.Request) -> web.Response:
     """Prometheus exposition of this process's metrics."""
     body = request.app[METRICS].exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import fields
 from typing import Any, TypeVar, get_type_hints
@@ -51,7 +53,8 @@ def setup_logging(level: str) -> None:
 
 
 GATEWAY_SETTINGS = [
-    "redis_url", "namespace", "host", "port", "reuse_port",
+    "redis_url", "namespace", "host", "port", "reuse_port", "admin_token", "admin_host", "admin_port",
+    "history_max", "registry_alias", "registry_sync",
     "poll_interval", "connect_timeout", "read_timeout", "total_timeout", "upstream_keepalive",
     "upstream_max_connections", "max_body_bytes", "shutdown_timeout", "log_level",
 ]
@@ -66,7 +69,7 @@ def main() -> None:
 @main.command()
 @settings_options(GATEWAY_SETTINGS)
 def gateway(**options: Any) -> None:
-    """Run the data plane and its metrics; any number of replicas against one Redis."""
+    """Run the data plane, admin API and metrics; any number of replicas against one Redis."""
     from .server import install_event_loop_policy, serve
 
     settings = load_settings(options)
@@ -111,6 +114,162 @@ def worker(deployment_specs: tuple[str, ...], **options: Any) -> None:
     setup_logging(settings.log_level)
     install_event_loop_policy()
     asyncio.run(run_worker(settings))
+
+
+# --- the admin client commands -------------------------------------------------------------------
+
+def _client_options(func: F) -> F:
+    func = click.option("--json", "as_json", is_flag=True, help="Print the raw JSON answer (for scripts).")(func)
+    func = click.option("--token", envvar="TURNOUT_ADMIN_TOKEN", default=None,
+                        help="Admin bearer token [env TURNOUT_ADMIN_TOKEN].")(func)
+    func = click.option("--url", envvar="TURNOUT_URL", default="http://127.0.0.1:8080", show_default=True,
+                        help="Gateway (or its admin listener) URL [env TURNOUT_URL].")(func)
+    return func
+
+
+def _call(url: str, token: str | None, method: str, path: str, body: dict[str, Any] | None = None,
+          query: dict[str, Any] | None = None) -> tuple[int, Any]:
+    from .client import AdminClient, AdminUnreachable
+
+    try:
+        return AdminClient(url, token).call(method, path, body, query)
+    except AdminUnreachable as exc:
+        raise click.ClickException(f"{exc}; is `turnout gateway` running? (--url / TURNOUT_URL)") from None
+
+
+def _finish(status: int, body: Any, as_json: bool, human: Callable[[Any], str]) -> None:
+    """Print the answer; exit 1 when the gateway refused (4xx/5xx)."""
+    if as_json:
+        click.echo(json.dumps(body, indent=2))
+    elif status < 400:
+        click.echo(human(body))
+    else:
+        message = body.get("message", body) if isinstance(body, dict) else body
+        hint = {401: " (give --token or TURNOUT_ADMIN_TOKEN)",
+                403: "" if "token" in str(message).lower() else " (run the CLI without a browser Origin header)"}.get(status, "")
+        click.echo(f"refused ({status}): {message}{hint}", err=True)
+    if status >= 400:
+        sys.exit(1)
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _fmt_ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.1f}"
+
+
+def _status_text(body: dict[str, Any]) -> str:
+    route = body["route"]
+    lines = [f"route: active={route['active'] or '-'}  previous={route['previous'] or '-'}  generation={route['generation']}"]
+    guard = body.get("guard") or {}
+    if guard:
+        lines.append("guard: " + ", ".join(f"{k}={v}" for k, v in guard.items() if not isinstance(v, dict | list)))
+    rows = [["NAME", "ROLE", "STATE", "MLFLOW", "URL", "REQ/60s", "ERR%", "P99 ms", "DETAIL"]]
+    for d in body["deployments"]:
+        m = d["mlflow"]
+        mlflow = f"{m['name']}/{m['version']}" + (f"@{m['alias']}" if m.get("alias") else "") if m["name"] else "-"
+        t = d["traffic"]
+        rows.append([d["name"], d["role"] or "", d["state"] or "?", mlflow, d["url"] or "-", str(t["requests"]),
+                     f"{t['error_rate'] * 100:.1f}", _fmt_ms(t["p99_seconds"]), (d["state_detail"] or "")[:70]])
+    lines.append(_table(rows) if len(rows) > 1 else "no deployments yet: turnout deploy NAME MODEL_URI")
+    return "\n".join(lines)
+
+
+@main.command()
+@_client_options
+def status(url: str, token: str | None, as_json: bool) -> None:
+    """Show the route, every deployment with its state and recent traffic, and the guard."""
+    code, body = _call(url, token, "GET", "/admin/state")
+    _finish(code, body, as_json, _status_text)
+
+
+@main.command()
+@click.argument("name")
+@click.argument("source")
+@click.option("--mlflow-name", default=None, help="Registered model name of an external server (SOURCE is a URL).")
+@click.option("--mlflow-version", default=None, help="Its registered version.")
+@_client_options
+def deploy(name: str, source: str, mlflow_name: str | None, mlflow_version: str | None,
+           url: str, token: str | None, as_json: bool) -> None:
+    """Create deployment NAME from a model URI (a --claim worker serves it) or the http:// URL of a running server."""
+    body: dict[str, Any] = {"name": name}
+    if source.startswith(("http://", "https://")):
+        body["url"] = source
+        if mlflow_name:
+            body["mlflow_name"] = mlflow_name
+        if mlflow_version:
+            body["mlflow_version"] = mlflow_version
+    else:
+        body["model_uri"] = source
+    code, answer = _call(url, token, "POST", "/admin/deployments", body)
+    _finish(code, answer, as_json, lambda d: f"created {d['name']} ({d['state_detail']}); "
+            f"watch it with `turnout status`, then `turnout switch {d['name']}`")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Delete even the active deployment or the rollback target.")
+@click.option("--reason", default="", help="Why (recorded in the history).")
+@_client_options
+def undeploy(name: str, force: bool, reason: str, url: str, token: str | None, as_json: bool) -> None:
+    """Delete deployment NAME (its worker stops the model server)."""
+    code, body = _call(url, token, "DELETE", f"/admin/deployments/{name}", query={"force": str(force).lower(), "reason": reason or None})
+    _finish(code, body, as_json, lambda d: f"deleted {d['deleted']}")
+
+
+@main.command()
+@click.argument("target")
+@click.option("--reason", default="", help="Why (recorded in the history and the registry tags).")
+@click.option("--expect-generation", type=int, default=None, help="Refuse unless the route is still at this generation.")
+@click.option("--force", is_flag=True, help="Switch even if the target is not ready.")
+@_client_options
+def switch(target: str, reason: str, expect_generation: int | None, force: bool,
+           url: str, token: str | None, as_json: bool) -> None:
+    """Send all traffic to TARGET; the current active deployment stays warm as the rollback target."""
+    body: dict[str, Any] = {"target": target, "reason": reason, "force": force}
+    if expect_generation is not None:
+        body["expected_generation"] = expect_generation
+    code, answer = _call(url, token, "POST", "/admin/switch", body)
+    _finish(code, answer, as_json, lambda d: d["message"] + (
+        f"; roll back with `turnout rollback`" if d.get("applied") and d["route"]["previous"] else ""))
+
+
+@main.command()
+@click.option("--reason", default="", help="Why (recorded in the history and the registry tags).")
+@click.option("--expect-generation", type=int, default=None, help="Refuse unless the route is still at this generation.")
+@click.option("--force", is_flag=True, help="Roll back even if the previous deployment is not ready.")
+@_client_options
+def rollback(reason: str, expect_generation: int | None, force: bool, url: str, token: str | None, as_json: bool) -> None:
+    """Send traffic back to the previous deployment."""
+    body: dict[str, Any] = {"reason": reason, "force": force}
+    if expect_generation is not None:
+        body["expected_generation"] = expect_generation
+    code, answer = _call(url, token, "POST", "/admin/rollback", body)
+    _finish(code, answer, as_json, lambda d: "rolled back: " + d["message"])
+
+
+def _history_text(body: dict[str, Any]) -> str:
+    rows = [["TIME", "ACTION", "RESULT", "FROM", "TO", "GEN", "TRIGGER", "ACTOR", "REASON / DETAIL"]]
+    for e in body["entries"]:
+        detail = " — ".join(x for x in (e.get("reason"), e.get("detail")) if x)
+        rows.append([str(e.get("time", "")), str(e.get("action", "")), str(e.get("result", "")) + (" (forced)" if e.get("forced") else ""),
+                     str(e.get("from") or "-"), str(e.get("to") or "-"), str(e.get("generation", "-")),
+                     str(e.get("trigger", "")), str(e.get("actor", "")), detail[:90]])
+    more = f"\n({body['total']} entries; next page: --offset {body['next_offset']})" if body.get("next_offset") else ""
+    return (_table(rows) if len(rows) > 1 else "no history yet") + more
+
+
+@main.command()
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option("--offset", type=click.IntRange(0), default=0, show_default=True)
+@_client_options
+def history(limit: int, offset: int, url: str, token: str | None, as_json: bool) -> None:
+    """Every change and refused attempt, newest first."""
+    code, body = _call(url, token, "GET", "/admin/history", query={"limit": limit, "offset": offset})
+    _finish(code, body, as_json, _history_text)
 
 
 if __name__ == "__main__":

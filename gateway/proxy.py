@@ -15,6 +15,7 @@ from . import errors
 from .classify import classify
 from .metrics import CLIENT_ERROR, UPSTREAM_ERROR, GatewayMetrics
 from .records import Snapshot
+from .traffic import Traffic
 from .upstream import UpstreamError, UpstreamPool, UpstreamResponse
 from .watcher import RouteWatcher
 
@@ -138,10 +139,13 @@ class _ClientGone(Exception):
 class Proxy:
     """Request handlers of the data plane."""
 
-    def __init__(self, watcher: RouteWatcher, pool: UpstreamPool, metrics: GatewayMetrics, max_body_bytes: int) -> None:
+    def __init__(
+        self, watcher: RouteWatcher, pool: UpstreamPool, metrics: GatewayMetrics, traffic: Traffic, max_body_bytes: int
+    ) -> None:
         self.watcher = watcher
         self.pool = pool
         self.metrics = metrics
+        self.traffic = traffic
         self.max_body_bytes = max_body_bytes
         self._targets: dict[str, Target] = {}
 
@@ -242,8 +246,10 @@ class Proxy:
                 upstream.release()
             return response
         finally:
+            elapsed = loop.time() - started
             dm.inflight.dec()
-            dm.observe(code, outcome, loop.time() - started)
+            dm.observe(code, outcome, elapsed)
+            self.traffic.record(name, outcome, elapsed)
 
     async def _respond(
         self, request: web.Request, upstream: UpstreamResponse, name: str, generation: str

@@ -59,12 +59,23 @@ redis.call('PUBLISH', ARGV[6], cjson.encode({kind = 'route', generation = gen}))
 return {1, gen, ARGV[2], ARGV[3], ''}
 """
 
-# KEYS: deployments, record. ARGV: name, record fields JSON, channel, message.
-_CREATE = """
+# Appends ARGV[i] (a JSON entry, or '') to the history list KEYS[k], trimmed to ARGV[i+1] entries.
+_HISTORY = """
+local function record(key, entry, bound)
+  if entry ~= '' then
+    redis.call('LPUSH', key, entry)
+    redis.call('LTRIM', key, 0, tonumber(bound) - 1)
+  end
+end
+"""
+
+# KEYS: deployments, record, history. ARGV: name, record fields JSON, channel, message, history entry, bound.
+_CREATE = _HISTORY + """
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 0 end
 redis.call('DEL', KEYS[2])
 for k, v in pairs(cjson.decode(ARGV[2])) do redis.call('HSET', KEYS[2], k, v) end
 redis.call('SADD', KEYS[1], ARGV[1])
+record(KEYS[3], ARGV[5], ARGV[6])
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 """
@@ -80,15 +91,21 @@ redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 """
 
-# KEYS: route, deployments, record, lease. ARGV: name, force '1'/'0', channel, message.
-_DELETE = """
+# KEYS: route, deployments, record, lease, history. ARGV: name, force '1'/'0', channel, message,
+# history entry, bound. Deleting the previous deployment (forced) clears previous; the active one stays
+# named in the route (the gateway answers 503 for it) until an operator switches.
+_DELETE = _HISTORY + """
 if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 0 then return 'unknown' end
+local active = redis.call('HGET', KEYS[1], 'active')
+local previous = redis.call('HGET', KEYS[1], 'previous')
 if ARGV[2] ~= '1' then
-  if redis.call('HGET', KEYS[1], 'active') == ARGV[1] then return 'active' end
-  if redis.call('HGET', KEYS[1], 'previous') == ARGV[1] then return 'previous' end
+  if active == ARGV[1] then return 'active' end
+  if previous == ARGV[1] then return 'previous' end
 end
+if previous == ARGV[1] then redis.call('HDEL', KEYS[1], 'previous') end
 redis.call('DEL', KEYS[3], KEYS[4])
 redis.call('SREM', KEYS[2], ARGV[1])
+record(KEYS[5], ARGV[5], ARGV[6])
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return ''
 """
@@ -207,12 +224,16 @@ class RedisStore(Store):
         route = Route(active=cur_active or None, previous=cur_previous or None, generation=int(gen))
         return RouteChange(bool(applied), route, refusal or None)
 
-    async def create_deployment(self, deployment: Deployment) -> bool:
+    def _history_args(self, history: Mapping[str, Any] | None) -> list[str]:
+        return [json.dumps(dict(history)) if history is not None else "", str(self.history_max)]
+
+    async def create_deployment(self, deployment: Deployment, *, history: Mapping[str, Any] | None = None) -> bool:
         name = deployment.name
         with _unavailable_on_connection_errors():
             created = await self._create(
-                keys=[self.keys.deployments, self.keys.deployment(name)],
-                args=[name, json.dumps(deployment.to_fields()), self.keys.events, self._deployment_event(name)],
+                keys=[self.keys.deployments, self.keys.deployment(name), self.keys.history],
+                args=[name, json.dumps(deployment.to_fields()), self.keys.events, self._deployment_event(name),
+                      *self._history_args(history)],
             )
         return bool(created)
 
@@ -225,11 +246,15 @@ class RedisStore(Store):
             )
         return bool(updated)
 
-    async def delete_deployment(self, name: str, *, force: bool = False) -> str | None:
+    async def delete_deployment(
+        self, name: str, *, force: bool = False, history: Mapping[str, Any] | None = None
+    ) -> str | None:
         with _unavailable_on_connection_errors():
             refusal = await self._delete(
-                keys=[self.keys.route, self.keys.deployments, self.keys.deployment(name), self.keys.lease(name)],
-                args=[name, "1" if force else "0", self.keys.events, self._deployment_event(name)],
+                keys=[self.keys.route, self.keys.deployments, self.keys.deployment(name), self.keys.lease(name),
+                      self.keys.history],
+                args=[name, "1" if force else "0", self.keys.events, self._deployment_event(name),
+                      *self._history_args(history)],
             )
         return refusal or None
 

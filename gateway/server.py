@@ -33,13 +33,23 @@ async def start_gateway(settings: Settings, *, store: Store | None = None) -> we
         app, access_log=None, shutdown_timeout=settings.shutdown_timeout, auto_decompress=False
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=settings.reuse_port or None)
+    sites = [web.TCPSite(runner, settings.host, settings.port, reuse_port=settings.reuse_port or None)]
+    if settings.admin_port is not None:
+        sites.append(web.TCPSite(runner, settings.admin_host or settings.host, settings.admin_port,
+                                 reuse_port=settings.reuse_port or None))
     try:
-        await site.start()
+        for site in sites:
+            await site.start()
     except BaseException:
         await runner.cleanup()
         raise
     log.info("gateway listening on http://%s:%d", settings.host, settings.port)
+    admin_where = (f"http://{settings.admin_host or settings.host}:{settings.admin_port}/admin/"
+                   if settings.admin_port is not None else "/admin/ on the same port")
+    if settings.admin_token:
+        log.info("admin API at %s (bearer token required)", admin_where)
+    else:
+        log.warning("admin API at %s has no token (TURNOUT_ADMIN_TOKEN): it answers loopback clients only", admin_where)
     return runner
 
 

@@ -32,6 +32,16 @@ class Settings:
     host: str = _doc("Address the gateway's data plane listens on.", default="127.0.0.1")
     port: int = _doc("Port of the data plane.", default=8080)
     reuse_port: bool = _doc("Bind with SO_REUSEPORT so several gateway processes share the port.", default=False)
+    admin_token: str | None = _doc(
+        "Bearer token of the admin API; unset = the admin API answers loopback clients only.", default=None
+    )
+    admin_host: str | None = _doc("Address of the separate admin listener (default: host).", default=None)
+    admin_port: int | None = _doc(
+        "Port of a separate admin listener; unset = the admin API shares the data-plane port.", default=None
+    )
+    history_max: int = _doc("History entries kept in the store (oldest dropped first).", default=10_000)
+    registry_alias: str = _doc("MLflow registry alias moved to the active version on every switch and rollback.", default="production")
+    registry_sync: bool = _doc("Move the alias and tag versions in the MLflow registry on switches.", default=True)
     poll_interval: float = _doc("Seconds between full re-reads of the route (pub/sub is the fast path).", default=1.0)
     connect_timeout: float = _doc("Seconds to open an upstream connection.", default=2.0)
     read_timeout: float = _doc("Seconds to wait for the upstream's response head, and between body chunks.", default=60.0)
@@ -73,13 +83,15 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive, got {getattr(self, name)!r}")
-        for name in ("max_body_bytes", "upstream_max_connections", "max_start_attempts"):
+        for name in ("max_body_bytes", "upstream_max_connections", "max_start_attempts", "history_max"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive, got {getattr(self, name)!r}")
         if not self.namespace or any(c in self.namespace for c in " {}:"):
             raise SettingsError(f"namespace must be a non-empty word without spaces, braces or colons: {self.namespace!r}")
-        if not 0 <= self.port <= 65535:
-            raise SettingsError(f"port out of range: {self.port}")
+        for name in ("port", "admin_port", "worker_metrics_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                raise SettingsError(f"{name} out of range: {value}")
 
     @classmethod
     def load(cls, overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:

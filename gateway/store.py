@@ -61,17 +61,20 @@ class Store(abc.ABC):
         the change is published, all in one step."""
 
     @abc.abstractmethod
-    async def create_deployment(self, deployment: Deployment) -> bool:
-        """Add a deployment record; False if one with that name already exists."""
+    async def create_deployment(self, deployment: Deployment, *, history: Mapping[str, Any] | None = None) -> bool:
+        """Add a deployment record (and ``history``, in the same step); False if the name is taken."""
 
     @abc.abstractmethod
     async def update_deployment(self, name: str, *, owner: str | None = None, **changes: Any) -> bool:
         """Change fields of an existing record; with ``owner``, only while that worker holds its lease."""
 
     @abc.abstractmethod
-    async def delete_deployment(self, name: str, *, force: bool = False) -> str | None:
-        """Remove a record and its lease. Returns None on success, else why not:
-        "unknown", "active" or "previous" (the latter two only without ``force``)."""
+    async def delete_deployment(
+        self, name: str, *, force: bool = False, history: Mapping[str, Any] | None = None
+    ) -> str | None:
+        """Remove a record and its lease (and append ``history``, in the same step). Returns None on
+        success, else why not: "unknown", "active" or "previous" (the latter two only without
+        ``force``). A forced delete of the previous deployment clears ``previous``."""
 
     @abc.abstractmethod
     async def claim(self, name: str, owner: str, ttl: float) -> bool:
@@ -106,8 +109,8 @@ def create_store(settings: Settings) -> Store:
     if settings.redis_url:
         from .redis_store import RedisStore
 
-        return RedisStore.from_url(settings.redis_url, settings.namespace)
-    return EmbeddedStore()
+        return RedisStore.from_url(settings.redis_url, settings.namespace, settings.history_max)
+    return EmbeddedStore(settings.history_max)
 
 
 class EmbeddedStore(Store):
@@ -164,10 +167,12 @@ class EmbeddedStore(Store):
         self._publish(ROUTE_CHANGED, generation=self._route.generation)
         return RouteChange(True, self._route)
 
-    async def create_deployment(self, deployment: Deployment) -> bool:
+    async def create_deployment(self, deployment: Deployment, *, history: Mapping[str, Any] | None = None) -> bool:
         if deployment.name in self._deployments:
             return False
         self._deployments[deployment.name] = deployment
+        if history is not None:
+            self._history.appendleft(dict(history))
         self._publish(DEPLOYMENT_CHANGED, name=deployment.name)
         return True
 
@@ -185,7 +190,9 @@ class EmbeddedStore(Store):
         self._publish(DEPLOYMENT_CHANGED, name=name)
         return True
 
-    async def delete_deployment(self, name: str, *, force: bool = False) -> str | None:
+    async def delete_deployment(
+        self, name: str, *, force: bool = False, history: Mapping[str, Any] | None = None
+    ) -> str | None:
         if name not in self._deployments:
             return "unknown"
         if not force:
@@ -193,8 +200,12 @@ class EmbeddedStore(Store):
                 return "active"
             if self._route.previous == name:
                 return "previous"
+        if self._route.previous == name:
+            self._route = Route(self._route.active, None, self._route.generation)
         del self._deployments[name]
         self._leases.pop(name, None)
+        if history is not None:
+            self._history.appendleft(dict(history))
         self._publish(DEPLOYMENT_CHANGED, name=name)
         return None
 

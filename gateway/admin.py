@@ -1,0 +1,295 @@
+"""The admin API under ``/admin/``: state, deployments, switch, rollback, history — authenticated,
+browser-proof and strictly validated; every change and refusal goes into the history."""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import ipaddress
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pydantic
+from aiohttp import web
+
+from . import errors
+from .admin_models import CreateDeployment, RollbackRequest, SwitchRequest, openapi_document
+from .records import Deployment, Snapshot, State
+from .settings import Settings
+from .store import Store, StoreUnavailable
+from .switching import RouteControl, Who, describe_state, now_iso
+from .traffic import Traffic
+from .watcher import RouteWatcher
+
+log = logging.getLogger(__name__)
+
+# Admin bodies are small JSON documents.
+MAX_ADMIN_BODY = 64 * 1024
+ACTOR_HEADER = "X-Turnout-Actor"
+TRAFFIC_WINDOW = 60.0
+
+M = TypeVar("M", bound=pydantic.BaseModel)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class AdminError(Exception):
+    """A request the admin API refuses, with its status and MLflow error code."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(body), status=status, content_type="application/json")
+
+
+def _is_loopback(address: str | None) -> bool:
+    if not address:
+        return False
+    try:
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+class Admin:
+    """Request handlers of the admin API."""
+
+    def __init__(
+        self, settings: Settings, store: Store, watcher: RouteWatcher, traffic: Traffic, control: RouteControl,
+        guard_status: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.watcher = watcher
+        self.traffic = traffic
+        self.control = control
+        self.guard_status = guard_status or (lambda: {"enabled": False})
+        self._token = settings.admin_token.encode() if settings.admin_token else None
+        self._openapi = json.dumps(openapi_document())
+
+    def routes(self) -> list[web.AbstractRouteDef]:
+        """Every admin route (mounted on the data-plane app or a separate listener)."""
+        return [
+            web.get("/admin/state", self._wrap(self.state)),
+            web.get("/admin/deployments", self._wrap(self.list_deployments)),
+            web.post("/admin/deployments", self._wrap(self.create_deployment, mutation=True)),
+            web.get("/admin/deployments/{name}", self._wrap(self.get_deployment)),
+            web.delete("/admin/deployments/{name}", self._wrap(self.delete_deployment, mutation=True, body=False)),
+            web.post("/admin/switch", self._wrap(self.switch, mutation=True)),
+            web.post("/admin/rollback", self._wrap(self.rollback, mutation=True)),
+            web.get("/admin/history", self._wrap(self.history)),
+            web.get("/admin/openapi.json", self._wrap(self.openapi)),
+        ]
+
+    # --- checks every admin request passes ---------------------------------------------------
+    def _wrap(self, handler: Handler, *, mutation: bool = False, body: bool = True) -> Handler:
+        @functools.wraps(handler)
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            try:
+                self.authorize(request)
+                if mutation and body:
+                    self._require_json(request)
+                return await handler(request)
+            except AdminError as exc:
+                return errors.error_response(exc.status, exc.code, exc.message, headers=exc.headers)
+            except StoreUnavailable as exc:
+                return errors.error_response(
+                    503, errors.TEMPORARILY_UNAVAILABLE, f"the route store is unreachable ({exc}); nothing was changed"
+                )
+
+        return wrapped
+
+    def authorize(self, request: web.Request) -> None:
+        """Token (constant-time), loopback-only without one, and no browser-originated requests."""
+        if self.settings.admin_port is not None:
+            sockname = request.transport.get_extra_info("sockname") if request.transport else None
+            if not sockname or sockname[1] != self.settings.admin_port:
+                raise AdminError(404, errors.ENDPOINT_NOT_FOUND, "the admin API listens on its own port")
+        if self._token is None:
+            if not _is_loopback(request.remote):
+                raise AdminError(
+                    403, errors.PERMISSION_DENIED,
+                    "no admin token is configured, so the admin API answers loopback clients only; set TURNOUT_ADMIN_TOKEN",
+                )
+        else:
+            header = request.headers.get("Authorization", "")
+            scheme, _, given = header.partition(" ")
+            if scheme.lower() != "bearer" or not given:
+                raise AdminError(401, errors.UNAUTHENTICATED, "missing bearer token (Authorization: Bearer <token>)",
+                                 {"WWW-Authenticate": 'Bearer realm="turnout"'})
+            if not hmac.compare_digest(given.strip().encode(), self._token):
+                raise AdminError(401, errors.UNAUTHENTICATED, "wrong bearer token",
+                                 {"WWW-Authenticate": 'Bearer realm="turnout", error="invalid_token"'})
+        if "Origin" in request.headers:
+            raise AdminError(403, errors.PERMISSION_DENIED, "browser requests (with an Origin header) cannot use the admin API")
+
+    def _require_json(self, request: web.Request) -> None:
+        if request.content_type != "application/json":
+            raise AdminError(415, errors.BAD_REQUEST, f"Content-Type must be application/json, not {request.content_type or 'missing'}")
+
+    async def _parse(self, request: web.Request, model: type[M]) -> M:
+        length = request.content_length
+        if length is not None and length > MAX_ADMIN_BODY:
+            raise AdminError(413, errors.RESOURCE_EXHAUSTED, f"admin request bodies are limited to {MAX_ADMIN_BODY} bytes")
+        raw = bytearray()
+        async for chunk in request.content.iter_any():
+            raw += chunk
+            if len(raw) > MAX_ADMIN_BODY:
+                raise AdminError(413, errors.RESOURCE_EXHAUSTED, f"admin request bodies are limited to {MAX_ADMIN_BODY} bytes")
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise AdminError(400, errors.BAD_REQUEST, f"malformed JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise AdminError(400, errors.BAD_REQUEST, "the body must be a JSON object")
+        try:
+            return model.model_validate(data)
+        except pydantic.ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()
+            )
+            raise AdminError(400, errors.INVALID_PARAMETER_VALUE, problems) from None
+
+    def _who(self, request: web.Request) -> Who:
+        actor = request.headers.get(ACTOR_HEADER, "").strip()[:100] or "anonymous"
+        return Who(actor=actor, client=request.remote, trigger="api")
+
+    # --- reads --------------------------------------------------------------------------------
+    def _deployment_view(self, snapshot: Snapshot, dep: Deployment) -> dict[str, Any]:
+        state = snapshot.effective_state(dep.name)
+        route = snapshot.route
+        role = "active" if dep.name == route.active else "previous" if dep.name == route.previous else None
+        return {
+            "name": dep.name,
+            "role": role,
+            "state": state.value if state else None,
+            "state_detail": describe_state(snapshot, dep.name),
+            "reason": dep.reason,
+            "url": dep.url,
+            "model_uri": dep.model_uri,
+            "external": dep.external,
+            "worker": dep.worker,
+            "mlflow": {"name": dep.mlflow_name, "version": dep.mlflow_version, "alias": dep.mlflow_alias},
+            "warmup": dep.warmup,
+            "restarts": dep.restarts,
+            "started_at": dep.started_at,
+            "ready_at": dep.ready_at,
+            "traffic": {"window_seconds": TRAFFIC_WINDOW, "scope": "this gateway replica",
+                        **self.traffic.local(dep.name, TRAFFIC_WINDOW).as_dict()},
+        }
+
+    async def state(self, request: web.Request) -> web.Response:
+        """``GET /admin/state``."""
+        snapshot = await self.store.read_snapshot()
+        route = snapshot.route
+        return _json({
+            "route": {"active": route.active, "previous": route.previous, "generation": route.generation},
+            "deployments": [self._deployment_view(snapshot, d) for d in sorted(snapshot.deployments.values(), key=lambda d: d.name)],
+            "guard": self.guard_status(),
+            "gateway": {
+                "applied_generation": self.watcher.snapshot.route.generation if self.watcher.snapshot else None,
+                "store_up": self.watcher.store_up,
+            },
+        })
+
+    async def list_deployments(self, request: web.Request) -> web.Response:
+        """``GET /admin/deployments``."""
+        snapshot = await self.store.read_snapshot()
+        return _json([self._deployment_view(snapshot, d) for d in sorted(snapshot.deployments.values(), key=lambda d: d.name)])
+
+    async def get_deployment(self, request: web.Request) -> web.Response:
+        """``GET /admin/deployments/{name}``."""
+        snapshot = await self.store.read_snapshot()
+        dep = snapshot.deployments.get(request.match_info["name"])
+        if dep is None:
+            raise AdminError(404, errors.RESOURCE_DOES_NOT_EXIST, f"no deployment named {request.match_info['name']!r}")
+        return _json(self._deployment_view(snapshot, dep))
+
+    async def history(self, request: web.Request) -> web.Response:
+        """``GET /admin/history?offset=&limit=``, newest first."""
+        offset = self._int_query(request, "offset", 0, 0, 10**9)
+        limit = self._int_query(request, "limit", 50, 1, 1000)
+        entries, total = await self.store.read_history(offset, limit)
+        next_offset = offset + len(entries) if offset + len(entries) < total else None
+        return _json({"entries": entries, "total": total, "offset": offset, "limit": limit, "next_offset": next_offset})
+
+    @staticmethod
+    def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+        raw = request.query.get(name)
+        if raw is None:
+            return default
+        # isascii: str.isdigit() also accepts '²', which int() rejects.
+        if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
+            raise AdminError(400, errors.INVALID_PARAMETER_VALUE, f"{name} must be an integer from {low} to {high}")
+        return int(raw)
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """``GET /admin/openapi.json``."""
+        return web.Response(text=self._openapi, content_type="application/json")
+
+    # --- changes ------------------------------------------------------------------------------
+    async def create_deployment(self, request: web.Request) -> web.Response:
+        """``POST /admin/deployments``: a model URI for a worker to serve, or the URL of an external server."""
+        body = await self._parse(request, CreateDeployment)
+        who = self._who(request)
+        now = time.time()
+        if body.url is not None:
+            # Someone else runs it: nothing here can prove it ready, so it is trusted as ready.
+            dep = Deployment(
+                name=body.name, url=body.url.rstrip("/"), external=True, state=State.READY,
+                reason="external server (not supervised by a Turnout worker)", created_at=now,
+                mlflow_name=body.mlflow_name, mlflow_version=body.mlflow_version,
+            )
+        else:
+            dep = Deployment(name=body.name, model_uri=body.model_uri, state=State.STARTING,
+                             reason="waiting for a worker to claim it", created_at=now)
+        entry = {"time": now_iso(), "actor": who.actor, "client": who.client, "trigger": who.trigger,
+                 "action": "deploy", "to": body.name, "result": "applied",
+                 "detail": body.url or body.model_uri}
+        if not await self.store.create_deployment(dep, history=entry):
+            raise AdminError(409, errors.RESOURCE_ALREADY_EXISTS, f"a deployment named {body.name!r} already exists")
+        snapshot = await self.store.read_snapshot()
+        return _json(self._deployment_view(snapshot, snapshot.deployments[body.name]) if body.name in snapshot.deployments else dep.to_fields(), 201)
+
+    async def delete_deployment(self, request: web.Request) -> web.Response:
+        """``DELETE /admin/deployments/{name}?force=true&reason=``: refused while active or previous unless forced."""
+        name = request.match_info["name"]
+        force_raw = request.query.get("force", "false").lower()
+        if force_raw not in ("true", "false", "1", "0"):
+            raise AdminError(400, errors.INVALID_PARAMETER_VALUE, "force must be true or false")
+        force = force_raw in ("true", "1")
+        reason = request.query.get("reason", "")[:1000]
+        who = self._who(request)
+        entry = {"time": now_iso(), "actor": who.actor, "client": who.client, "trigger": who.trigger,
+                 "action": "undeploy", "from": name, "reason": reason, "result": "applied", **({"forced": True} if force else {})}
+        refusal = await self.store.delete_deployment(name, force=force, history=entry)
+        if refusal == "unknown":
+            raise AdminError(404, errors.RESOURCE_DOES_NOT_EXIST, f"no deployment named {name!r}")
+        if refusal is not None:
+            message = (f"{name} is the {refusal} deployment"
+                       + ("; switch traffic elsewhere first, or use force" if refusal == "active"
+                          else " (the rollback target); use force to delete it anyway"))
+            await self.store.append_history({**entry, "result": "refused", "detail": message})
+            raise AdminError(409, errors.INVALID_STATE, message)
+        return _json({"deleted": name})
+
+    async def switch(self, request: web.Request) -> web.Response:
+        """``POST /admin/switch``."""
+        body = await self._parse(request, SwitchRequest)
+        outcome = await self.control.switch(
+            body.target, self._who(request), reason=body.reason, expected_generation=body.expected_generation, force=body.force
+        )
+        return _json(outcome.body(), outcome.status)
+
+    async def rollback(self, request: web.Request) -> web.Response:
+        """``POST /admin/rollback``."""
+        body = await self._parse(request, RollbackRequest)
+        outcome = await self.control.rollback(
+            self._who(request), reason=body.reason, expected_generation=body.expected_generation, force=body.force
+        )
+        return _json(outcome.body(), outcome.status)

@@ -1,0 +1,154 @@
+"""Admin API request bodies (strictly validated) and the OpenAPI document built from the same models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from . import __version__
+from .records import NAME_PATTERN
+
+_NAME = Field(pattern=NAME_PATTERN.pattern, description="Deployment name: 1-63 letters, digits, '.', '_' or '-'.")
+_REASON = Field(default="", max_length=1000, description="Why: goes into the history and the registry tags.")
+_GENERATION = Field(
+    default=None, ge=0, le=2**53, description="Apply only if the route still has this generation (else 409)."
+)
+
+
+class Strict(BaseModel):
+    """No unknown fields, no type coercion."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class CreateDeployment(Strict):
+    """A deployment served by a worker (``model_uri``) or by someone else (``url``)."""
+
+    name: str = _NAME
+    model_uri: str | None = Field(
+        default=None, min_length=1, max_length=2000, pattern=r"^(runs|models):/\S+$",
+        description="runs:/<run_id>/<path>, models:/<name>/<version>, models:/<name>@<alias> or models:/m-<id>: a worker with --claim serves it.",
+    )
+    url: str | None = Field(
+        default=None, max_length=2000, pattern=r"^http://[A-Za-z0-9.\-\[\]:]+(/\S*)?$",
+        description="http://host:port of a model server run elsewhere (trusted as ready).",
+    )
+    mlflow_name: str | None = Field(default=None, min_length=1, max_length=500, description="Registered model of an external server.")
+    mlflow_version: str | None = Field(default=None, pattern=r"^\d{1,9}$", description="Its registered version.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CreateDeployment:
+        if (self.model_uri is None) == (self.url is None):
+            raise ValueError("give exactly one of model_uri and url")
+        if self.model_uri is not None and (self.mlflow_name or self.mlflow_version):
+            raise ValueError("mlflow_name/mlflow_version are resolved from model_uri by the worker")
+        return self
+
+
+class SwitchRequest(Strict):
+    """Make ``target`` active; the current active becomes ``previous`` and stays warm."""
+
+    target: str = _NAME
+    expected_generation: int | None = _GENERATION
+    reason: str = _REASON
+    force: bool = Field(default=False, description="Switch even if the target is not ready.")
+
+
+class RollbackRequest(Strict):
+    """Make ``previous`` active again."""
+
+    expected_generation: int | None = _GENERATION
+    reason: str = _REASON
+    force: bool = Field(default=False, description="Roll back even if previous is not ready.")
+
+
+_ERROR = {
+    "type": "object",
+    "required": ["error_code", "message"],
+    "properties": {"error_code": {"type": "string"}, "message": {"type": "string"}},
+}
+
+
+def _body(model: type[BaseModel]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+
+
+def _responses(*codes: int) -> dict[str, Any]:
+    text = {
+        200: "Done.", 201: "Created.", 400: "Malformed JSON, unknown field or wrong type.", 401: "Missing or wrong bearer token.",
+        403: "Browser request (Origin header) or non-loopback client without a configured token.",
+        404: "Unknown deployment.", 409: "Refused: generation moved, target not ready, no previous, in use.",
+        413: "Body too large.", 415: "Content-Type is not application/json.", 503: "The store (Redis) is unreachable.",
+    }
+    out: dict[str, Any] = {}
+    for code in codes:
+        schema = {"type": "object"} if code < 400 else {"$ref": "#/components/schemas/Error"}
+        out[str(code)] = {"description": text[code], "content": {"application/json": {"schema": schema}}}
+    return out
+
+
+_READ = (200, 401, 403, 503)
+_WRITE = (400, 401, 403, 404, 409, 413, 415, 503)
+
+
+def openapi_document() -> dict[str, Any]:
+    """OpenAPI 3.0 description of the admin API."""
+    schemas: dict[str, Any] = {"Error": _ERROR}
+    for model in (CreateDeployment, SwitchRequest, RollbackRequest):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas[model.__name__] = _openapi30(schema)
+    name_param = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "pattern": NAME_PATTERN.pattern}}
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "Turnout admin API", "version": __version__},
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/admin/state": {"get": {"summary": "Route, deployments, guard", "operationId": "state", "responses": _responses(*_READ)}},
+            "/admin/deployments": {
+                "get": {"summary": "Deployments", "operationId": "listDeployments", "responses": _responses(*_READ)},
+                "post": {"summary": "Create a deployment", "operationId": "createDeployment",
+                         "requestBody": _body(CreateDeployment), "responses": _responses(201, *_WRITE)},
+            },
+            "/admin/deployments/{name}": {
+                "parameters": [name_param],
+                "get": {"summary": "One deployment", "operationId": "getDeployment", "responses": _responses(200, 401, 403, 404, 503)},
+                "delete": {
+                    "summary": "Delete a deployment (409 while active or previous, unless force=true)",
+                    "operationId": "deleteDeployment",
+                    "parameters": [{"name": "force", "in": "query", "required": False, "schema": {"type": "boolean"}},
+                                   {"name": "reason", "in": "query", "required": False, "schema": {"type": "string", "maxLength": 1000}}],
+                    "responses": _responses(200, 400, 401, 403, 404, 409, 503),
+                },
+            },
+            "/admin/switch": {"post": {"summary": "Switch traffic", "operationId": "switch",
+                                       "requestBody": _body(SwitchRequest), "responses": _responses(200, *_WRITE)}},
+            "/admin/rollback": {"post": {"summary": "Roll back to previous", "operationId": "rollback",
+                                         "requestBody": _body(RollbackRequest), "responses": _responses(200, *_WRITE)}},
+            "/admin/history": {"get": {
+                "summary": "Every change and refused attempt, newest first", "operationId": "history",
+                "parameters": [{"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                               {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}],
+                "responses": _responses(200, 400, 401, 403, 503),
+            }},
+            "/admin/openapi.json": {"get": {"summary": "This document", "operationId": "openapi", "responses": _responses(200, 401, 403)}},
+        },
+    }
+
+
+def _openapi30(schema: dict[str, Any]) -> dict[str, Any]:
+    """pydantic emits JSON Schema 2020-12; OpenAPI 3.0 wants ``nullable`` instead of ``anyOf [.., null]``."""
+    if isinstance(schema, dict):
+        any_of = schema.get("anyOf")
+        if isinstance(any_of, list) and len(any_of) == 2 and {"type": "null"} in any_of:
+            inner = next(s for s in any_of if s != {"type": "null"})
+            merged = {**{k: v for k, v in schema.items() if k != "anyOf"}, **inner, "nullable": True}
+            return _openapi30(merged)
+        return {k: _openapi30(v) for k, v in schema.items() if k not in ("title",) or not isinstance(v, str)}
+    if isinstance(schema, list):
+        return [_openapi30(v) for v in schema]  # type: ignore[return-value]
+    return schema

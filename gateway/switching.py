@@ -1,0 +1,194 @@
+"""Switch and rollback: the checks, the compare-and-swap and the audit trail, shared by the admin API,
+the guard and the Alertmanager webhook."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import errors
+from .metrics import GatewayMetrics
+from .records import Route, Snapshot, State
+from .registry_sync import Job, RegistrySync
+from .store import Store
+
+
+@dataclass(frozen=True)
+class Who:
+    """Who asked, from where, through what (``api``, ``guard``, ``alertmanager``, ...)."""
+
+    actor: str
+    client: str | None
+    trigger: str
+
+
+@dataclass
+class Outcome:
+    """What came of a switch or rollback; ``status``/``error_code`` are what an HTTP caller answers."""
+
+    applied: bool
+    status: int
+    message: str
+    route: Route
+    error_code: str | None = None
+    entry: dict[str, Any] = field(default_factory=dict)
+    job: Job | None = None
+
+    def body(self) -> dict[str, Any]:
+        """JSON answer."""
+        route = {"active": self.route.active, "previous": self.route.previous, "generation": self.route.generation}
+        if self.error_code is not None:
+            return {"error_code": self.error_code, "message": self.message, "route": route}
+        return {"applied": self.applied, "message": self.message, "route": route}
+
+
+def now_iso() -> str:
+    """UTC timestamp for history entries."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
+
+
+def describe_state(snapshot: Snapshot, name: str) -> str:
+    """``"starting (12 s)"``, ``"failed: <reason>"``: a deployment's state as an operator needs it."""
+    dep = snapshot.deployments[name]
+    state = snapshot.effective_state(name)
+    assert state is not None
+    if state is State.STARTING and dep.started_at:
+        return f"starting ({max(0, time.time() - dep.started_at):.0f} s)"
+    if state is State.UNHEALTHY and dep.state is State.READY:
+        return "unhealthy: no live worker holds it"
+    return f"{state.value}: {dep.reason}" if dep.reason else state.value
+
+
+class RouteControl:
+    """Every route change goes through here."""
+
+    def __init__(self, store: Store, metrics: GatewayMetrics, registry: RegistrySync) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.registry = registry
+
+    async def switch(
+        self, target: str, who: Who, *, reason: str = "", expected_generation: int | None = None, force: bool = False
+    ) -> Outcome:
+        """Make ``target`` active; the current active becomes previous."""
+        snapshot = await self.store.read_snapshot()
+        route = snapshot.route
+        entry = self._entry(who, "switch", route.active, target, reason, force=force)
+        if target not in snapshot.deployments:
+            return await self._refuse(entry, route, 404, errors.RESOURCE_DOES_NOT_EXIST, f"no deployment named {target!r}")
+        if expected_generation is not None and expected_generation != route.generation:
+            return await self._refuse(
+                entry, route, 409, errors.INVALID_STATE,
+                f"the route is at generation {route.generation}, not {expected_generation}: someone changed it; re-read and retry",
+            )
+        if target == route.active:
+            return Outcome(False, 200, f"{target} is already active", route)
+        if not snapshot.is_ready(target) and not force:
+            return await self._refuse(
+                entry, route, 409, errors.INVALID_STATE,
+                f"{target} is {describe_state(snapshot, target)}; wait until it is ready or use force",
+                state=snapshot.effective_state(target).value,  # type: ignore[union-attr]
+            )
+        outcome = await self._apply(snapshot, entry, target, route.active, who)
+        if outcome.applied:
+            outcome.job = self.registry.submit(Job(
+                outcome.route.generation,
+                active=snapshot.deployments.get(target),
+                previous=snapshot.deployments.get(route.active) if route.active else None,
+                reason=reason,
+            ))
+        return outcome
+
+    async def rollback(
+        self,
+        who: Who,
+        *,
+        reason: str = "",
+        expected_generation: int | None = None,
+        force: bool = False,
+        only_if_active: str | None = None,
+        evidence: Mapping[str, Any] | None = None,
+    ) -> Outcome:
+        """Make previous active again; the rolled-back deployment is tagged and not kept as previous
+        (re-promoting it takes an explicit switch)."""
+        snapshot = await self.store.read_snapshot()
+        route = snapshot.route
+        entry = self._entry(who, "rollback", route.active, route.previous, reason, force=force, evidence=evidence)
+        if only_if_active is not None and route.active != only_if_active:
+            return await self._refuse(
+                entry, route, 409, errors.INVALID_STATE,
+                f"{only_if_active} is not the active deployment (active: {route.active}); nothing rolled back",
+            )
+        if expected_generation is not None and expected_generation != route.generation:
+            return await self._refuse(
+                entry, route, 409, errors.INVALID_STATE,
+                f"the route is at generation {route.generation}, not {expected_generation}: someone changed it; re-read and retry",
+            )
+        previous = route.previous
+        if previous is None or route.active is None:
+            return await self._refuse(entry, route, 409, errors.INVALID_STATE, "there is no previous deployment to roll back to")
+        if previous not in snapshot.deployments:
+            return await self._refuse(entry, route, 409, errors.INVALID_STATE, f"previous deployment {previous!r} no longer exists")
+        if not snapshot.is_ready(previous) and not force:
+            return await self._refuse(
+                entry, route, 409, errors.INVALID_STATE,
+                f"previous deployment {previous} is {describe_state(snapshot, previous)}; not rolling back onto it (use force)",
+                state=snapshot.effective_state(previous).value,  # type: ignore[union-attr]
+            )
+        outcome = await self._apply(snapshot, entry, previous, None, who)
+        if outcome.applied:
+            self.metrics.rollbacks.labels(who.trigger).inc()
+            outcome.job = self.registry.submit(Job(
+                outcome.route.generation,
+                active=snapshot.deployments.get(previous),
+                previous=None,
+                rolled_back=snapshot.deployments.get(route.active),
+                reason=reason or f"rolled back ({who.trigger})",
+            ))
+        return outcome
+
+    async def record_refusal(self, who: Who, action: str, message: str, **fields: Any) -> None:
+        """Record an attempt that was refused before it reached the route (e.g. a bad webhook payload)."""
+        await self.store.append_history({
+            **self._entry(who, action, fields.pop("from_", None), fields.pop("to", None), fields.pop("reason", "")),
+            "result": "refused", "detail": message, **fields,
+        })
+
+    def _entry(
+        self, who: Who, action: str, source: str | None, target: str | None, reason: str,
+        *, force: bool = False, evidence: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "time": now_iso(), "actor": who.actor, "client": who.client, "trigger": who.trigger,
+            "action": action, "from": source, "to": target, "reason": reason,
+        }
+        if force:
+            entry["forced"] = True
+        if evidence:
+            entry["evidence"] = dict(evidence)
+        return entry
+
+    async def _refuse(
+        self, entry: dict[str, Any], route: Route, status: int, code: str, message: str, **extra: Any
+    ) -> Outcome:
+        record = {**entry, "result": "refused", "detail": message, "generation": route.generation, **extra}
+        await self.store.append_history(record)
+        return Outcome(False, status, message, route, error_code=code, entry=record)
+
+    async def _apply(
+        self, snapshot: Snapshot, entry: dict[str, Any], active: str, previous: str | None, who: Who
+    ) -> Outcome:
+        route = snapshot.route
+        record = {**entry, "result": "applied"}
+        change = await self.store.set_route(active, previous, expected_generation=route.generation, history=record)
+        if not change.ok:
+            why = (
+                f"the route changed concurrently (now generation {change.route.generation}, active {change.route.active}); re-read and retry"
+                if change.refusal == "conflict" else f"deployment {active!r} no longer exists"
+            )
+            return await self._refuse(entry, change.route, 409, errors.INVALID_STATE, why)
+        self.metrics.switches.labels(who.trigger).inc()
+        message = f"{active} is active (generation {change.route.generation})"
+        return Outcome(True, 200, message, change.route, entry={**record, "generation": change.route.generation})

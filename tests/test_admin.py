@@ -1,0 +1,267 @@
+"""The admin API and the CLI: security, race-free switching, refusals recorded, registry sync."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.records import Deployment, State
+from gateway.redis_store import RedisStore
+from gateway.store import EmbeddedStore, Store
+from tests.support import BIN, backend_app, child_env, eventually, serve_app
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+async def add(store: Store, name: str, url: str, state: State = State.READY, **kw: Any) -> None:
+    await store.create_deployment(Deployment(name=name, url=url, state=state, external=True, **kw))
+
+
+@pytest.fixture
+async def admin(gateway_factory: Any) -> AsyncIterator[dict[str, Any]]:
+    """A gateway with a token, blue active and green deployed (both real backends)."""
+    async with serve_app(backend_app("blue")) as blue, serve_app(backend_app("green")) as green:
+        store = EmbeddedStore()
+        await add(store, "blue", blue)
+        await add(store, "green", green)
+        await store.set_route("blue", None)
+        url = await gateway_factory(store, admin_token=TOKEN)
+        async with aiohttp.ClientSession(headers=AUTH) as session:
+            yield {"url": url, "store": store, "s": session, "blue": blue, "green": green}
+
+
+async def post(s: aiohttp.ClientSession, url: str, body: Any, **kw: Any) -> tuple[int, Any]:
+    async with s.post(url, json=body, **kw) as resp:
+        return resp.status, await resp.json()
+
+
+MUTATIONS: list[tuple[str, str, Any]] = [
+    ("POST", "/admin/switch", {"target": "green"}),
+    ("POST", "/admin/rollback", {}),
+    ("POST", "/admin/deployments", {"name": "red", "url": "http://127.0.0.1:1"}),
+    ("DELETE", "/admin/deployments/green", None),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), MUTATIONS, ids=[m[1] + ":" + m[0] for m in MUTATIONS])
+async def test_auth_matrix_on_every_mutating_route(admin: dict[str, Any], method: str, path: str, body: Any) -> None:
+    url, store = admin["url"], admin["store"]
+    before = (await store.read_snapshot(), (await store.read_history())[1])
+    data = json.dumps(body).encode() if body is not None else None
+    json_ct = {"Content-Type": "application/json"}
+    cases = [
+        ({**json_ct}, 401, "UNAUTHENTICATED"),
+        ({**json_ct, "Authorization": "Bearer wrong"}, 401, "UNAUTHENTICATED"),
+        ({**json_ct, "Authorization": f"Basic {TOKEN}"}, 401, "UNAUTHENTICATED"),
+        ({**json_ct, **AUTH, "Origin": "https://evil.example"}, 403, "PERMISSION_DENIED"),
+    ]
+    if body is not None:
+        cases.append(({"Content-Type": "text/plain", **AUTH}, 415, "BAD_REQUEST"))
+    async with aiohttp.ClientSession() as s:
+        for headers, status, code in cases:
+            async with s.request(method, url + path, data=data, headers=headers) as resp:
+                assert resp.status == status, (headers, await resp.text())
+                assert (await resp.json())["error_code"] == code
+                if status == 401:
+                    assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+    assert (await store.read_snapshot(), (await store.read_history())[1]) == before, "a refused request changed state"
+    async with aiohttp.ClientSession() as s:
+        async with s.request(method, url + path, data=data, headers={**json_ct, **AUTH}) as resp:
+            assert resp.status in (200, 201, 409), await resp.text()
+
+
+async def test_reads_need_the_token_too(admin: dict[str, Any]) -> None:
+    async with aiohttp.ClientSession() as s:
+        for path in ("/admin/state", "/admin/history", "/admin/deployments", "/admin/openapi.json"):
+            async with s.get(admin["url"] + path) as resp:
+                assert resp.status == 401
+
+
+async def test_without_token_only_loopback_clients(gateway_factory: Any) -> None:
+    url = await gateway_factory(EmbeddedStore())
+    async with aiohttp.ClientSession() as s, s.get(url + "/admin/state") as resp:
+        assert resp.status == 200, "loopback clients may use a token-less admin API"
+    from gateway.admin import _is_loopback
+
+    assert _is_loopback("127.0.0.1") and _is_loopback("::1") and not _is_loopback("10.1.2.3") and not _is_loopback(None)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        (b"{not json", 400, "malformed JSON"),
+        (b"[1, 2]", 400, "must be a JSON object"),
+        (b'{"target": "green", "colour": "red"}', 400, "colour: Extra inputs are not permitted"),
+        (b'{"target": 7}', 400, "target: Input should be a valid string"),
+        (b'{"target": "green", "force": "yes"}', 400, "force: Input should be a valid boolean"),
+        (b'{"target": "green", "expected_generation": -1}', 400, "expected_generation"),
+        (b'{"target": "no such"}', 400, "target: String should match pattern"),
+        (b'{"target": "nosuch"}', 404, "no deployment named 'nosuch'"),
+        (b'{"target": "green", "reason": "' + b"x" * 70_000 + b'"}', 413, "limited to"),
+    ],
+)
+async def test_bad_switch_bodies_get_precise_errors_and_change_nothing(
+    admin: dict[str, Any], body: bytes, status: int, fragment: str
+) -> None:
+    store = admin["store"]
+    before = await store.read_snapshot()
+    async with admin["s"].post(admin["url"] + "/admin/switch", data=body, headers={"Content-Type": "application/json"}) as resp:
+        answer = await resp.json()
+        assert resp.status == status, answer
+    assert fragment in answer["message"] and answer["error_code"]
+    assert (await store.read_snapshot()).route == before.route
+
+
+async def test_switch_and_rollback_with_history(admin: dict[str, Any]) -> None:
+    s, url = admin["s"], admin["url"]
+    status, body = await post(s, url + "/admin/switch", {"target": "green", "reason": "v2 is better"},
+                              headers={"X-Turnout-Actor": "alice"})
+    assert status == 200 and body["route"] == {"active": "green", "previous": "blue", "generation": 2}
+    await eventually(lambda: _serves(s, url, "green"), timeout=3)
+    status, body = await post(s, url + "/admin/rollback", {"reason": "latency"})
+    assert status == 200 and body["route"] == {"active": "blue", "previous": None, "generation": 3}
+    status, body = await post(s, url + "/admin/rollback", {})
+    assert status == 409 and "no previous deployment" in body["message"]
+    async with s.get(url + "/admin/history?limit=2") as resp:
+        page = await resp.json()
+    assert page["total"] == 3 and page["next_offset"] == 2
+    refused, rolled = page["entries"]
+    assert refused["result"] == "refused" and refused["action"] == "rollback"
+    assert rolled["action"] == "rollback" and rolled["from"] == "green" and rolled["to"] == "blue"
+    assert rolled["generation"] == 3 and rolled["reason"] == "latency" and rolled["client"] == "127.0.0.1"
+    async with s.get(url + "/admin/history?offset=2") as resp:
+        (switched,) = (await resp.json())["entries"]
+    assert switched["actor"] == "alice" and switched["from"] == "blue" and switched["to"] == "green"
+    assert switched["result"] == "applied" and switched["trigger"] == "api"
+    async with s.get(url + "/metrics") as resp:
+        text = await resp.text()
+    assert 'turnout_switches_total{trigger="api"} 2.0' in text and 'turnout_rollbacks_total{trigger="api"} 1.0' in text
+
+
+async def _serves(s: aiohttp.ClientSession, url: str, name: str) -> bool:
+    async with s.post(url + "/invocations", json={}) as resp:
+        return resp.headers.get("X-Turnout-Deployment") == name
+
+
+async def test_switch_to_starting_refused_then_accepted_forced_recorded(admin: dict[str, Any]) -> None:
+    s, url, store = admin["s"], admin["url"], admin["store"]
+    await store.update_deployment("green", state=State.STARTING, started_at=1.0)
+    status, body = await post(s, url + "/admin/switch", {"target": "green"})
+    assert status == 409 and "green is starting" in body["message"] and "wait until it is ready or use force" in body["message"]
+    await store.update_deployment("green", state=State.READY)
+    status, body = await post(s, url + "/admin/switch", {"target": "green"})
+    assert status == 200
+    await store.update_deployment("blue", state=State.FAILED, reason="oom")
+    status, body = await post(s, url + "/admin/switch", {"target": "blue", "force": True, "reason": "drill"})
+    assert status == 200 and body["route"]["active"] == "blue"
+    entries = (await store.read_history())[0]
+    assert entries[0]["forced"] is True and entries[0]["result"] == "applied"
+    assert entries[2]["result"] == "refused" and entries[2]["state"] == "starting"
+
+
+async def test_deploy_and_undeploy_rules(admin: dict[str, Any]) -> None:
+    s, url = admin["s"], admin["url"]
+    status, body = await post(s, url + "/admin/deployments", {"name": "red", "model_uri": "models:/iris/3"})
+    assert status == 201 and body["state"] in ("starting", "unhealthy") and body["model_uri"] == "models:/iris/3"
+    status, body = await post(s, url + "/admin/deployments", {"name": "red", "url": "http://127.0.0.1:9"})
+    assert status == 409 and body["error_code"] == "RESOURCE_ALREADY_EXISTS"
+    status, body = await post(s, url + "/admin/deployments", {"name": "x", "url": "http://h:1", "model_uri": "models:/a/1"})
+    assert status == 400 and "exactly one of model_uri and url" in body["message"]
+    await post(s, url + "/admin/switch", {"target": "green"})
+    for name, fragment in (("green", "is the active deployment"), ("blue", "rollback target")):
+        async with s.delete(url + f"/admin/deployments/{name}") as resp:
+            assert resp.status == 409 and fragment in (await resp.json())["message"]
+    async with s.delete(url + "/admin/deployments/blue?force=true&reason=cleanup") as resp:
+        assert resp.status == 200
+    async with s.get(url + "/admin/state") as resp:
+        state = await resp.json()
+    assert state["route"]["previous"] is None and {d["name"] for d in state["deployments"]} == {"green", "red"}
+    async with s.delete(url + "/admin/deployments/nope") as resp:
+        assert resp.status == 404
+
+
+async def test_state_shows_route_deployments_and_traffic(admin: dict[str, Any]) -> None:
+    s, url = admin["s"], admin["url"]
+    for _ in range(5):
+        async with s.post(url + "/invocations", json={}) as resp:
+            assert resp.status == 200
+    async with s.get(url + "/admin/state") as resp:
+        state = await resp.json()
+    assert state["route"] == {"active": "blue", "previous": None, "generation": 1}
+    blue = next(d for d in state["deployments"] if d["name"] == "blue")
+    assert blue["role"] == "active" and blue["state"] == "ready" and blue["traffic"]["requests"] == 5
+    assert blue["traffic"]["error_rate"] == 0 and blue["traffic"]["p99_seconds"] > 0
+
+
+async def test_twenty_concurrent_switches_one_wins_real_redis(redis_store_factory: Any, gateway_factory: Any) -> None:
+    store: RedisStore = redis_store_factory()
+    async with serve_app(backend_app("blue")) as blue, serve_app(backend_app("green")) as green:
+        await add(store, "blue", blue)
+        await add(store, "green", green)
+        await store.set_route("blue", None)
+        # Two replicas take the calls, as two operators' scripts would hit two gateways.
+        urls = [await gateway_factory(redis_store_factory(), admin_token=TOKEN) for _ in range(2)]
+        async with aiohttp.ClientSession(headers=AUTH) as s:
+            results = await asyncio.gather(*(
+                post(s, urls[i % 2] + "/admin/switch",
+                     {"target": "green", "expected_generation": 1, "reason": f"script {i}"})
+                for i in range(20)
+            ))
+    statuses = sorted(status for status, _ in results)
+    assert statuses.count(200) == 1 and statuses.count(409) == 19, statuses
+    assert [b["applied"] for st, b in results if st == 200] == [True]
+    entries, total = await store.read_history(0, 100)
+    assert total == 20, "one applied switch and nineteen refused attempts, each recorded"
+    assert sum(e["result"] == "applied" for e in entries) == 1
+    refused_reasons = sorted(e["reason"] for e in entries if e["result"] == "refused")
+    assert len(refused_reasons) == 19 and all(r.startswith("script ") for r in refused_reasons)
+
+
+def run_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "turnout"), *args], env=child_env(TURNOUT_URL=url, TURNOUT_ADMIN_TOKEN=TOKEN),
+        capture_output=True, text=True, timeout=30,
+    )
+
+
+async def test_cli_as_a_user_drives_it(admin: dict[str, Any]) -> None:
+    url = admin["url"]
+    loop = asyncio.get_running_loop()
+
+    async def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return await loop.run_in_executor(None, lambda: run_cli(url, *args))
+
+    out = await cli("status")
+    assert out.returncode == 0, out.stderr
+    assert "route: active=blue" in out.stdout and "NAME" in out.stdout and "green" in out.stdout
+    out = await cli("switch", "green", "--reason", "ship v2")
+    assert out.returncode == 0 and "green is active (generation 2)" in out.stdout and "turnout rollback" in out.stdout
+    out = await cli("switch", "blue", "--expect-generation", "1")
+    assert out.returncode == 1 and "refused (409)" in out.stderr and "generation 2, not 1" in out.stderr
+    out = await cli("rollback", "--reason", "p99 up")
+    assert out.returncode == 0 and "blue is active" in out.stdout
+    out = await cli("history", "--json")
+    entries = json.loads(out.stdout)["entries"]
+    assert [e["action"] for e in entries[:3]] == ["rollback", "switch", "switch"]
+    assert entries[0]["reason"] == "p99 up" and "@" in entries[0]["actor"]
+    out = await cli("history")
+    assert "rollback" in out.stdout and "refused" in out.stdout
+    out = await cli("status", "--json")
+    assert json.loads(out.stdout)["route"]["active"] == "blue"
+    out = await cli("deploy", "red", "models:/iris/1")
+    assert out.returncode == 0 and "created red" in out.stdout
+    out = await cli("undeploy", "blue")
+    assert out.returncode == 1 and "is the active deployment" in out.stderr
+    bad = await loop.run_in_executor(None, lambda: subprocess.run(
+        [str(BIN / "turnout"), "status"], env=child_env(TURNOUT_URL=url, TURNOUT_ADMIN_TOKEN="nope"),
+        capture_output=True, text=True, timeout=30))
+    assert bad.returncode == 1 and "refused (401)" in bad.stderr
+    gone = await loop.run_in_executor(None, lambda: run_cli("http://127.0.0.1:9", "status"))
+    assert gone.returncode == 1 and "cannot reach the gateway" in gone.stderr
