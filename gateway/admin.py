@@ -16,10 +16,13 @@ import pydantic
 from aiohttp import web
 
 from . import errors
-from .admin_models import CreateDeployment, RollbackRequest, SwitchRequest, openapi_document
+from .admin_models import (
+    AlertmanagerPayload, CreateDeployment, GuardRequest, RollbackRequest, SwitchRequest, openapi_document,
+)
 from .records import Deployment, Snapshot, State
 from .settings import Settings
 from .store import Store, StoreUnavailable
+from .guard import Guard
 from .switching import RouteControl, Who, describe_state, now_iso
 from .traffic import Traffic
 from .watcher import RouteWatcher
@@ -61,14 +64,14 @@ class Admin:
 
     def __init__(
         self, settings: Settings, store: Store, watcher: RouteWatcher, traffic: Traffic, control: RouteControl,
-        guard_status: Callable[[], dict[str, Any]] | None = None,
+        guard: Guard,
     ) -> None:
         self.settings = settings
         self.store = store
         self.watcher = watcher
         self.traffic = traffic
         self.control = control
-        self.guard_status = guard_status or (lambda: {"enabled": False})
+        self.guard = guard
         self._token = settings.admin_token.encode() if settings.admin_token else None
         self._openapi = json.dumps(openapi_document())
 
@@ -83,6 +86,9 @@ class Admin:
             web.post("/admin/switch", self._wrap(self.switch, mutation=True)),
             web.post("/admin/rollback", self._wrap(self.rollback, mutation=True)),
             web.get("/admin/history", self._wrap(self.history)),
+            web.get("/admin/guard", self._wrap(self.guard_state)),
+            web.post("/admin/guard", self._wrap(self.guard_pause, mutation=True)),
+            web.post("/admin/alerts", self._wrap(self.alerts, mutation=True)),
             web.get("/admin/openapi.json", self._wrap(self.openapi)),
         ]
 
@@ -190,7 +196,7 @@ class Admin:
         return _json({
             "route": {"active": route.active, "previous": route.previous, "generation": route.generation},
             "deployments": [self._deployment_view(snapshot, d) for d in sorted(snapshot.deployments.values(), key=lambda d: d.name)],
-            "guard": self.guard_status(),
+            "guard": await self._guard_view(),
             "gateway": {
                 "applied_generation": self.watcher.snapshot.route.generation if self.watcher.snapshot else None,
                 "store_up": self.watcher.store_up,
@@ -293,3 +299,63 @@ class Admin:
             self._who(request), reason=body.reason, expected_generation=body.expected_generation, force=body.force
         )
         return _json(outcome.body(), outcome.status)
+
+    # --- guard and alerts ---------------------------------------------------------------------
+    async def _guard_view(self) -> dict[str, Any]:
+        shared = await self.store.get_guard()
+        return {**self.guard.status(), "paused": shared.get("paused") or None, "latched": shared.get("latched") or None}
+
+    async def guard_state(self, request: web.Request) -> web.Response:
+        """``GET /admin/guard``."""
+        return _json(await self._guard_view())
+
+    async def guard_pause(self, request: web.Request) -> web.Response:
+        """``POST /admin/guard``: ``{"paused": true|false, "reason": ...}``; resuming also lifts the latch."""
+        body = await self._parse(request, GuardRequest)
+        who = self._who(request)
+        if body.paused:
+            await self.store.set_guard(paused=f"paused by {who.actor}" + (f": {body.reason}" if body.reason else ""))
+        else:
+            await self.store.set_guard(paused=None, latched=None, latched_generation=None)
+        await self.store.append_history({
+            "time": now_iso(), "actor": who.actor, "client": who.client, "trigger": who.trigger,
+            "action": "guard_pause" if body.paused else "guard_resume", "reason": body.reason, "result": "applied",
+        })
+        return _json(await self._guard_view())
+
+    async def alerts(self, request: web.Request) -> web.Response:
+        """``POST /admin/alerts``: Alertmanager's webhook. A firing alert labelled
+        ``turnout_action="rollback"`` rolls back the deployment in its ``deployment`` label if that is
+        active (else the active one when it names none); repeats and resolved alerts act at most once."""
+        # Alertmanager's model ignores fields Turnout does not use (it is not ``Strict``).
+        body = await self._parse(request, AlertmanagerPayload)
+        if body.version != "4":
+            raise AdminError(400, errors.INVALID_PARAMETER_VALUE, f"unsupported Alertmanager payload version {body.version!r} (need 4)")
+        results = []
+        for alert in body.alerts:
+            labels = alert.labels
+            name = labels.get("alertname", "alert")
+            if labels.get("turnout_action") != "rollback":
+                results.append({"alert": name, "action": "ignored", "detail": "no turnout_action=rollback label"})
+                continue
+            if alert.status != "firing":
+                results.append({"alert": name, "action": "ignored", "detail": f"alert is {alert.status}"})
+                continue
+            identity = alert.fingerprint or json.dumps(labels, sort_keys=True)
+            if not await self.store.first_time(f"alert:{identity}:{alert.startsAt}", ttl=24 * 3600):
+                results.append({"alert": name, "action": "ignored", "detail": "already acted on this alert"})
+                continue
+            who = Who(actor=f"alertmanager:{name}", client=request.remote, trigger="alertmanager")
+            reason = alert.annotations.get("summary") or alert.annotations.get("description") or f"alert {name} fired"
+            outcome = await self.control.rollback(
+                who, reason=reason, only_if_active=labels.get("deployment") or None,
+                evidence={"alert": name, "labels": labels, "startsAt": alert.startsAt},
+            )
+            if outcome.applied:
+                await self.store.set_guard(
+                    latched=f"rolled back by alert {name} at generation {outcome.route.generation}: {reason}",
+                    latched_generation=str(outcome.route.generation),
+                )
+            results.append({"alert": name, "action": "rolled_back" if outcome.applied else "refused", "detail": outcome.message})
+        # 200 even when nothing was done: Alertmanager would otherwise resend a notification we judged.
+        return _json({"processed": len(body.alerts), "results": results})

@@ -63,6 +63,36 @@ class RollbackRequest(Strict):
     force: bool = Field(default=False, description="Roll back even if previous is not ready.")
 
 
+class GuardRequest(Strict):
+    """Pause or resume the guard; resuming also lifts a latch left by an automatic rollback."""
+
+    paused: bool
+    reason: str = _REASON
+
+
+class Alert(BaseModel):
+    """One alert of an Alertmanager webhook notification (fields Turnout does not use are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    status: str
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    startsAt: str = ""  # noqa: N815 - Alertmanager's field name
+    fingerprint: str = ""
+
+
+class AlertmanagerPayload(BaseModel):
+    """Alertmanager's webhook body, payload version 4."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    version: str
+    status: str = ""
+    receiver: str = ""
+    alerts: list[Alert] = Field(max_length=1000)
+
+
 _ERROR = {
     "type": "object",
     "required": ["error_code", "message"],
@@ -95,7 +125,7 @@ _WRITE = (400, 401, 403, 404, 409, 413, 415, 503)
 def openapi_document() -> dict[str, Any]:
     """OpenAPI 3.0 description of the admin API."""
     schemas: dict[str, Any] = {"Error": _ERROR}
-    for model in (CreateDeployment, SwitchRequest, RollbackRequest):
+    for model in (CreateDeployment, SwitchRequest, RollbackRequest, GuardRequest, AlertmanagerPayload):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas[model.__name__] = _openapi30(schema)
     name_param = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "pattern": NAME_PATTERN.pattern}}
@@ -129,6 +159,16 @@ def openapi_document() -> dict[str, Any]:
                                        "requestBody": _body(SwitchRequest), "responses": _responses(200, *_WRITE)}},
             "/admin/rollback": {"post": {"summary": "Roll back to previous", "operationId": "rollback",
                                          "requestBody": _body(RollbackRequest), "responses": _responses(200, *_WRITE)}},
+            "/admin/guard": {
+                "get": {"summary": "Guard status", "operationId": "guardStatus", "responses": _responses(*_READ)},
+                "post": {"summary": "Pause or resume the guard", "operationId": "guardPause",
+                         "requestBody": _body(GuardRequest), "responses": _responses(200, 400, 401, 403, 413, 415, 503)},
+            },
+            "/admin/alerts": {"post": {
+                "summary": "Alertmanager webhook (payload version 4): firing alerts labelled turnout_action=rollback roll back",
+                "operationId": "alerts", "requestBody": _body(AlertmanagerPayload),
+                "responses": _responses(200, 400, 401, 403, 413, 415, 503),
+            }},
             "/admin/history": {"get": {
                 "summary": "Every change and refused attempt, newest first", "operationId": "history",
                 "parameters": [{"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from . import __version__, errors
 from .admin import Admin
+from .guard import Guard
 from .metrics import CONTENT_TYPE_LATEST, GatewayMetrics
 from .proxy import SMALL_BODY, Proxy
 from .registry_sync import RegistrySync
@@ -29,6 +30,7 @@ PROXY = web.AppKey("proxy", Proxy)
 REGISTRY = web.AppKey("registry", RegistrySync)
 CONTROL = web.AppKey("control", RouteControl)
 ADMIN = web.AppKey("admin", Admin)
+GUARD = web.AppKey("guard", Guard)
 
 Context = Callable[[web.Application], AsyncIterator[None]]
 
@@ -50,13 +52,15 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     app[PROXY] = Proxy(watcher, pool, metrics, traffic, settings.max_body_bytes)
     app[REGISTRY] = registry = RegistrySync(settings.registry_alias, app[STORE].append_history, settings.registry_sync)
     app[CONTROL] = control = RouteControl(app[STORE], metrics, registry)
-    app[ADMIN] = admin = Admin(settings, app[STORE], watcher, traffic, control)
+    app[GUARD] = guard = Guard(settings, app[STORE], traffic, control, metrics, watcher)
+    app[ADMIN] = admin = Admin(settings, app[STORE], watcher, traffic, control, guard)
 
     # Started in this order, stopped in reverse.
     app.cleanup_ctx.append(_store_ctx(owned=store is None))
     app.cleanup_ctx.append(_pool_ctx)
     app.cleanup_ctx.append(_registry_ctx)
     app.cleanup_ctx.append(_watcher_ctx)
+    app.cleanup_ctx.append(_guard_ctx)
 
     app.router.add_post("/invocations", _invocations)
     app.router.add_post("/deployments/{name}/invocations", _pinned)
@@ -97,6 +101,12 @@ async def _watcher_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[WATCHER].start()
     yield
     await app[WATCHER].stop()
+
+
+async def _guard_ctx(app: web.Application) -> AsyncIterator[None]:
+    await app[GUARD].start()
+    yield
+    await app[GUARD].stop()
 
 
 async def _invocations(request: web.Request) -> web.StreamResponse:

@@ -42,6 +42,23 @@ class Keys:
         """List of JSON history entries, newest first, trimmed to a bound."""
         return f"{self.namespace}:history"
 
+    def stats(self, deployment: str, second: int) -> str:
+        """Hash with a TTL: every replica's traffic counters of one deployment in one second."""
+        return f"{self.namespace}:stats:{deployment}:{second}"
+
+    @property
+    def guard(self) -> str:
+        """Hash: the guard's shared state (paused, latched, last decision)."""
+        return f"{self.namespace}:guard"
+
+    def lease_of(self, role: str) -> str:
+        """String with a TTL: which replica holds a singleton role (e.g. the guard's evaluator)."""
+        return f"{self.namespace}:role:{role}"
+
+    def seen(self, token: str) -> str:
+        """Marker with a TTL: a notification already acted upon (Alertmanager repeats them)."""
+        return f"{self.namespace}:seen:{token}"
+
     @property
     def events(self) -> str:
         """Pub/sub channel announcing every change (messages: :func:`encode_event`)."""

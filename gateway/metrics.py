@@ -84,6 +84,7 @@ class GatewayMetrics:
         )
         self.switches = Counter("turnout_switches", "Route changes applied through Turnout, by trigger.", ["trigger"], registry=r)
         self.rollbacks = Counter("turnout_rollbacks", "Rollbacks to the previous deployment, by trigger.", ["trigger"], registry=r)
+        self.guard_leader = Gauge("turnout_guard_leader", "1 while this replica is the one whose guard decides.", registry=r)
         self._deployments: dict[str, DeploymentMetrics] = {}
 
     def deployment(self, name: str) -> DeploymentMetrics:

@@ -55,6 +55,8 @@ class Route:
     active: str | None = None
     previous: str | None = None
     generation: int = 0
+    # When the route last changed (wall clock): starts the guard's bake period.
+    changed_at: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -119,6 +119,14 @@ if not holder then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
 return 1
 """
 
+# KEYS: role. ARGV: owner, ttl ms.
+_HOLD_ROLE = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
 # KEYS: lease. ARGV: owner, channel, message.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -156,6 +164,7 @@ class RedisStore(Store):
         self._delete = client.register_script(_DELETE)
         self._claim = client.register_script(_CLAIM)
         self._release = client.register_script(_RELEASE)
+        self._hold_role = client.register_script(_HOLD_ROLE)
 
     @classmethod
     def from_url(cls, url: str, namespace: str, history_max: int = DEFAULT_HISTORY_MAX) -> RedisStore:
@@ -188,6 +197,7 @@ class RedisStore(Store):
             active=route_fields.get("active") or None,
             previous=route_fields.get("previous") or None,
             generation=int(route_fields.get("generation", 0)),
+            changed_at=float(route_fields.get("changed_at", 0.0)),
         )
         deployments: dict[str, Deployment] = {}
         live: set[str] = set()
@@ -221,7 +231,8 @@ class RedisStore(Store):
             applied, gen, cur_active, cur_previous, refusal = await self._set_route(
                 keys=[self.keys.route, self.keys.deployments, self.keys.history], args=args
             )
-        route = Route(active=cur_active or None, previous=cur_previous or None, generation=int(gen))
+        route = Route(active=cur_active or None, previous=cur_previous or None, generation=int(gen),
+                      changed_at=float(args[6]) if applied else 0.0)
         return RouteChange(bool(applied), route, refusal or None)
 
     def _history_args(self, history: Mapping[str, Any] | None) -> list[str]:
@@ -286,6 +297,58 @@ class RedisStore(Store):
                 pipe.llen(self.keys.history)
                 raw, total = await pipe.execute()
         return [json.loads(item) for item in raw], int(total)
+
+    async def add_stats(self, pending: Mapping[str, Mapping[int, list[int]]], ttl: int = 180) -> None:
+        with _unavailable_on_connection_errors():
+            async with self.client.pipeline(transaction=False) as pipe:
+                for deployment, per in pending.items():
+                    for second, row in per.items():
+                        key = self.keys.stats(deployment, second)
+                        for i, v in enumerate(row):
+                            if v:
+                                pipe.hincrby(key, str(i), v)
+                        pipe.expire(key, ttl)
+                await pipe.execute()
+
+    async def read_stats(self, deployment: str, first_second: int, last_second: int) -> list[int]:
+        with _unavailable_on_connection_errors():
+            async with self.client.pipeline(transaction=False) as pipe:
+                for second in range(first_second, last_second + 1):
+                    pipe.hgetall(self.keys.stats(deployment, second))
+                rows = await pipe.execute()
+        total: dict[int, int] = {}
+        for row in rows:
+            for k, v in row.items():
+                total[int(k)] = total.get(int(k), 0) + int(v)
+        if not total:
+            return []
+        out = [0] * (max(total) + 1)
+        for k, v in total.items():
+            out[k] = v
+        return out
+
+    async def hold_role(self, role: str, owner: str, ttl: float) -> bool:
+        with _unavailable_on_connection_errors():
+            return bool(await self._hold_role(keys=[self.keys.lease_of(role)], args=[owner, str(max(1, int(ttl * 1000)))]))
+
+    async def get_guard(self) -> dict[str, str]:
+        with _unavailable_on_connection_errors():
+            return await self.client.hgetall(self.keys.guard)
+
+    async def set_guard(self, **fields: str | None) -> None:
+        with _unavailable_on_connection_errors():
+            async with self.client.pipeline(transaction=True) as pipe:
+                to_set = {k: v for k, v in fields.items() if v is not None}
+                if to_set:
+                    pipe.hset(self.keys.guard, mapping=to_set)
+                to_delete = [k for k, v in fields.items() if v is None]
+                if to_delete:
+                    pipe.hdel(self.keys.guard, *to_delete)
+                await pipe.execute()
+
+    async def first_time(self, token: str, ttl: float) -> bool:
+        with _unavailable_on_connection_errors():
+            return bool(await self.client.set(self.keys.seen(token), "1", nx=True, px=max(1, int(ttl * 1000))))
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:  # type: ignore[override]
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)

@@ -42,6 +42,19 @@ class Settings:
     history_max: int = _doc("History entries kept in the store (oldest dropped first).", default=10_000)
     registry_alias: str = _doc("MLflow registry alias moved to the active version on every switch and rollback.", default="production")
     registry_sync: bool = _doc("Move the alias and tag versions in the MLflow registry on switches.", default=True)
+    guard_enabled: bool = _doc("Roll back automatically on breaches (the Alertmanager webhook works either way).", default=True)
+    guard_window: float = _doc("Seconds of traffic (all replicas) each guard decision looks at.", default=30.0)
+    guard_error_rate: float = _doc("Model-failure rate of the active deployment above which it is rolled back.", default=0.05)
+    guard_min_requests: int = _doc("Requests (excluding client errors) needed in the window before the guard judges.", default=20)
+    guard_p99: float | None = _doc("p99 latency in seconds above which the active deployment is rolled back; unset = off.", default=None)
+    guard_interval: float = _doc("Seconds between guard evaluations (by one leader replica).", default=1.0)
+    guard_bake: float = _doc("Seconds after each switch during which the guard is armed.", default=600.0)
+    guard_always: bool = _doc("Keep the guard armed at all times, not only during the bake period.", default=False)
+    guard_compare_previous: bool = _doc(
+        "Also require the error rate to exceed the previous deployment's rate before the switch by the threshold.",
+        default=False,
+    )
+    stats_flush_interval: float = _doc("Seconds between flushes of this replica's traffic counters to Redis.", default=0.25)
     poll_interval: float = _doc("Seconds between full re-reads of the route (pub/sub is the fast path).", default=1.0)
     connect_timeout: float = _doc("Seconds to open an upstream connection.", default=2.0)
     read_timeout: float = _doc("Seconds to wait for the upstream's response head, and between body chunks.", default=60.0)
@@ -80,10 +93,15 @@ class Settings:
         for name in (
             "poll_interval", "connect_timeout", "read_timeout", "total_timeout", "upstream_keepalive",
             "health_interval", "lease_ttl", "start_timeout", "restart_backoff", "stop_timeout",
+            "guard_window", "guard_interval", "guard_bake", "stats_flush_interval",
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive, got {getattr(self, name)!r}")
-        for name in ("max_body_bytes", "upstream_max_connections", "max_start_attempts", "history_max"):
+        if not 0 < self.guard_error_rate <= 1:
+            raise SettingsError(f"guard_error_rate must be in (0, 1], got {self.guard_error_rate!r}")
+        if self.guard_p99 is not None and self.guard_p99 <= 0:
+            raise SettingsError("guard_p99 must be positive (or unset)")
+        for name in ("max_body_bytes", "upstream_max_connections", "max_start_attempts", "history_max", "guard_min_requests"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive, got {getattr(self, name)!r}")
         if not self.namespace or any(c in self.namespace for c in " {}:"):

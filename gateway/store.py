@@ -93,6 +93,30 @@ class Store(abc.ABC):
         """A page of history entries, newest first, and the total held."""
 
     @abc.abstractmethod
+    async def add_stats(self, pending: Mapping[str, Mapping[int, list[int]]], ttl: int = 180) -> None:
+        """Add this replica's traffic counters (deployment → second → row) to the shared ones."""
+
+    @abc.abstractmethod
+    async def read_stats(self, deployment: str, first_second: int, last_second: int) -> list[int]:
+        """Every replica's counters of a deployment summed over [first_second, last_second]."""
+
+    @abc.abstractmethod
+    async def hold_role(self, role: str, owner: str, ttl: float) -> bool:
+        """Take or renew a singleton role (e.g. guard evaluator) for ``owner``; False if another holds it."""
+
+    @abc.abstractmethod
+    async def get_guard(self) -> dict[str, str]:
+        """The guard's shared state."""
+
+    @abc.abstractmethod
+    async def set_guard(self, **fields: str | None) -> None:
+        """Change guard state fields (None removes one)."""
+
+    @abc.abstractmethod
+    async def first_time(self, token: str, ttl: float) -> bool:
+        """True the first time ``token`` is seen within ``ttl`` seconds (deduplicates notifications)."""
+
+    @abc.abstractmethod
     def events(self) -> AsyncIterator[dict[str, Any]]:
         """Change notifications as they are published, starting with ``{"kind": "subscribed"}`` once
         listening (anything before it was missed); raises :class:`StoreUnavailable` when the feed breaks."""
@@ -127,6 +151,10 @@ class EmbeddedStore(Store):
         self._leases: dict[str, tuple[str, float]] = {}
         self._history: deque[dict[str, Any]] = deque(maxlen=history_max)
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self._stats: dict[str, dict[int, list[int]]] = {}
+        self._roles: dict[str, tuple[str, float]] = {}
+        self._guard: dict[str, str] = {}
+        self._seen: dict[str, float] = {}
 
     def _publish(self, kind: str, **fields: Any) -> None:
         message = {"kind": kind, **fields}
@@ -161,7 +189,7 @@ class EmbeddedStore(Store):
             return RouteChange(False, current, "conflict")
         if active not in self._deployments:
             return RouteChange(False, current, "unknown")
-        self._route = Route(active=active, previous=previous, generation=current.generation + 1)
+        self._route = Route(active=active, previous=previous, generation=current.generation + 1, changed_at=time.time())
         if history is not None:
             self._history.appendleft({**history, "generation": self._route.generation})
         self._publish(ROUTE_CHANGED, generation=self._route.generation)
@@ -201,7 +229,7 @@ class EmbeddedStore(Store):
             if self._route.previous == name:
                 return "previous"
         if self._route.previous == name:
-            self._route = Route(self._route.active, None, self._route.generation)
+            self._route = Route(self._route.active, None, self._route.generation, self._route.changed_at)
         del self._deployments[name]
         self._leases.pop(name, None)
         if history is not None:
@@ -233,6 +261,54 @@ class EmbeddedStore(Store):
         items = list(self._history)
         # Copies, so a caller cannot edit the record.
         return [json.loads(json.dumps(e)) for e in items[offset : offset + limit]], len(items)
+
+    async def add_stats(self, pending: Mapping[str, Mapping[int, list[int]]], ttl: int = 180) -> None:
+        oldest = int(time.time()) - ttl
+        for deployment, per in pending.items():
+            mine = self._stats.setdefault(deployment, {})
+            for second, row in per.items():
+                current = mine.setdefault(second, [0] * len(row))
+                for i, v in enumerate(row):
+                    current[i] += v
+            for second in [s for s in mine if s < oldest]:
+                del mine[second]
+
+    async def read_stats(self, deployment: str, first_second: int, last_second: int) -> list[int]:
+        total: list[int] = []
+        for second, row in self._stats.get(deployment, {}).items():
+            if first_second <= second <= last_second:
+                if not total:
+                    total = [0] * len(row)
+                for i, v in enumerate(row):
+                    total[i] += v
+        return total
+
+    async def hold_role(self, role: str, owner: str, ttl: float) -> bool:
+        now = time.monotonic()
+        holder = self._roles.get(role)
+        if holder is not None and holder[0] != owner and holder[1] > now:
+            return False
+        self._roles[role] = (owner, now + ttl)
+        return True
+
+    async def get_guard(self) -> dict[str, str]:
+        return dict(self._guard)
+
+    async def set_guard(self, **fields: str | None) -> None:
+        for key, value in fields.items():
+            if value is None:
+                self._guard.pop(key, None)
+            else:
+                self._guard[key] = value
+
+    async def first_time(self, token: str, ttl: float) -> bool:
+        now = time.monotonic()
+        for key in [k for k, until in self._seen.items() if until <= now]:
+            del self._seen[key]
+        if token in self._seen:
+            return False
+        self._seen[token] = now + ttl
+        return True
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:  # type: ignore[override]
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()

@@ -117,14 +117,22 @@ def private_redis() -> Iterator[RedisServer]:
 SEEN = web.AppKey("seen", list)
 
 
-def backend_app(name: str) -> web.Application:
-    """A fast test backend speaking the scoring protocol; ``?mode=`` selects a behaviour."""
+FAILURES = web.AppKey("failures", dict)
+
+
+def backend_app(name: str, fail_ratio: float = 0.0) -> web.Application:
+    """A fast test backend speaking the scoring protocol; ``?mode=`` selects a behaviour.
+
+    ``fail_ratio`` (changeable later through ``app[FAILURES]["ratio"]``) makes that share of requests
+    fail like a crashing MLflow model (HTTP 400 with a stack trace), spread evenly.
+    """
     import gzip
     import hashlib
     import json
 
     app = web.Application(client_max_size=1024**3)
     app[SEEN] = []
+    app[FAILURES] = {"ratio": fail_ratio, "count": 0, "credit": 0.0}
 
     async def invocations(request: web.Request) -> web.StreamResponse:
         mode = request.query.get("mode", "echo")
@@ -135,6 +143,12 @@ def backend_app(name: str) -> web.Application:
             length += len(chunk)
         headers = {"X-Backend": name}
         app[SEEN].append(dict(request.headers))
+        failures = app[FAILURES]
+        failures["credit"] += failures["ratio"]
+        if failures["credit"] >= 1.0:
+            failures["credit"] -= 1.0
+            failures["count"] += 1
+            mode = "crash"
         if mode == "slow":
             await asyncio.sleep(float(request.query.get("delay", "1")))
         if mode == "gzip":

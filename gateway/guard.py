@@ -1,0 +1,220 @@
+"""The guard: roll back automatically when the active deployment breaches its error-rate or latency
+threshold, judged on the traffic of every replica, decided by one leader replica at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from .metrics import GatewayMetrics
+from .records import Snapshot
+from .settings import Settings
+from .store import Store, StoreUnavailable
+from .switching import RouteControl, Who, now_iso
+from .traffic import Figures, Traffic, empty_row, figures_from_counts
+
+log = logging.getLogger(__name__)
+
+LEADER_ROLE = "guard"
+GUARD_WHO = Who(actor="turnout-guard", client=None, trigger="guard")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One evaluation's result."""
+
+    breach: bool
+    why: str
+    figures: Figures
+    evidence: dict[str, Any]
+
+
+def judge(settings: Settings, figures: Figures, baseline: Figures | None) -> Verdict:
+    """Is the active deployment breaching? Pure function of the figures and the thresholds."""
+    judged = figures.requests - figures.client_errors
+    evidence: dict[str, Any] = {
+        "window_seconds": settings.guard_window,
+        "requests": figures.requests,
+        "judged_requests": judged,
+        "model_errors": figures.model_errors,
+        "upstream_errors": figures.upstream_errors,
+        "client_errors": figures.client_errors,
+        "error_rate": round(figures.error_rate, 4),
+        "error_rate_threshold": settings.guard_error_rate,
+        "min_requests": settings.guard_min_requests,
+        "p99_seconds": figures.p99,
+        "p99_threshold_seconds": settings.guard_p99,
+    }
+    if baseline is not None:
+        evidence["previous_error_rate_before_switch"] = round(baseline.error_rate, 4)
+    if judged < settings.guard_min_requests:
+        return Verdict(False, f"only {judged} requests in the window (minimum {settings.guard_min_requests})", figures, evidence)
+    reasons = []
+    limit = settings.guard_error_rate
+    if baseline is not None and baseline.requests - baseline.client_errors >= settings.guard_min_requests:
+        limit = max(limit, baseline.error_rate + settings.guard_error_rate)
+    if figures.error_rate > limit:
+        reasons.append(f"error rate {figures.error_rate:.1%} > {limit:.1%} over {judged} requests in {settings.guard_window:.0f} s")
+    if settings.guard_p99 is not None and figures.p99 is not None and figures.p99 > settings.guard_p99:
+        reasons.append(f"p99 {figures.p99 * 1000:.0f} ms > {settings.guard_p99 * 1000:.0f} ms")
+    if reasons:
+        return Verdict(True, "; ".join(reasons), figures, evidence)
+    return Verdict(False, f"healthy: error rate {figures.error_rate:.1%}", figures, evidence)
+
+
+class Guard:
+    """Per replica: flushes traffic counters to the store; the leader replica also decides."""
+
+    def __init__(self, settings: Settings, store: Store, traffic: Traffic, control: RouteControl,
+                 metrics: GatewayMetrics, watcher_snapshot: Any) -> None:
+        self.settings = settings
+        self.store = store
+        self.traffic = traffic
+        self.control = control
+        self.metrics = metrics
+        self._snapshot = watcher_snapshot
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.leader = False
+        self.last: dict[str, Any] = {}
+        self._held_generation: int | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Start the flusher and the evaluator."""
+        self._tasks = [
+            asyncio.create_task(self._flush_forever(), name="guard-flush"),
+            asyncio.create_task(self._evaluate_forever(), name="guard-evaluate"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop both, flushing what is left."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await self.flush()
+        except StoreUnavailable:
+            pass
+
+    def status(self) -> dict[str, Any]:
+        """For ``/admin/state``: settings and this replica's view of the last decision."""
+        s = self.settings
+        return {
+            "enabled": s.guard_enabled,
+            "this_replica_decides": self.leader,
+            "window_seconds": s.guard_window,
+            "error_rate_threshold": s.guard_error_rate,
+            "min_requests": s.guard_min_requests,
+            "p99_threshold_seconds": s.guard_p99,
+            "bake_seconds": None if s.guard_always else s.guard_bake,
+            **self.last,
+        }
+
+    # --- signals --------------------------------------------------------------------------
+    async def flush(self) -> None:
+        """Push this replica's counters to the store; on failure keep them for the next try."""
+        pending = self.traffic.take_pending()
+        if not pending:
+            return
+        try:
+            await self.store.add_stats(pending, ttl=int(self.settings.guard_window * 2 + 60))
+        except StoreUnavailable:
+            self.traffic.restore_pending(pending)
+            raise
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.stats_flush_interval)
+            try:
+                await self.flush()
+            except StoreUnavailable as exc:
+                log.debug("could not flush traffic counters: %s", exc)
+
+    async def figures(self, deployment: str, end: float | None = None) -> Figures:
+        """Every replica's traffic of a deployment over the window ending at ``end`` (default: now)."""
+        end_second = int(end if end is not None else time.time())
+        first = end_second - int(self.settings.guard_window) + 1
+        counts = await self.store.read_stats(deployment, first, end_second)
+        return figures_from_counts(counts or empty_row())
+
+    # --- decision -------------------------------------------------------------------------
+    async def _evaluate_forever(self) -> None:
+        interval = self.settings.guard_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.leader = await self.store.hold_role(LEADER_ROLE, self.id, max(3.0, 3 * interval))
+                self.metrics.guard_leader.set(1 if self.leader else 0)
+                if self.leader:
+                    await self.evaluate()
+            except StoreUnavailable as exc:
+                self.leader = False
+                log.debug("guard cannot reach the store: %s", exc)
+
+    async def evaluate(self) -> None:
+        """One decision by the leader: judge the active deployment, roll back, hold or do nothing."""
+        s = self.settings
+        snapshot: Snapshot = await self.store.read_snapshot()
+        route = snapshot.route
+        state = await self.store.get_guard()
+        if state.get("latched") and state.get("latched_generation") != str(route.generation):
+            # The route moved since the guard acted: an operator acted, the latch lifts.
+            await self.store.set_guard(latched=None, latched_generation=None)
+            state = await self.store.get_guard()
+        if route.active is None:
+            self.last = {"status": "idle", "detail": "no active deployment"}
+            return
+        if not s.guard_enabled:
+            self.last = {"status": "disabled"}
+            return
+        if state.get("paused"):
+            self.last = {"status": "paused", "detail": state.get("paused")}
+            return
+        if state.get("latched"):
+            self.last = {"status": "latched", "detail": state["latched"]}
+            return
+        age = time.time() - route.changed_at if route.changed_at else float("inf")
+        if not s.guard_always and age > s.guard_bake:
+            self.last = {"status": "disarmed", "detail": f"bake period of {s.guard_bake:.0f} s after the last switch is over"}
+            return
+        figures = await self.figures(route.active)
+        baseline = None
+        if s.guard_compare_previous and route.previous and route.changed_at:
+            baseline = await self.figures(route.previous, end=route.changed_at)
+        verdict = judge(s, figures, baseline)
+        self.last = {"status": "armed", "active": route.active, "detail": verdict.why,
+                     "error_rate": round(figures.error_rate, 4), "requests": figures.requests}
+        if not verdict.breach:
+            return
+        previous = route.previous
+        if previous is None or not snapshot.is_ready(previous):
+            why = "there is no previous deployment" if previous is None else f"previous deployment {previous} is not ready"
+            self.last = {**self.last, "status": "holding", "detail": f"{verdict.why}; holding: {why}"}
+            if self._held_generation != route.generation:
+                # Recorded once per route generation; counting goes on.
+                self._held_generation = route.generation
+                await self.store.append_history({
+                    "time": now_iso(), "actor": GUARD_WHO.actor, "client": None, "trigger": "guard", "action": "rollback",
+                    "from": route.active, "to": previous, "result": "held", "generation": route.generation,
+                    "reason": verdict.why, "detail": f"not rolling back: {why}", "evidence": verdict.evidence,
+                })
+            return
+        outcome = await self.control.rollback(
+            GUARD_WHO, reason=f"guard: {verdict.why}", expected_generation=route.generation,
+            only_if_active=route.active, evidence=verdict.evidence,
+        )
+        if outcome.applied:
+            await self.store.set_guard(
+                latched=f"rolled back {route.active} at generation {outcome.route.generation}: {verdict.why}",
+                latched_generation=str(outcome.route.generation),
+            )
+            self.last = {"status": "latched", "detail": f"rolled back {route.active}: {verdict.why}"}
+            log.warning("guard rolled back %s → %s: %s", route.active, previous, verdict.why)
+        else:
+            log.info("guard rollback of %s not applied: %s", route.active, outcome.message)
