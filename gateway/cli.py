@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import fields
 from typing import Any, TypeVar, get_type_hints
@@ -114,6 +116,50 @@ def worker(deployment_specs: tuple[str, ...], **options: Any) -> None:
     setup_logging(settings.log_level)
     install_event_loop_policy()
     asyncio.run(run_worker(settings))
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path(".turnout/demo"),
+              show_default=True, help="Where the demo's MLflow registry goes (recreated each run).")
+@click.option("--quick", is_flag=True, help="Shorter phases (for CI).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the machine-readable summary to this file.")
+def demo(workdir: Path, quick: bool, json_path: Path | None) -> None:
+    """Register three versions of a model, keep them warm, switch under load, let the guard roll back a bad one."""
+    from .demo import DemoFailed, print_summary, run_demo
+    from .server import install_event_loop_policy
+
+    setup_logging(os.environ.get("TURNOUT_LOG_LEVEL", "WARNING"))
+    install_event_loop_policy()
+    try:
+        summary = asyncio.run(run_demo(workdir.resolve(), quick, json_path))
+    except DemoFailed as exc:
+        raise click.ClickException(f"demo failed: {exc}") from None
+    print_summary(summary)
+    if not summary["ok"] or summary["leftover_processes"]:
+        raise click.ClickException("demo did not reach a green summary" + (
+            f" (processes left behind: {summary['leftover_processes']})" if summary["leftover_processes"] else ""))
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path(".turnout/up"),
+              show_default=True, help="Where the sample MLflow registry goes when MLFLOW_TRACKING_URI is unset.")
+@settings_options(["redis_url", "namespace", "host", "port", "admin_token", "log_level"])
+def up(workdir: Path, **options: Any) -> None:
+    """Gateway + worker + model servers on this machine until Ctrl-C (embedded store unless --redis-url)."""
+    from .demo import DemoFailed, run_up
+    from .server import install_event_loop_policy
+
+    settings = load_settings(options)
+    for key, value in options.items():
+        if value is not None:
+            os.environ["TURNOUT_" + key.upper()] = str(value)
+    setup_logging(settings.log_level if options.get("log_level") else "WARNING")
+    install_event_loop_policy()
+    try:
+        asyncio.run(run_up(workdir.resolve()))
+    except DemoFailed as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 # --- the admin client commands -------------------------------------------------------------------

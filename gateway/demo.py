@@ -1,0 +1,515 @@
+"""``turnout demo`` and ``turnout up``: the whole stack in one process — models registered in a local
+MLflow registry, a worker keeping them warm, a gateway with its guard — on the embedded store unless
+``TURNOUT_REDIS_URL`` is set."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import secrets
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from .client import AdminClient
+from .records import State
+from .server import start_gateway, stop_on_signals
+from .settings import Settings
+from .store import Store, create_store
+
+
+class DemoFailed(Exception):
+    """A step of the demo did not do what it should; the message says which."""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Progress:
+    """Steps and a live counter on a terminal; plain lines elsewhere (CI logs)."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.tty = sys.stdout.isatty()
+        self.quiet = quiet
+        self.started = time.monotonic()
+        self._live = ""
+
+    def step(self, text: str) -> None:
+        """A new step."""
+        if self.quiet:
+            return
+        self._clear()
+        print(f"[{time.monotonic() - self.started:6.1f}s] {text}", flush=True)
+
+    def live(self, text: str) -> None:
+        """A status line that rewrites itself on a terminal."""
+        if self.quiet or not self.tty:
+            return
+        self._live = text
+        print("\r" + text.ljust(100)[:100], end="", flush=True)
+
+    def _clear(self) -> None:
+        if self._live and self.tty:
+            print("\r" + " " * 100 + "\r", end="", flush=True)
+            self._live = ""
+
+
+@dataclass
+class Phase:
+    """Requests sent while one phase of the story ran."""
+
+    name: str
+    served: dict[str, int] = field(default_factory=dict)
+    failed: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+class LoadGenerator:
+    """Steady prediction traffic through the gateway, counted per phase and per deployment."""
+
+    def __init__(self, url: str, rows: list[list[float]], rate: float, progress: Progress) -> None:
+        self.url = url
+        self.rows = rows
+        self.rate = rate
+        self.progress = progress
+        self.phases: list[Phase] = []
+        self.phase = self.begin("warm-up")
+        self.generation_seen: dict[int, float] = {}
+        self.deployment_seen: list[tuple[float, str]] = []
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def begin(self, name: str) -> Phase:
+        """Start counting a new phase."""
+        self.phase = Phase(name)
+        self.phases.append(self.phase)
+        return self.phase
+
+    async def start(self) -> None:
+        """Start sending."""
+        self._task = asyncio.create_task(self._run(), name="demo-load")
+
+    async def stop(self) -> None:
+        """Stop sending and wait for the last requests."""
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+
+    async def _run(self) -> None:
+        rng = random.Random(7)
+        interval = 1 / self.rate
+        columns = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            in_flight: set[asyncio.Task[None]] = set()
+            next_at = time.monotonic()
+            while not self._stop.is_set():
+                row = rng.choice(self.rows)
+                body = json.dumps({"dataframe_split": {"columns": columns, "data": [row]}})
+                task = asyncio.create_task(self._one(session, body, self.phase))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+                next_at += interval
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            await asyncio.gather(*in_flight)
+
+    async def _one(self, session: aiohttp.ClientSession, body: str, phase: Phase) -> None:
+        try:
+            async with session.post(self.url + "/invocations", data=body, headers={"Content-Type": "application/json"}) as resp:
+                await resp.read()
+                status = resp.status
+                dep = resp.headers.get("X-Turnout-Deployment", "?")
+                gen = int(resp.headers.get("X-Turnout-Generation", "0") or 0)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            phase.failed += 1
+            phase.failures.append(repr(exc))
+            return
+        now = time.monotonic()
+        self.generation_seen.setdefault(gen, now)
+        if not self.deployment_seen or self.deployment_seen[-1][1] != dep:
+            self.deployment_seen.append((now, dep))
+        if status == 200:
+            phase.served[dep] = phase.served.get(dep, 0) + 1
+        else:
+            phase.failed += 1
+            if len(phase.failures) < 5:
+                phase.failures.append(f"{status} from {dep}")
+        total = sum(sum(p.served.values()) + p.failed for p in self.phases)
+        self.progress.live(f"  requests: {total}  phase {phase.name}: ok {sum(phase.served.values())}, failed {phase.failed}")
+
+
+class Stack:
+    """Gateway + worker (+ its model servers) in this process, started and stopped as one."""
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.runner: Any = None
+        self.worker: Any = None
+
+    async def start(self) -> None:
+        """Gateway first (so it sees the deployments appear), then the worker."""
+        from workers.supervisor import Worker
+
+        self.runner = await start_gateway(self.settings, store=self.store)
+        self.worker = Worker(self.settings, self.store)
+        await self.worker.start()
+
+    async def stop(self) -> None:
+        """Undo start in reverse: model servers first, then the gateway."""
+        if self.worker is not None:
+            await self.worker.stop()
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+async def wait_ready(
+    store: Store, names: list[str], timeout: float, progress: Progress, stop: asyncio.Event | None = None
+) -> dict[str, float]:
+    """Wait until every named deployment is ready; returns seconds from launch to ready per deployment."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if stop is not None and stop.is_set():
+            raise DemoFailed("interrupted")
+        snapshot = await store.read_snapshot()
+        states = {n: snapshot.effective_state(n) for n in names}
+        if all(s is State.READY for s in states.values()):
+            return {
+                n: round((snapshot.deployments[n].ready_at or 0) - (snapshot.deployments[n].started_at or 0), 1)
+                for n in names
+            }
+        failed = [n for n, s in states.items() if s is State.FAILED]
+        if failed:
+            raise DemoFailed(f"{failed[0]} failed to start: {snapshot.deployments[failed[0]].reason}")
+        if time.monotonic() > deadline:
+            raise DemoFailed(f"not ready after {timeout:.0f} s: {states}")
+        progress.live("  " + ", ".join(f"{n}: {s.value if s else '?'}" for n, s in states.items()))
+        await asyncio.sleep(0.25)
+
+
+async def _until(check: Callable[[], Any], timeout: float, what: str, stop: asyncio.Event | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if stop is not None and stop.is_set():
+            raise DemoFailed("interrupted")
+        if time.monotonic() > deadline:
+            raise DemoFailed(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def _admin(client: AdminClient, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    status, answer = client.call(method, path, body)
+    if status >= 400:
+        raise DemoFailed(f"{method} {path} refused ({status}): {answer}")
+    return answer
+
+
+@contextlib.asynccontextmanager
+async def demo_store(settings: Settings) -> AsyncIterator[Store]:
+    """The embedded store, or Redis under a private namespace that is removed afterwards."""
+    store = create_store(settings)
+    try:
+        yield store
+    finally:
+        if settings.redis_url:
+            from .redis_store import RedisStore
+
+            assert isinstance(store, RedisStore)
+            async for key in store.client.scan_iter(match=f"{settings.namespace}:*"):
+                await store.client.delete(key)
+        await store.close()
+
+
+@contextlib.contextmanager
+def _quiet_logging() -> Any:
+    import logging
+    import warnings
+
+    logger = logging.getLogger("mlflow")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _registry(workdir: Path, progress: Progress) -> Any:
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    progress.step(f"training and registering iris-demo v1, v2 and a faulty v3 in {workdir / 'mlflow.db'}")
+    workdir.mkdir(parents=True)
+    # MLflow prints and warns a lot while logging models: keep it in a file, not on the demo's screen.
+    with open(workdir / "registry.log", "w") as log_file, contextlib.redirect_stdout(log_file), \
+            contextlib.redirect_stderr(log_file), _quiet_logging():
+        from workers import samples
+
+        registry = samples.build(workdir)
+    os.environ["MLFLOW_TRACKING_URI"] = registry.tracking_uri
+    return registry
+
+
+async def run_demo(workdir: Path, quick: bool, summary_path: Path | None, quiet: bool = False) -> dict[str, Any]:
+    """The whole story; returns the summary (raises :class:`DemoFailed` when a step fails)."""
+    progress = Progress(quiet)
+    base = Settings.load()
+    namespace = f"turnout-demo-{uuid.uuid4().hex[:8]}"
+    port = _free_port()
+    token = secrets.token_urlsafe(16)
+    phase_seconds = 2.0 if quick else 5.0
+    settings = base.replace(
+        namespace=namespace, host="127.0.0.1", port=port, admin_token=token, admin_port=None,
+        deployments="v1=models:/iris-demo/1,v2=models:/iris-demo/2", claim=True,
+        guard_window=5.0 if quick else 10.0, guard_interval=0.5, guard_min_requests=20,
+        stats_flush_interval=0.25, lease_ttl=5.0,
+    )
+    registry = await asyncio.to_thread(_registry, workdir, progress)
+    from workers.samples import iris_rows
+
+    rows = iris_rows()
+    url = f"http://127.0.0.1:{port}"
+    client = AdminClient(url, token)
+    summary: dict[str, Any] = {"store": "redis" if settings.redis_url else "embedded", "ok": False}
+    stop = asyncio.Event()
+    stop_on_signals(stop)
+    async with demo_store(settings) as store:
+        stack = Stack(settings, store)
+        load = LoadGenerator(url, rows, rate=40.0, progress=progress)
+        try:
+            progress.step(f"starting a gateway on {url} and a worker ({summary['store']} store)")
+            await stack.start()
+            progress.step("launching mlflow models serve for v1 and v2 (each proven with a warm-up prediction)")
+            summary["time_to_ready_seconds"] = await wait_ready(store, ["v1", "v2"], 300, progress, stop)
+            progress.step(f"v1 and v2 ready (launch → ready: {summary['time_to_ready_seconds']})")
+            await asyncio.to_thread(_admin, client, "POST", "/admin/switch", {"target": "v1", "reason": "demo: first version"})
+            await _wait_health(url, 10)
+            await load.start()
+            load.begin("v1")
+            progress.step("traffic: steady predictions (40/s) on v1")
+            await _sleep_or_stop(phase_seconds, stop)
+
+            switch_phase = load.begin("switch v1 → v2")
+            progress.step("switching v1 → v2 through the admin API while traffic flows")
+            answer = await asyncio.to_thread(_admin, client, "POST", "/admin/switch", {"target": "v2", "reason": "demo: v2"})
+            answered = time.monotonic()
+            generation = answer["route"]["generation"]
+            await _until(lambda: generation in load.generation_seen, 10, "traffic on v2", stop)
+            summary["switch_propagation_ms"] = round(max(0.0, load.generation_seen[generation] - answered) * 1000, 2)
+            await _sleep_or_stop(phase_seconds, stop)
+            load.begin("v2")
+
+            progress.step("deploying faulty v3 (raises on ~1/3 of rows) next to v2")
+            await asyncio.to_thread(_admin, client, "POST", "/admin/deployments", {"name": "v3", "model_uri": "models:/iris-demo/3"})
+            summary["time_to_ready_seconds"].update(await wait_ready(store, ["v3"], 300, progress, stop))
+            fault_phase = load.begin("switch to faulty v3")
+            progress.step("switching v2 → v3; the guard watches the error rate of the whole fleet")
+            answer = await asyncio.to_thread(_admin, client, "POST", "/admin/switch", {"target": "v3", "reason": "demo: v3"})
+            fault_at = time.monotonic()
+            v3_generation = answer["route"]["generation"]
+
+            def rolled_back() -> bool:
+                return any(gen > v3_generation for gen in load.generation_seen)
+
+            await _until(rolled_back, 60, "the guard to roll v3 back", stop)
+            back_at = min(t for gen, t in load.generation_seen.items() if gen > v3_generation)
+            summary["fault_to_rollback_seconds"] = round(back_at - fault_at, 2)
+            progress.step(f"the guard rolled v3 back to v2 after {summary['fault_to_rollback_seconds']} s")
+            load.begin("after rollback")
+            await _sleep_or_stop(phase_seconds / 2, stop)
+        finally:
+            await load.stop()
+            progress.step("stopping the gateway, the worker and every model server")
+            history = (await store.read_history(0, 50))[0] if stack.runner is not None else []
+            await stack.stop()
+
+        summary["phases"] = [
+            {"name": p.name, "served": p.served, "failed": p.failed, "failures": p.failures[:5]} for p in load.phases
+        ]
+        summary["served_per_version"] = _per_version(load.phases)
+        summary["client_errors_during_v1_to_v2_switch"] = switch_phase.failed
+        summary["client_errors_during_fault"] = fault_phase.failed
+        summary["history"] = [
+            {k: e.get(k) for k in ("time", "action", "result", "from", "to", "generation", "trigger", "actor", "reason")}
+            for e in history if e.get("action") in ("switch", "rollback", "deploy")
+        ]
+        summary["registry"] = await asyncio.to_thread(_registry_state, registry.model_name)
+        rollback = next((e for e in history if e.get("action") == "rollback" and e.get("result") == "applied"), None)
+        summary["guard_rolled_back"] = bool(rollback and rollback.get("trigger") == "guard" and rollback.get("from") == "v3")
+        summary["ok"] = summary["guard_rolled_back"] and switch_phase.failed == 0
+    summary["leftover_processes"] = _leftovers(stack.worker.id if stack.worker is not None else None)
+    if summary_path is not None:
+        summary_path.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+async def _sleep_or_stop(seconds: float, stop: asyncio.Event) -> None:
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+    if stop.is_set():
+        raise DemoFailed("interrupted")
+
+
+async def _wait_health(url: str, timeout: float) -> None:
+    """Until the gateway reports ready (it runs on this event loop: never block it)."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(url + "/health") as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.05)
+    raise DemoFailed(f"the gateway at {url} did not become ready in {timeout:.0f} s")
+
+
+def _per_version(phases: list[Phase]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for phase in phases:
+        for dep, n in phase.served.items():
+            total[dep] = total.get(dep, 0) + n
+    return total
+
+
+def _registry_state(model_name: str) -> dict[str, Any]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    model = client.get_registered_model(model_name)
+    versions = {}
+    for v in client.search_model_versions(f"name = '{model_name}'"):
+        full = client.get_model_version(model_name, v.version)
+        versions[str(v.version)] = {k: val for k, val in full.tags.items() if k.startswith("turnout.")}
+    return {"model": model_name, "aliases": dict(model.aliases), "tags": versions}
+
+
+def _leftovers(worker_id: str | None) -> list[str]:
+    """PIDs of processes the demo's worker started that are still alive: must be none."""
+    if worker_id is None:
+        return []
+    marker = f"TURNOUT_WORKER_ID={worker_id}".encode()
+    found = []
+    me = os.getpid()
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            state = (entry / "stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != b"Z" and marker in environ:
+            found.append(entry.name)
+    return found
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """The human-readable end of the demo."""
+    print()
+    print("Summary")
+    print(f"  store: {summary['store']}")
+    print(f"  launch → ready: {summary.get('time_to_ready_seconds')}")
+    print(f"  requests served per version: {summary.get('served_per_version')}")
+    for p in summary.get("phases", []):
+        print(f"  phase {p['name']!r}: served {p['served']}, client-visible failures {p['failed']}")
+    print(f"  switch v1 → v2: first response from the new generation {summary.get('switch_propagation_ms')} ms after the admin call answered")
+    print(f"  fault → rollback: {summary.get('fault_to_rollback_seconds')} s")
+    print("  history (newest first):")
+    for e in summary.get("history", []):
+        print(f"    {e['time']}  {e['action']:<8} {e['result']:<8} {e.get('from') or '-'} → {e.get('to') or '-'}  "
+              f"gen {e.get('generation') or '-'}  by {e['trigger']}  {(e.get('reason') or '')[:70]}")
+    reg = summary.get("registry", {})
+    print(f"  MLflow registry {reg.get('model')}: aliases {reg.get('aliases')}")
+    for version, tags in sorted(reg.get("tags", {}).items()):
+        print(f"    v{version}: {tags}")
+    print()
+    print("  RESULT: " + ("the guard rolled v3 back, and the v1 → v2 switch dropped nothing" if summary["ok"]
+                          else "FAILED (see above)"))
+
+
+async def run_up(workdir: Path, ready: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Gateway + worker + model servers until Ctrl-C; prints how to use them."""
+    base = Settings.load()
+    token = base.admin_token or secrets.token_urlsafe(16)
+    settings = base.replace(
+        admin_token=token, claim=True,
+        deployments=base.deployments or "blue=models:/iris-demo/1,green=models:/iris-demo/2",
+    )
+    progress = Progress()
+    if "MLFLOW_TRACKING_URI" not in os.environ:
+        from workers import samples
+
+        if not (workdir / "mlflow.db").exists():
+            progress.step(f"registering iris-demo v1, v2 and v3 in {workdir / 'mlflow.db'}")
+            await asyncio.to_thread(samples.build, workdir)
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
+    stop = asyncio.Event()
+    stop_on_signals(stop)
+    async with _kept(create_store(settings)) as store:
+        stack = Stack(settings, store)
+        try:
+            await stack.start()
+            names = sorted(stack.worker.static)
+            progress.step(f"launching model servers for {', '.join(names)}")
+            await wait_ready(store, names, 300, progress, stop)
+            snapshot = await store.read_snapshot()
+            if snapshot.route.active is None:
+                first = names[0]
+                await store.set_route(first, None, history={"action": "switch", "to": first, "trigger": "up", "result": "applied",
+                                                            "actor": "turnout up", "reason": "initial route"})
+            url = f"http://{settings.host}:{settings.port}"
+            info = {"url": url, "token": token, "deployments": names}
+            _print_up(info, names)
+            if ready is not None:
+                ready(info)
+            await stop.wait()
+        finally:
+            progress.step("stopping the gateway, the worker and every model server")
+            await stack.stop()
+
+
+
+@contextlib.asynccontextmanager
+async def _kept(store: Store) -> AsyncIterator[Store]:
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def _print_up(info: dict[str, Any], names: list[str]) -> None:
+    url, token = info["url"], info["token"]
+    other = names[1] if len(names) > 1 else names[0]
+    print(f"""
+Turnout is up.
+  gateway      {url}/invocations     (pinned: {url}/deployments/<name>/invocations)
+  metrics      {url}/metrics
+  admin API    {url}/admin/state     token: {token}
+
+Try:
+  export TURNOUT_URL={url} TURNOUT_ADMIN_TOKEN={token}
+  curl -s -X POST $TURNOUT_URL/invocations -H 'Content-Type: application/json' \\
+       -d '{{"dataframe_split": {{"columns": ["sepal_length", "sepal_width", "petal_length", "petal_width"], "data": [[5.1, 3.5, 1.4, 0.2]]}}}}'
+  .venv/bin/turnout status
+  .venv/bin/turnout switch {other} --reason "trying it"
+  .venv/bin/turnout rollback
+  .venv/bin/turnout deploy broken models:/iris-demo/3     # the faulty version: switch to it and watch the guard
+  .venv/bin/turnout history
+
+Ctrl-C stops everything.
+""", flush=True)
