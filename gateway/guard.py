@@ -153,6 +153,10 @@ class Guard:
                 self.metrics.guard_leader.set(1 if self.leader else 0)
                 if self.leader:
                     await self.evaluate()
+                else:
+                    state = await self.store.get_guard()
+                    self.metrics.guard_paused.set(1 if state.get("paused") else 0)
+                    self.metrics.guard_latched.set(1 if state.get("latched") else 0)
             except StoreUnavailable as exc:
                 self.leader = False
                 log.debug("guard cannot reach the store: %s", exc)
@@ -163,6 +167,8 @@ class Guard:
         snapshot: Snapshot = await self.store.read_snapshot()
         route = snapshot.route
         state = await self.store.get_guard()
+        self.metrics.guard_paused.set(1 if state.get("paused") else 0)
+        self.metrics.guard_latched.set(1 if state.get("latched") else 0)
         if state.get("latched") and state.get("latched_generation") != str(route.generation):
             # The route moved since the guard acted: an operator acted, the latch lifts.
             await self.store.set_guard(latched=None, latched_generation=None)

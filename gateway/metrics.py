@@ -16,6 +16,9 @@ CLIENT_ERROR = "client_error"
 MODEL_ERROR = "model_error"
 UPSTREAM_ERROR = "upstream_error"
 
+# What can change the route (the `trigger` label).
+TRIGGERS = ("api", "guard", "alertmanager")
+
 __all__ = ["CONTENT_TYPE_LATEST", "GatewayMetrics", "DeploymentMetrics", "LATENCY_BUCKETS"]
 
 
@@ -85,6 +88,14 @@ class GatewayMetrics:
         self.switches = Counter("turnout_switches", "Route changes applied through Turnout, by trigger.", ["trigger"], registry=r)
         self.rollbacks = Counter("turnout_rollbacks", "Rollbacks to the previous deployment, by trigger.", ["trigger"], registry=r)
         self.guard_leader = Gauge("turnout_guard_leader", "1 while this replica is the one whose guard decides.", registry=r)
+        self.guard_paused = Gauge("turnout_guard_paused", "1 while an operator has paused the guard.", registry=r)
+        self.guard_latched = Gauge(
+            "turnout_guard_latched", "1 after an automatic rollback, until an operator acts.", registry=r,
+        )
+        # Series exist at 0 from the start: a counter born at 1 hides its first increase from rate().
+        for trigger in TRIGGERS:
+            self.switches.labels(trigger)
+            self.rollbacks.labels(trigger)
         self._deployments: dict[str, DeploymentMetrics] = {}
 
     def deployment(self, name: str) -> DeploymentMetrics:

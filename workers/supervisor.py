@@ -287,6 +287,8 @@ class Worker:
 
     async def _host(self, name: str, model_uri: str) -> None:
         hosted = Hosted(self, name, model_uri)
+        # The restart counter exists from the start (at 0), so dashboards show it before any crash.
+        self.metrics.restarts.labels(name)
         self.hosted[name] = hosted
         hosted.task = asyncio.create_task(self._run_hosted(hosted), name=f"deployment-{name}")
 
