@@ -162,6 +162,18 @@ def up(workdir: Path, **options: Any) -> None:
         raise click.ClickException(str(exc)) from None
 
 
+@main.command("register-samples")
+@click.option("--model-name", default="iris-demo", show_default=True)
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", required=True,
+              help="MLflow tracking server or database [env MLFLOW_TRACKING_URI].")
+def register_samples(model_name: str, tracking_uri: str) -> None:
+    """Register sample iris models (v1, v2 and a v3 that fails on a third of rows) unless the model already exists."""
+    from workers.samples import register
+
+    registry = register(tracking_uri, model_name)
+    click.echo(f"{registry.model_name}: versions {', '.join(registry.versions)} in {tracking_uri}")
+
+
 # --- the admin client commands -------------------------------------------------------------------
 
 def _client_options(func: F) -> F:

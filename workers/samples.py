@@ -50,6 +50,16 @@ def iris_rows() -> list[list[float]]:
 
 def build(root: Path, model_name: str = "iris-demo", with_faulty: bool = True) -> SampleRegistry:
     """Create a sqlite registry under ``root`` with v1, v2 (and the faulty v3) of ``model_name``."""
+    root.mkdir(parents=True, exist_ok=True)
+    # Artifacts next to the database: the default would be ./mlruns in the current directory.
+    return register(f"sqlite:///{root / 'mlflow.db'}", model_name, with_faulty, (root / "artifacts").as_uri())
+
+
+def register(
+    tracking_uri: str, model_name: str = "iris-demo", with_faulty: bool = True, artifact_location: str | None = None
+) -> SampleRegistry:
+    """Register v1, v2 (and the faulty v3) of ``model_name`` in any MLflow registry; a model that
+    already has versions is left as it is."""
     import mlflow
     import pandas as pd
     from mlflow.models import infer_signature
@@ -59,14 +69,14 @@ def build(root: Path, model_name: str = "iris-demo", with_faulty: bool = True) -
     from sklearn.tree import DecisionTreeClassifier
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    root.mkdir(parents=True, exist_ok=True)
-    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
+    existing = [str(v.version) for v in client.search_model_versions(f"name = '{model_name}'")]
+    if existing:
+        return SampleRegistry(tracking_uri, model_name, sorted(existing, key=int))
     experiment = client.get_experiment_by_name("turnout")
     experiment_id = (
-        experiment.experiment_id if experiment
-        else client.create_experiment("turnout", artifact_location=(root / "artifacts").as_uri())
+        experiment.experiment_id if experiment else client.create_experiment("turnout", artifact_location=artifact_location)
     )
     mlflow.set_experiment(experiment_id=experiment_id)
     data = load_iris(as_frame=True)
