@@ -210,3 +210,26 @@ def save(name: str, data: dict[str, object]) -> Path:
     path = OUT / f"{name}.json"
     path.write_text(json.dumps(data, indent=2))
     return path
+
+
+@contextlib.contextmanager
+def private_redis() -> Iterator[str]:
+    """A throwaway redis-server (benchmarks may add ACL users and must not touch the shared one)."""
+    port = free_port()
+    with process(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+def gateway_args(port: int) -> list[str]:
+    return [str(BIN / "turnout"), "gateway", "--port", str(port), "--log-level", "WARNING"]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..1)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(round(q * len(ordered) + 0.5)) - 1))]

@@ -8,11 +8,26 @@ import uvloop
 from aiohttp import web
 
 RESPONSE = b'{"predictions": [0, 2, 1, 0, 2, 1, 0, 2]}'
+CRASH = (b'{"error_code": "BAD_REQUEST", "message": "Encountered an unexpected error while evaluating the model. '
+         b'Verify that the serialized input Dataframe is compatible with the model for inference.", "stack_trace": "..."}')
+FAULT = {"ratio": 0.0, "credit": 0.0}
 
 
 async def invocations(request: web.Request) -> web.Response:
     await request.read()
+    FAULT["credit"] += FAULT["ratio"]
+    if FAULT["credit"] >= 1.0:
+        # Fails like a crashing MLflow model: HTTP 400 with a stack trace.
+        FAULT["credit"] -= 1.0
+        return web.Response(status=400, body=CRASH, content_type="application/json")
     return web.Response(body=RESPONSE, content_type="application/json")
+
+
+async def fault(request: web.Request) -> web.Response:
+    """POST /fault?ratio=0.3 makes that share of predictions fail from now on."""
+    FAULT["ratio"] = float(request.query["ratio"])
+    FAULT["credit"] = 0.0
+    return web.Response(text="ok")
 
 
 async def ping(request: web.Request) -> web.Response:
@@ -23,6 +38,7 @@ def main() -> None:
     app = web.Application()
     app.router.add_post("/invocations", invocations)
     app.router.add_get("/ping", ping)
+    app.router.add_post("/fault", fault)
     web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None, loop=uvloop.new_event_loop())
 
 

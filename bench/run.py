@@ -15,11 +15,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import proxy_overhead  # noqa: E402
+from bench import memory, proxy_overhead, reaction, switching  # noqa: E402
 from bench.common import HERE, machine, save  # noqa: E402
 
 SCENARIOS = {
     "proxy": proxy_overhead,
+    "switching": switching,
+    "reaction": reaction,
+    "memory": memory,
 }
 
 

@@ -138,12 +138,17 @@ return 1
 
 
 @contextlib.contextmanager
-def _unavailable_on_connection_errors() -> Iterator[None]:
-    """Turn redis-py's connection failures into the store's one error type."""
+def _unavailable_on(*kinds: type[BaseException]) -> Iterator[None]:
+    """Turn the given errors into the store's one error type, :class:`StoreUnavailable`."""
     try:
         yield
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+    except kinds as exc:
         raise StoreUnavailable(str(exc) or type(exc).__name__) from exc
+
+
+def _unavailable_on_connection_errors() -> contextlib.AbstractContextManager[None]:
+    """redis-py's connection failures mean the store is unavailable."""
+    return _unavailable_on(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
 def _pairs(flat: list[Any]) -> dict[str, str]:
@@ -351,14 +356,20 @@ class RedisStore(Store):
             return bool(await self.client.set(self.keys.seen(token), "1", nx=True, px=max(1, int(ttl * 1000))))
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:  # type: ignore[override]
-        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        pubsub = self.client.pubsub()
         try:
-            with _unavailable_on_connection_errors():
+            # Any failure of the feed (lost connection, or e.g. an ACL refusing the channel) means
+            # "no pub/sub right now": the watcher retries and polling carries the route meanwhile.
+            with _unavailable_on(redis.exceptions.RedisError, OSError):
                 await pubsub.subscribe(self.keys.events)
-                yield {"kind": SUBSCRIBED}
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
-                    if message is not None and message.get("type") == "message":
+                    if message is None:
+                        continue
+                    if message["type"] == "subscribe":
+                        # Only Redis's confirmation proves we listen (a refusal arrives instead of it).
+                        yield {"kind": SUBSCRIBED}
+                    elif message["type"] == "message":
                         yield decode_event(message["data"])
         finally:
             # Closing a subscription whose connection already broke can raise again; it is gone either way.
