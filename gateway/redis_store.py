@@ -6,6 +6,7 @@ The scripts build key names from the namespace (passed as an argument) and so ne
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -140,10 +141,17 @@ return 1
 @contextlib.contextmanager
 def _unavailable_on(*kinds: type[BaseException]) -> Iterator[None]:
     """Turn the given errors into the store's one error type, :class:`StoreUnavailable`."""
+    # redis-py can swallow a cancellation that lands mid-command (returning, or raising a
+    # ConnectionError instead); a background loop would then never stop. The cancellation wins.
+    task = asyncio.current_task()
     try:
         yield
     except kinds as exc:
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError() from exc
         raise StoreUnavailable(str(exc) or type(exc).__name__) from exc
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError()
 
 
 def _unavailable_on_connection_errors() -> contextlib.AbstractContextManager[None]:

@@ -54,9 +54,11 @@ def apply_job(job: Job, alias: str) -> None:
     def tag(dep: Deployment | None, status: str, reason: str = "") -> None:
         if dep is None or not dep.mlflow_name or not dep.mlflow_version:
             return
-        tags = {STATUS_TAG: status, GENERATION_TAG: str(job.generation), CHANGED_TAG: now}
+        # The status tag last: once it reads the new value, the others are there too.
+        tags = {GENERATION_TAG: str(job.generation), CHANGED_TAG: now}
         if reason:
             tags[REASON_TAG] = reason[:4000]
+        tags[STATUS_TAG] = status
         for key, value in tags.items():
             client.set_model_version_tag(dep.mlflow_name, dep.mlflow_version, key, value)
 
