@@ -82,3 +82,29 @@ async def test_same_status_and_bytes_as_direct(
     else:
         assert direct[0] == 200 and json.loads(direct[1])["predictions"]
     assert proxied == direct
+
+
+async def test_schema_violation_flood_never_rolls_back(served: str, gateway_factory: Any) -> None:
+    """Clients sending schema-violating requests to a real model server (MLflow's 400
+    INVALID_PARAMETER_VALUE) are counted as client errors: the guard never blames the model."""
+    import asyncio
+
+    store = EmbeddedStore()
+    for name in ("blue", "green"):
+        await store.create_deployment(Deployment(name=name, url=served, state=State.READY, external=True))
+    await store.set_route("blue", None)
+    await store.set_route("green", "blue")
+    url = await gateway_factory(store, guard_window=5.0, guard_interval=0.2, stats_flush_interval=0.1)
+    wrong = json.dumps({"dataframe_split": {"columns": ["a", "b"], "data": [[1, 2]]}}).encode()
+    codes = []
+    async with aiohttp.ClientSession() as s:
+        for _ in range(150):
+            async with s.post(url + "/invocations", data=wrong, headers={"Content-Type": "application/json"}) as resp:
+                codes.append((resp.status, (await resp.json()).get("error_code")))
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(1.0)
+        async with s.get(url + "/metrics") as resp:
+            metrics = await resp.text()
+    assert set(codes) == {(400, "INVALID_PARAMETER_VALUE")}
+    assert (await store.read_snapshot()).route.active == "green", "never rolled back"
+    assert 'turnout_requests_total{code="400",deployment="green",outcome="client_error"} 150.0' in metrics
