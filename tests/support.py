@@ -70,7 +70,8 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
 
 def child_env(**extra: str) -> dict[str, str]:
     """Environment for a child process: the venv's bin first (mlflow needs uvicorn on PATH)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TURNOUT_")}
+    # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI into this process: children get it only when asked.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TURNOUT_") and k != "MLFLOW_TRACKING_URI"}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"
     env["DO_NOT_TRACK"] = "true"
