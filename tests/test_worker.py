@@ -196,6 +196,6 @@ async def test_two_workers_share_claimable_deployments_and_take_over(workers: An
             snapshot.effective_state(n) is State.READY and snapshot.deployments[n].worker != owners["a"] for n in "abc"
         )
 
-    await eventually(all_on_survivor, timeout=90, interval=0.2)
+    await eventually(all_on_survivor, timeout=150, interval=0.2)
     await eventually(lambda: victim.children() == [], timeout=15)
     assert len([c for _, c in survivor.children() if "uvicorn" in c]) == 3
