@@ -52,7 +52,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     app[PROXY] = Proxy(watcher, pool, metrics, traffic, settings.max_body_bytes)
     app[REGISTRY] = registry = RegistrySync(settings.registry_alias, app[STORE].append_history, settings.registry_sync)
     app[CONTROL] = control = RouteControl(app[STORE], metrics, registry)
-    app[GUARD] = guard = Guard(settings, app[STORE], traffic, control, metrics, watcher)
+    app[GUARD] = guard = Guard(settings, app[STORE], traffic, control, metrics)
     app[ADMIN] = admin = Admin(settings, app[STORE], watcher, traffic, control, guard)
 
     # Started in this order, stopped in reverse.

@@ -72,13 +72,12 @@ class Guard:
     """Per replica: flushes traffic counters to the store; the leader replica also decides."""
 
     def __init__(self, settings: Settings, store: Store, traffic: Traffic, control: RouteControl,
-                 metrics: GatewayMetrics, watcher_snapshot: Any) -> None:
+                 metrics: GatewayMetrics) -> None:
         self.settings = settings
         self.store = store
         self.traffic = traffic
         self.control = control
         self.metrics = metrics
-        self._snapshot = watcher_snapshot
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.leader = False
         self.last: dict[str, Any] = {}

@@ -64,6 +64,15 @@ async def route_active(store: Store) -> str | None:
     return (await store.read_snapshot()).route.active
 
 
+async def blue_active_green_deployed(backends: dict[str, Any]) -> EmbeddedStore:
+    """An embedded store routing to blue, with green deployed next to it."""
+    store = EmbeddedStore()
+    await add(store, "blue", backends["blue"])
+    await add(store, "green", backends["green"])
+    await store.set_route("blue", None)
+    return store
+
+
 @pytest.fixture
 async def backends() -> AsyncIterator[dict[str, Any]]:
     blue, green = backend_app("blue"), backend_app("green")
@@ -72,10 +81,7 @@ async def backends() -> AsyncIterator[dict[str, Any]]:
 
 
 async def test_rolls_back_a_deployment_failing_30_percent(backends: dict[str, Any], gateway_factory: Any) -> None:
-    store = EmbeddedStore()
-    await add(store, "blue", backends["blue"])
-    await add(store, "green", backends["green"])
-    await store.set_route("blue", None)
+    store = await blue_active_green_deployed(backends)
     backends["green_app"][FAILURES]["ratio"] = 0.3
     url = await gateway_factory(store, **FAST_GUARD)
     async with Load([url], rate=100) as load:
@@ -114,10 +120,7 @@ async def _no_rollback_during(store: Store, seconds: float) -> None:
 async def test_no_rollback_on_low_traffic_or_low_error_rate(
     backends: dict[str, Any], gateway_factory: Any, rate: float, ratio: float, why: str
 ) -> None:
-    store = EmbeddedStore()
-    await add(store, "blue", backends["blue"])
-    await add(store, "green", backends["green"])
-    await store.set_route("blue", None)
+    store = await blue_active_green_deployed(backends)
     # 'below the minimum': ~10 requests in the window against a minimum of 20.
     settings = {**FAST_GUARD, "guard_window": 1.0} if rate == 10 else FAST_GUARD
     url = await gateway_factory(store, **settings)
@@ -129,10 +132,7 @@ async def test_no_rollback_on_low_traffic_or_low_error_rate(
 
 
 async def test_client_errors_never_roll_back(backends: dict[str, Any], gateway_factory: Any) -> None:
-    store = EmbeddedStore()
-    await add(store, "blue", backends["blue"])
-    await add(store, "green", backends["green"])
-    await store.set_route("blue", None)
+    store = await blue_active_green_deployed(backends)
     url = await gateway_factory(store, **FAST_GUARD)
     await switch(url, "green")
 
@@ -149,10 +149,7 @@ async def test_client_errors_never_roll_back(backends: dict[str, Any], gateway_f
 
 
 async def test_previous_not_ready_holds_and_records_why(backends: dict[str, Any], gateway_factory: Any) -> None:
-    store = EmbeddedStore()
-    await add(store, "blue", backends["blue"])
-    await add(store, "green", backends["green"])
-    await store.set_route("blue", None)
+    store = await blue_active_green_deployed(backends)
     url = await gateway_factory(store, **FAST_GUARD)
     await switch(url, "green")
     await store.update_deployment("blue", state=State.UNHEALTHY, reason="oom")
@@ -223,10 +220,7 @@ async def _one_leader(leaders: Any) -> bool:
 
 
 async def test_alertmanager_webhook_rolls_back_once(backends: dict[str, Any], gateway_factory: Any) -> None:
-    store = EmbeddedStore()
-    await add(store, "blue", backends["blue"])
-    await add(store, "green", backends["green"])
-    await store.set_route("blue", None)
+    store = await blue_active_green_deployed(backends)
     url = await gateway_factory(store, guard_enabled=False)
     await switch(url, "green")
 
@@ -257,10 +251,7 @@ async def test_alertmanager_webhook_rolls_back_once(backends: dict[str, Any], ga
 
 
 async def test_pause_and_resume_through_the_admin_api(backends: dict[str, Any], gateway_factory: Any) -> None:
-    store = EmbeddedStore()
-    await add(store, "blue", backends["blue"])
-    await add(store, "green", backends["green"])
-    await store.set_route("blue", None)
+    store = await blue_active_green_deployed(backends)
     url = await gateway_factory(store, **FAST_GUARD)
     await switch(url, "green")
     async with aiohttp.ClientSession() as s:
