@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+import math
+from bisect import bisect_left
+from collections.abc import Iterable
+from itertools import accumulate
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from .records import Snapshot
 
@@ -23,29 +31,73 @@ __all__ = ["CONTENT_TYPE_LATEST", "GatewayMetrics", "DeploymentMetrics", "LATENC
 
 
 class DeploymentMetrics:
-    """Label children of one deployment, bound once so the hot path skips the label lookup."""
+    """The proxy's per-request series of one deployment, as plain counters.
 
-    __slots__ = ("inflight", "duration", "_requests", "_by_code", "_upstream_errors", "name")
+    Every proxied request touches these, so they skip prometheus_client's per-call lock and label
+    lookup (about 4 µs a request, 8% of the proxy's CPU): the gateway is one thread, and
+    :class:`_ProxyCollector` turns the counters into metric families only when /metrics is read.
+    """
+
+    __slots__ = ("name", "inflight", "by_code", "buckets", "duration_sum", "_upstream_errors")
 
     def __init__(self, metrics: GatewayMetrics, name: str) -> None:
         self.name = name
-        self.inflight = metrics.inflight.labels(name)
-        self.duration = metrics.duration.labels(name)
-        self._requests = metrics.requests
+        self.inflight = 0
+        # (code, outcome) → requests
+        self.by_code: dict[tuple[int, str], int] = {}
+        # Non-cumulative counts per latency bucket; the last one is +Inf.
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.duration_sum = 0.0
         self._upstream_errors = metrics.upstream_errors
-        self._by_code: dict[tuple[int, str], Counter] = {}
 
     def observe(self, code: int, outcome: str, seconds: float) -> None:
         """Count one finished request."""
-        child = self._by_code.get((code, outcome))
-        if child is None:
-            child = self._by_code[(code, outcome)] = self._requests.labels(self.name, str(code), outcome)
-        child.inc()
-        self.duration.observe(seconds)
+        key = (code, outcome)
+        self.by_code[key] = self.by_code.get(key, 0) + 1
+        self.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.duration_sum += seconds
 
     def upstream_error(self, kind: str) -> None:
         """Count one failure to reach or hear from the model server."""
         self._upstream_errors.labels(self.name, kind).inc()
+
+
+_BUCKET_LABELS = [floatToGoString(b) for b in (*LATENCY_BUCKETS, math.inf)]
+
+
+class _ProxyCollector(Collector):
+    """Exposes every :class:`DeploymentMetrics` as turnout_requests, _request_duration_seconds, _inflight_requests."""
+
+    def __init__(self, deployments: dict[str, DeploymentMetrics]) -> None:
+        self._deployments = deployments
+
+    def describe(self) -> Iterable[Metric]:
+        """Names only (lets the registry refuse a clash at registration)."""
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        """Current values."""
+        return self._families()
+
+    def _families(self) -> list[Metric]:
+        requests = CounterMetricFamily(
+            "turnout_requests", "Proxied prediction requests by deployment, status code and outcome.",
+            labels=["deployment", "code", "outcome"],
+        )
+        duration = HistogramMetricFamily(
+            "turnout_request_duration_seconds",
+            "Time from request arrival to the last response byte, per deployment.", labels=["deployment"],
+        )
+        inflight = GaugeMetricFamily(
+            "turnout_inflight_requests", "Requests being proxied right now, per deployment.", labels=["deployment"]
+        )
+        for name, dm in list(self._deployments.items()):
+            for (code, outcome), count in list(dm.by_code.items()):
+                requests.add_metric([name, str(code), outcome], count)
+            cumulative = list(accumulate(dm.buckets))
+            duration.add_metric([name], list(zip(_BUCKET_LABELS, cumulative)), dm.duration_sum)
+            inflight.add_metric([name], dm.inflight)
+        return [requests, duration, inflight]
 
 
 class GatewayMetrics:
@@ -56,20 +108,11 @@ class GatewayMetrics:
         disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
-            "turnout_requests", "Proxied prediction requests by deployment, status code and outcome.",
-            ["deployment", "code", "outcome"], registry=r,
-        )
-        self.duration = Histogram(
-            "turnout_request_duration_seconds", "Time from request arrival to the last response byte, per deployment.",
-            ["deployment"], buckets=LATENCY_BUCKETS, registry=r,
-        )
+        self._deployments: dict[str, DeploymentMetrics] = {}
+        r.register(_ProxyCollector(self._deployments))
         self.upstream_errors = Counter(
             "turnout_upstream_errors", "Failures to reach or hear from a model server, by kind.",
             ["deployment", "kind"], registry=r,
-        )
-        self.inflight = Gauge(
-            "turnout_inflight_requests", "Requests being proxied right now, per deployment.", ["deployment"], registry=r,
         )
         self.generation = Gauge("turnout_route_generation", "Generation of the route this gateway applies.", registry=r)
         self.active = Gauge(
@@ -96,7 +139,6 @@ class GatewayMetrics:
         for trigger in TRIGGERS:
             self.switches.labels(trigger)
             self.rollbacks.labels(trigger)
-        self._deployments: dict[str, DeploymentMetrics] = {}
 
     def deployment(self, name: str) -> DeploymentMetrics:
         """The bound metrics of one deployment."""

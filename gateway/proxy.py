@@ -148,6 +148,11 @@ class Proxy:
         self.traffic = traffic
         self.max_body_bytes = max_body_bytes
         self._targets: dict[str, Target] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        self._loop = asyncio.get_running_loop()
+        return self._loop
 
     def _target(self, url: str) -> Target:
         target = self._targets.get(url)
@@ -199,19 +204,25 @@ class Proxy:
         if length is not None and length > self.max_body_bytes:
             return errors.body_too_large_response(self.max_body_bytes, tags)
         if length is not None and length <= SMALL_BODY:
-            try:
-                body = await request.read()
-            except ConnectionError:
-                return web.Response(status=CLIENT_CLOSED)
+            content = request.content
+            if content.is_eof():
+                # The whole body came with the head (the usual case): take it without read()'s loop.
+                body = content.read_nowait()
+            else:
+                try:
+                    body = await request.read()
+                except ConnectionError:
+                    return web.Response(status=CLIENT_CLOSED)
         elif length is not None or request.body_exists:
             body = _limited(request.content, self.max_body_bytes)
         else:
             body, length = b"", 0
 
         dm = self.metrics.deployment(name)
-        loop = asyncio.get_running_loop()
+        # Cached: on Python 3.11 every get_running_loop() is a getpid() system call.
+        loop = self._loop or self._bind_loop()
         started = loop.time()
-        dm.inflight.inc()
+        dm.inflight += 1
         code, outcome = 0, CLIENT_ERROR
         try:
             try:
@@ -247,7 +258,7 @@ class Proxy:
             return response
         finally:
             elapsed = loop.time() - started
-            dm.inflight.dec()
+            dm.inflight -= 1
             dm.observe(code, outcome, elapsed)
             self.traffic.record(name, outcome, elapsed)
 

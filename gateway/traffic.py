@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -90,11 +91,8 @@ def empty_row() -> list[int]:
 
 
 def bucket_index(seconds: float) -> int:
-    """Column of the latency bucket for a duration."""
-    for i, bound in enumerate(BOUNDS):
-        if seconds <= bound:
-            return len(OUTCOMES) + i
-    return _WIDTH - 1
+    """Column of the latency bucket for a duration (the first bound ≥ it, as Prometheus's ``le``)."""
+    return len(OUTCOMES) + min(bisect_left(BOUNDS, seconds), len(BOUNDS) - 1)
 
 
 class Traffic:

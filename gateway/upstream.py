@@ -342,8 +342,8 @@ class UpstreamPool:
 
     def _put_back(self, key: tuple[str, int], conn: _Connection, reusable: bool) -> None:
         if reusable and not self._closed:
+            # llhttp is at a message boundary here, ready for the next response on this connection.
             conn._reset_message()
-            conn.parser = httptools.HttpResponseParser(conn)
             assert self._loop is not None
             conn.idle_since = self._loop.time()
             self._idle.setdefault(key, []).append(conn)
