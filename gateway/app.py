@@ -49,7 +49,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
         keepalive=settings.upstream_keepalive,
         max_per_host=settings.upstream_max_connections,
     )
-    app[PROXY] = Proxy(watcher, pool, metrics, traffic, settings.max_body_bytes)
+    app[PROXY] = proxy = Proxy(watcher, pool, metrics, traffic, settings.max_body_bytes)
     app[REGISTRY] = registry = RegistrySync(settings.registry_alias, app[STORE].append_history, settings.registry_sync)
     app[CONTROL] = control = RouteControl(app[STORE], metrics, registry)
     app[GUARD] = guard = Guard(settings, app[STORE], traffic, control, metrics)
@@ -62,8 +62,9 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     app.cleanup_ctx.append(_watcher_ctx)
     app.cleanup_ctx.append(_guard_ctx)
 
-    app.router.add_post("/invocations", _invocations)
-    app.router.add_post("/deployments/{name}/invocations", _pinned)
+    # Bound methods, not wrappers that look the proxy up: one coroutine less on every request.
+    app.router.add_post("/invocations", proxy.invocations)
+    app.router.add_post("/deployments/{name}/invocations", proxy.pinned)
     app.router.add_get("/ping", ping)
     app.router.add_get("/health", health)
     app.router.add_get("/version", version)
@@ -107,14 +108,6 @@ async def _guard_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[GUARD].start()
     yield
     await app[GUARD].stop()
-
-
-async def _invocations(request: web.Request) -> web.StreamResponse:
-    return await request.app[PROXY].invocations(request)
-
-
-async def _pinned(request: web.Request) -> web.StreamResponse:
-    return await request.app[PROXY].pinned(request)
 
 
 async def ping(request: web.Request) -> web.Response:

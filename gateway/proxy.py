@@ -267,7 +267,7 @@ class Proxy:
     ) -> tuple[int, str, web.StreamResponse]:
         status = upstream.status
         headers = response_headers(upstream, name, generation)
-        raw_length = upstream.header(b"content-length")
+        raw_length = upstream.content_length
         length = int(raw_length) if raw_length is not None and raw_length.isdigit() else None
         if upstream.complete or (length is not None and length <= SMALL_BODY):
             body = await upstream.read()

@@ -314,3 +314,28 @@ async def test_own_endpoints(routed: dict[str, Any]) -> None:
     async with s.get(url + "/nope") as resp:
         assert resp.status == 404
         assert (await resp.json())["error_code"] == "ENDPOINT_NOT_FOUND"
+
+
+async def test_a_reused_connection_times_out_on_its_own_deadline_not_an_earlier_longer_one() -> None:
+    """The upstream read timer is armed lazily; a shorter deadline on a reused connection must still fire."""
+    from gateway.upstream import Timeouts, UpstreamError, UpstreamPool
+
+    async with serve_app(backend_app("blue")) as url:
+        host, port = url.removeprefix("http://").split(":")
+        pool = UpstreamPool(Timeouts(read=30.0, total=60.0), keepalive=30.0)
+        await pool.start()
+        try:
+            head = b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n"
+            first = await pool.request(host, int(port), head, b"{}")
+            await first.read()
+            first.release()  # the connection goes back with a timer armed ~30 s out
+            pool.timeouts = Timeouts(read=0.3, total=60.0)
+            slow = b"POST /invocations?mode=slow&delay=5 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n"
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(UpstreamError) as caught:
+                await pool.request(host, int(port), slow, b"{}")
+            assert caught.value.kind == "read_timeout"
+            assert loop.time() - started < 3, "the 0.3 s deadline fired, not the 30 s one armed earlier"
+        finally:
+            await pool.close()
