@@ -72,6 +72,11 @@ async def _load(url: str, pid: int, seconds: float, switches: int, concurrency: 
         "rss_max_mb": max(s[1] for s in samples),
         "sockets_max": max(s[2] for s in samples),
         "sockets_end": samples[-1][2],
+        # RSS at each whole minute: the trend, not just two ends, says whether anything accumulates.
+        "rss_by_minute_mb": [
+            next(rss for t, rss, _ in samples if t >= minute * 60) for minute in range(1, int(seconds // 60) + 1)
+            if any(t >= minute * 60 for t, _, _ in samples)
+        ],
     }
 
 
@@ -100,6 +105,8 @@ def table(result: dict[str, Any]) -> list[str]:
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| {r['idle_rss_mb']:.1f} | {r['rss_at_1_min_mb']:.1f} | {r['rss_end_mb']:.1f} | {r['rss_max_mb']:.1f} | "
         f"{r['growth_mb']:+.1f} | {r['sockets_max']} | {r['requests']} | {r['failures']} |",
+        "",
+        "RSS at each minute (MB): " + ", ".join(f"{v:.1f}" for v in r.get("rss_by_minute_mb", [])) + ".",
         "",
         f"Target ≤ 80 MB, no growth between minute 1 and the end, bounded sockets: {'met' if r['target_met'] else 'NOT met'}.",
     ]

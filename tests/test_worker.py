@@ -183,7 +183,10 @@ async def test_two_workers_share_claimable_deployments_and_take_over(workers: An
     servers = [c for w in (first, second) for _, c in w.children() if "uvicorn" in c]
     assert len(servers) == 3, "each deployment is hosted exactly once"
     # Kill the worker hosting 'a': its deployments move to the survivor.
-    victim = first if any(f"--port {snapshot.deployments['a'].url.rsplit(':', 1)[1]}" in c for _, c in first.children()) else second  # type: ignore[union-attr]
+    # A worker's id is "<host>-<pid>-<random>": the record itself says which process hosts 'a'
+    # (matching the model server's port in the process table picked the wrong worker now and then).
+    victim = first if f"-{first.proc.pid}-" in (owners["a"] or "") else second
+    assert f"-{victim.proc.pid}-" in (owners["a"] or ""), owners
     survivor = second if victim is first else first
     victim.stop(signal.SIGKILL)
     moved = [n for n in "abc" if owners[n] == owners["a"]]
