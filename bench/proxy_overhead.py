@@ -41,7 +41,7 @@ async def _route(namespace: str, url: str, action: str) -> None:
 
 
 @contextlib.contextmanager
-def gateway_in_front_of(backend_url: str, processes: int = 1) -> Iterator[tuple[str, list[Any]]]:
+def gateway_in_front_of(backend_url: str, processes: int = 1, **settings: str) -> Iterator[tuple[str, list[Any]]]:
     """``turnout gateway`` process(es) on the shared Redis (private namespace) routed to ``backend_url``."""
     namespace = f"turnout-bench-{uuid.uuid4().hex[:8]}"
     asyncio.run(_route(namespace, backend_url, "set"))
@@ -53,7 +53,7 @@ def gateway_in_front_of(backend_url: str, processes: int = 1) -> Iterator[tuple[
         with contextlib.ExitStack() as stack:
             procs = [
                 stack.enter_context(process(args, f"http://127.0.0.1:{port}/health",
-                                            TURNOUT_REDIS_URL=REDIS_URL, TURNOUT_NAMESPACE=namespace))
+                                            TURNOUT_REDIS_URL=REDIS_URL, TURNOUT_NAMESPACE=namespace, **settings))
                 for _ in range(processes)
             ]
             yield f"http://127.0.0.1:{port}", procs
@@ -79,16 +79,20 @@ def fast_backend(seconds: float, rounds: int) -> dict[str, Any]:
     """(a): throughput and CPU per request in front of a fast aiohttp+uvloop backend."""
     port = free_port()
     backend = f"http://127.0.0.1:{port}"
-    out: dict[str, list[dict[str, float]]] = {"direct": [], "gateway": [], "gateway_x2_reuseport": [], "nginx": []}
+    out: dict[str, list[dict[str, float]]] = {
+        "direct": [], "gateway": [], "gateway_aiohttp_only": [], "gateway_x2_reuseport": [], "nginx": [],
+    }
     with process([sys.executable, str(HERE / "fast_backend.py"), str(port)], backend + "/ping"):
         nginx_port = free_port()
         with nginx(f"127.0.0.1:{port}", nginx_port) as ngx, gateway_in_front_of(backend) as (gw, gw_procs), \
+                gateway_in_front_of(backend, TURNOUT_FAST_PATH="false") as (gwa, gwa_procs), \
                 gateway_in_front_of(backend, processes=2) as (gw2, gw2_procs):
             for _ in range(rounds):
                 out["direct"].append(_measure(backend, BODY, [], 32, seconds))
                 if ngx is not None:
                     out["nginx"].append(_measure(f"http://127.0.0.1:{nginx_port}", BODY, [nginx_worker_pid(ngx)], 32, seconds))
                 out["gateway"].append(_measure(gw, BODY, [p.pid for p in gw_procs], 32, seconds))
+                out["gateway_aiohttp_only"].append(_measure(gwa, BODY, [p.pid for p in gwa_procs], 32, seconds))
                 out["gateway_x2_reuseport"].append(_measure(gw2, BODY, [p.pid for p in gw2_procs], 32, seconds))
     summary = {name: _mean(runs) for name, runs in out.items() if runs}
     result: dict[str, Any] = {"runs": out, "summary": summary}
@@ -154,11 +158,15 @@ def table(result: dict[str, Any]) -> list[str]:
         "| path | req/s | p50 ms | p99 ms | proxy CPU µs/req | errors |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for name in ("direct", "nginx", "gateway", "gateway_x2_reuseport"):
+    for name in ("direct", "nginx", "gateway", "gateway_aiohttp_only", "gateway_x2_reuseport"):
         if name in s:
             r = s[name]
             cpu = f"{r['cpu_us_per_request']:.0f}" if name != "direct" else "—"
             lines.append(f"| {name} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {cpu} | {r['errors']:.0f} |")
+    lines.append(
+        "\n`gateway_aiohttp_only` is the same gateway with `TURNOUT_FAST_PATH=false` (every request through "
+        "aiohttp's request objects); `gateway_x2_reuseport` is two fast-path processes sharing the port."
+    )
     if "gateway_vs_nginx_rps" in fb:
         verdict = "met" if fb["target_met"] else "NOT met"
         lines.append(f"\nGateway / nginx throughput: **{fb['gateway_vs_nginx_rps']:.2f}×** (target ≥ 0.6×: {verdict}).")

@@ -55,7 +55,7 @@ def setup_logging(level: str) -> None:
 
 
 GATEWAY_SETTINGS = [
-    "redis_url", "namespace", "host", "port", "reuse_port", "admin_token", "admin_host", "admin_port",
+    "redis_url", "namespace", "host", "port", "reuse_port", "fast_path", "admin_token", "admin_host", "admin_port",
     "history_max", "registry_alias", "registry_sync",
     "poll_interval", "connect_timeout", "read_timeout", "total_timeout", "upstream_keepalive",
     "upstream_max_connections", "max_body_bytes", "shutdown_timeout", "log_level",

@@ -32,19 +32,31 @@ class BodyTooLarge(Exception):
         self.limit = limit
 
 
+def error_body(error_code: str, message: str, **extra: object) -> bytes:
+    """MLflow's error shape: ``{"error_code", "message", ...}`` as JSON."""
+    return json.dumps({"error_code": error_code, "message": message, **extra}).encode()
+
+
 def error_response(
     status: int, error_code: str, message: str, *, headers: Mapping[str, str] | None = None, **extra: object
 ) -> web.Response:
     """A JSON error body ``{"error_code", "message", ...}`` with the given status."""
-    body = json.dumps({"error_code": error_code, "message": message, **extra})
-    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
+    return web.Response(
+        status=status, body=error_body(error_code, message, **extra), content_type="application/json", headers=headers
+    )
+
+
+def upstream_error(exc: UpstreamError, deployment: str) -> tuple[int, bytes]:
+    """502 for an unreachable or broken upstream, 504 when it ran out of time: status and body."""
+    if exc.is_timeout:
+        return 504, error_body(DEADLINE_EXCEEDED, f"deployment {deployment!r}: {exc}")
+    return 502, error_body(TEMPORARILY_UNAVAILABLE, f"deployment {deployment!r}: {exc}")
 
 
 def upstream_error_response(exc: UpstreamError, deployment: str, headers: Mapping[str, str]) -> web.Response:
-    """502 for an unreachable or broken upstream, 504 when it ran out of time."""
-    if exc.is_timeout:
-        return error_response(504, DEADLINE_EXCEEDED, f"deployment {deployment!r}: {exc}", headers=headers)
-    return error_response(502, TEMPORARILY_UNAVAILABLE, f"deployment {deployment!r}: {exc}", headers=headers)
+    """:func:`upstream_error` as an aiohttp response."""
+    status, body = upstream_error(exc, deployment)
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
 def body_too_large_response(limit: int, headers: Mapping[str, str] | None = None) -> web.Response:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -13,8 +13,7 @@ from aiohttp.streams import StreamReader
 
 from . import errors
 from .classify import classify
-from .metrics import CLIENT_ERROR, UPSTREAM_ERROR, GatewayMetrics
-from .records import Snapshot
+from .metrics import CLIENT_ERROR, UPSTREAM_ERROR, DeploymentMetrics, GatewayMetrics
 from .traffic import Traffic
 from .upstream import UpstreamError, UpstreamPool, UpstreamResponse
 from .watcher import RouteWatcher
@@ -77,13 +76,14 @@ def _dropped(headers: list[tuple[bytes, bytes]] | tuple[tuple[bytes, bytes], ...
     return HOP_BY_HOP.union(named) if named else HOP_BY_HOP
 
 
-def request_head(request: web.Request, target: Target, length: int | None) -> bytes:
+def build_request_head(
+    raw: Sequence[tuple[bytes, bytes]], query: bytes, remote: bytes, scheme: bytes, target: Target, length: int | None
+) -> bytes:
     """The upstream request line and headers: hop-by-hop stripped, X-Forwarded-* set, framing ours."""
-    raw = request.raw_headers
     drop = _dropped(raw)
     lines = [b"POST ", target.path]
-    if request.query_string:
-        lines += [b"?", request.raw_path.partition("?")[2].encode("latin-1")]
+    if query:
+        lines += [b"?", query]
     lines += [b" HTTP/1.1\r\nHost: ", target.host_header, b"\r\n"]
     forwarded_for = []
     for name, value in raw:
@@ -93,9 +93,9 @@ def request_head(request: web.Request, target: Target, length: int | None) -> by
                 forwarded_for.append(value)
             continue
         lines += [name, b": ", value, b"\r\n"]
-    forwarded_for.append((request.remote or "unknown").encode("latin-1"))
+    forwarded_for.append(remote)
     lines += [b"X-Forwarded-For: ", b", ".join(forwarded_for), b"\r\n"]
-    lines += [b"X-Forwarded-Proto: ", request.scheme.encode("latin-1"), b"\r\n"]
+    lines += [b"X-Forwarded-Proto: ", scheme, b"\r\n"]
     if length is None:
         lines.append(b"Transfer-Encoding: chunked\r\n\r\n")
     else:
@@ -103,8 +103,20 @@ def request_head(request: web.Request, target: Target, length: int | None) -> by
     return b"".join(lines)
 
 
-def response_headers(upstream: UpstreamResponse, deployment: str, generation: str) -> list[tuple[str, str]]:
-    """Upstream response headers minus hop-by-hop ones, plus Turnout's own."""
+def request_head(request: web.Request, target: Target, length: int | None) -> bytes:
+    """:func:`build_request_head` for a request aiohttp parsed."""
+    return build_request_head(
+        request.raw_headers,
+        request.raw_path.partition("?")[2].encode("latin-1"),
+        (request.remote or "unknown").encode("latin-1"),
+        request.scheme.encode("latin-1"),
+        target,
+        length,
+    )
+
+
+def upstream_header_pairs(upstream: UpstreamResponse) -> list[tuple[bytes, bytes]]:
+    """Upstream response headers minus hop-by-hop ones (and those its Connection header names)."""
     out = []
     named: list[bytes] = []
     for name, value in upstream.headers:
@@ -113,13 +125,54 @@ def response_headers(upstream: UpstreamResponse, deployment: str, generation: st
             if lowered == b"connection":
                 named += [token.strip().lower() for token in value.split(b",")]
             continue
-        out.append((name.decode("latin-1"), value.decode("latin-1")))
+        out.append((name, value))
     if named:
         # Rare (uvicorn sends no Connection header on keep-alive): drop what it names.
-        out = [(n, v) for n, v in out if n.lower().encode("latin-1") not in named]
+        out = [(n, v) for n, v in out if n.lower() not in named]
+    return out
+
+
+def response_headers(upstream: UpstreamResponse, deployment: str, generation: str) -> list[tuple[str, str]]:
+    """Upstream response headers minus hop-by-hop ones, plus Turnout's own."""
+    out = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in upstream_header_pairs(upstream)]
     out.append((DEPLOYMENT_HEADER, deployment))
     out.append((GENERATION_HEADER, generation))
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A prediction request the gateway answers itself, before any model server is involved."""
+
+    status: int
+    error_code: str
+    message: str
+    deployment: str | None = None
+    generation: str | None = None
+
+    def tags(self) -> dict[str, str]:
+        """The X-Turnout-* headers, when a deployment was chosen."""
+        if self.deployment is None or self.generation is None:
+            return {}
+        return {DEPLOYMENT_HEADER: self.deployment, GENERATION_HEADER: self.generation}
+
+    def body(self) -> bytes:
+        """MLflow's error shape."""
+        extra = {"deployment": self.deployment} if self.deployment is not None and self.status == 503 else {}
+        return errors.error_body(self.error_code, self.message, **extra)
+
+    def response(self) -> web.Response:
+        """As an aiohttp response."""
+        return web.Response(status=self.status, body=self.body(), content_type="application/json", headers=self.tags())
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """Where one request goes: the deployment, its generation, and its pre-encoded target."""
+
+    name: str
+    generation: str
+    target: Target
 
 
 async def _limited(content: StreamReader, limit: int) -> AsyncIterator[bytes]:
@@ -162,41 +215,66 @@ class Proxy:
             target = self._targets[url] = parse_target(url)
         return target
 
-    async def invocations(self, request: web.Request) -> web.StreamResponse:
-        """``POST /invocations``: the active deployment of the snapshot current when the request arrived."""
+    def choose(self, pinned: str | None = None) -> Choice | Refusal:
+        """The active deployment (or the ``pinned`` one) of the current snapshot, if it can take a request."""
         snapshot = self.watcher.snapshot
         if snapshot is None:
-            return errors.error_response(
-                503, errors.TEMPORARILY_UNAVAILABLE, "the gateway has not read a route yet; retry shortly"
-            )
-        name = snapshot.route.active
-        if name is None:
-            return errors.error_response(503, errors.TEMPORARILY_UNAVAILABLE, "no deployment is active yet")
-        return await self._forward(request, snapshot, name)
-
-    async def pinned(self, request: web.Request) -> web.StreamResponse:
-        """``POST /deployments/{name}/invocations``: one named deployment, e.g. green before the flip."""
-        snapshot = self.watcher.snapshot
-        name = request.match_info["name"]
-        if snapshot is None:
-            return errors.error_response(
-                503, errors.TEMPORARILY_UNAVAILABLE, "the gateway has not read a route yet; retry shortly"
-            )
-        if name not in snapshot.deployments:
-            return errors.error_response(404, errors.RESOURCE_DOES_NOT_EXIST, f"no deployment named {name!r}")
-        return await self._forward(request, snapshot, name)
-
-    async def _forward(self, request: web.Request, snapshot: Snapshot, name: str) -> web.StreamResponse:
+            return Refusal(503, errors.TEMPORARILY_UNAVAILABLE, "the gateway has not read a route yet; retry shortly")
+        if pinned is None:
+            name = snapshot.route.active
+            if name is None:
+                return Refusal(503, errors.TEMPORARILY_UNAVAILABLE, "no deployment is active yet")
+        elif pinned not in snapshot.deployments:
+            return Refusal(404, errors.RESOURCE_DOES_NOT_EXIST, f"no deployment named {pinned!r}")
+        else:
+            name = pinned
         generation = str(snapshot.route.generation)
-        tags = {DEPLOYMENT_HEADER: name, GENERATION_HEADER: generation}
         dep = snapshot.deployments.get(name)
         if dep is None or dep.url is None or not snapshot.is_ready(name):
             state = snapshot.effective_state(name)
             detail = "is unknown" if state is None else f"is {state.value}" + (f": {dep.reason}" if dep and dep.reason else "")
-            return errors.error_response(
-                503, errors.TEMPORARILY_UNAVAILABLE, f"deployment {name!r} {detail}", headers=tags, deployment=name
-            )
-        target = self._target(dep.url)
+            return Refusal(503, errors.TEMPORARILY_UNAVAILABLE, f"deployment {name!r} {detail}", name, generation)
+        return Choice(name, generation, self._target(dep.url))
+
+    def begin(self, name: str) -> tuple[DeploymentMetrics, float]:
+        """Count a request in flight; returns what :meth:`end` needs."""
+        dm = self.metrics.deployment(name)
+        dm.inflight += 1
+        # Cached: on Python 3.11 every get_running_loop() is a getpid() system call.
+        loop = self._loop or self._bind_loop()
+        return dm, loop.time()
+
+    def end(self, dm: DeploymentMetrics, started: float, code: int, outcome: str) -> None:
+        """Count a finished request (metrics and the guard's traffic figures)."""
+        assert self._loop is not None
+        elapsed = self._loop.time() - started
+        dm.inflight -= 1
+        dm.observe(code, outcome, elapsed)
+        self.traffic.record(dm.name, outcome, elapsed)
+
+    @staticmethod
+    def upstream_failed(dm: DeploymentMetrics, exc: UpstreamError, when: str = "") -> None:
+        """Count and log a failure to reach or hear from a model server."""
+        dm.upstream_error(exc.kind)
+        log.warning("deployment %s: %s%s", dm.name, when, exc)
+
+    async def invocations(self, request: web.Request) -> web.StreamResponse:
+        """``POST /invocations``: the active deployment of the snapshot current when the request arrived."""
+        chosen = self.choose()
+        if isinstance(chosen, Refusal):
+            return chosen.response()
+        return await self._forward(request, chosen)
+
+    async def pinned(self, request: web.Request) -> web.StreamResponse:
+        """``POST /deployments/{name}/invocations``: one named deployment, e.g. green before the flip."""
+        chosen = self.choose(request.match_info["name"])
+        if isinstance(chosen, Refusal):
+            return chosen.response()
+        return await self._forward(request, chosen)
+
+    async def _forward(self, request: web.Request, chosen: Choice) -> web.StreamResponse:
+        name, generation, target = chosen.name, chosen.generation, chosen.target
+        tags = {DEPLOYMENT_HEADER: name, GENERATION_HEADER: generation}
 
         # Frame the upstream body as the client framed it; refuse an announced oversize body unread.
         length = request.content_length
@@ -218,11 +296,7 @@ class Proxy:
         else:
             body, length = b"", 0
 
-        dm = self.metrics.deployment(name)
-        # Cached: on Python 3.11 every get_running_loop() is a getpid() system call.
-        loop = self._loop or self._bind_loop()
-        started = loop.time()
-        dm.inflight += 1
+        dm, started = self.begin(name)
         code, outcome = 0, CLIENT_ERROR
         try:
             try:
@@ -231,8 +305,7 @@ class Proxy:
                 )
             except UpstreamError as exc:
                 code, outcome = (504 if exc.is_timeout else 502), UPSTREAM_ERROR
-                dm.upstream_error(exc.kind)
-                log.warning("deployment %s: %s", name, exc)
+                self.upstream_failed(dm, exc)
                 return errors.upstream_error_response(exc, name, tags)
             except errors.BodyTooLarge as exc:
                 code = 413
@@ -245,8 +318,7 @@ class Proxy:
             except UpstreamError as exc:
                 # Headers already went to the client: all we can do is cut the response short.
                 code, outcome = 502, UPSTREAM_ERROR
-                dm.upstream_error(exc.kind)
-                log.warning("deployment %s: response broken off: %s", name, exc)
+                self.upstream_failed(dm, exc, "response broken off: ")
                 if request.transport is not None:
                     request.transport.abort()
                 return web.Response(status=502)
@@ -257,10 +329,7 @@ class Proxy:
                 upstream.release()
             return response
         finally:
-            elapsed = loop.time() - started
-            dm.inflight -= 1
-            dm.observe(code, outcome, elapsed)
-            self.traffic.record(name, outcome, elapsed)
+            self.end(dm, started, code, outcome)
 
     async def _respond(
         self, request: web.Request, upstream: UpstreamResponse, name: str, generation: str

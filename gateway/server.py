@@ -8,7 +8,8 @@ import signal
 
 from aiohttp import web
 
-from .app import create_app
+from .app import PROXY, create_app
+from .fastpath import FastPath
 from .settings import Settings
 from .store import Store
 
@@ -24,16 +25,47 @@ def install_event_loop_policy() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+class _FastSite(web.BaseSite):
+    """A TCP listener whose connections start on the fast path (and may move to aiohttp)."""
+
+    def __init__(self, runner: web.BaseRunner, fast: FastPath, host: str, port: int, reuse_port: bool) -> None:
+        super().__init__(runner)
+        self._fast = fast
+        self._host = host
+        self._port = port
+        self._reuse_port = reuse_port
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        self._server = await asyncio.get_running_loop().create_server(
+            self._fast, self._host, self._port, backlog=self._backlog, reuse_port=self._reuse_port or None
+        )
+
+
 async def start_gateway(settings: Settings, *, store: Store | None = None) -> web.AppRunner:
     """Start listening; the caller owns the returned runner and calls ``cleanup()`` to drain and stop."""
     app = create_app(settings, store=store)
+    fast = FastPath(app[PROXY], settings.max_body_bytes) if settings.fast_path else None
+    if fast is not None:
+        # Runs when the runner drains: after the listeners close, before the app's cleanup.
+        app.on_shutdown.append(lambda _: fast.shutdown(settings.shutdown_timeout))
     # auto_decompress=False: aiohttp's server would otherwise gunzip request bodies while the
     # Content-Encoding header still goes upstream, corrupting every compressed prediction request.
     runner = web.AppRunner(
         app, access_log=None, shutdown_timeout=settings.shutdown_timeout, auto_decompress=False
     )
     await runner.setup()
-    sites = [web.TCPSite(runner, settings.host, settings.port, reuse_port=settings.reuse_port or None)]
+    sites: list[web.BaseSite]
+    if fast is not None:
+        fast.fallback = runner.server
+        fast.start()
+        sites = [_FastSite(runner, fast, settings.host, settings.port, settings.reuse_port)]
+    else:
+        sites = [web.TCPSite(runner, settings.host, settings.port, reuse_port=settings.reuse_port or None)]
     if settings.admin_port is not None:
         sites.append(web.TCPSite(runner, settings.admin_host or settings.host, settings.admin_port,
                                  reuse_port=settings.reuse_port or None))

@@ -32,6 +32,10 @@ class Settings:
     host: str = _doc("Address the gateway's data plane listens on.", default="127.0.0.1")
     port: int = _doc("Port of the data plane.", default=8080)
     reuse_port: bool = _doc("Bind with SO_REUSEPORT so several gateway processes share the port.", default=False)
+    fast_path: bool = _doc(
+        "Relay plain prediction requests on Turnout's own HTTP/1.1 handler (off: every request goes through aiohttp).",
+        default=True,
+    )
     admin_token: str | None = _doc(
         "Bearer token of the admin API; unset = the admin API answers loopback clients only.", default=None
     )

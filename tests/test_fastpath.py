@@ -1,0 +1,161 @@
+"""The fast path (Turnout's own HTTP/1.1 handler) against aiohttp's path, on real sockets, byte for byte."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import httptools
+import pytest
+
+from gateway.records import Deployment, State
+from gateway.store import EmbeddedStore
+from tests.support import backend_app, serve_app
+
+Message = tuple[int, dict[str, str], bytes]
+
+
+class _Responses:
+    """llhttp callbacks collecting whole responses."""
+
+    def __init__(self) -> None:
+        self.done: list[Message] = []
+        self.headers: dict[str, str] = {}
+        self.body = b""
+        self.parser = httptools.HttpResponseParser(self)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode().lower()] = value.decode()
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        self.done.append((self.parser.get_status_code(), self.headers, self.body))
+        self.headers, self.body = {}, b""
+
+
+async def exchange(url: str, data: bytes, responses: int, *, until_close: bool = False) -> list[Message]:
+    """Write ``data`` on one connection and read ``responses`` whole responses (or until the server closes)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    collected = _Responses()
+    try:
+        writer.write(data)
+        await writer.drain()
+        while until_close or len(collected.done) < responses:
+            chunk = await asyncio.wait_for(reader.read(65536), 10)
+            if not chunk:
+                break
+            collected.parser.feed_data(chunk)
+    finally:
+        writer.close()
+    return collected.done
+
+
+def post(path: str, body: bytes, *extra: str, version: str = "1.1") -> bytes:
+    """A raw POST with a Content-Length."""
+    lines = [f"POST {path} HTTP/{version}", "Host: gw", "Content-Type: application/json", *extra,
+             f"Content-Length: {len(body)}"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+@pytest.fixture
+async def both(gateway_factory: Any) -> AsyncIterator[dict[str, Any]]:
+    """One backend behind two gateways: the fast path on, and off (aiohttp only)."""
+    backend = backend_app("blue")
+    async with serve_app(backend) as backend_url:
+        store = EmbeddedStore()
+        await store.create_deployment(Deployment(name="blue", url=backend_url, state=State.READY, external=True))
+        await store.set_route("blue", None)
+        fast = await gateway_factory(store, max_body_bytes=200_000)
+        plain = await gateway_factory(store, max_body_bytes=200_000, fast_path=False)
+        yield {"fast": fast, "plain": plain, "backend": backend}
+
+
+CASES = [
+    post("/invocations", b'{"inputs": [[1, 2, 3, 4]]}'),
+    post("/invocations?mode=echo&x=%20y", b'{"inputs": []}', "X-Forwarded-For: 10.0.0.7"),
+    post("/deployments/blue/invocations", b'{"inputs": [[1]]}'),
+    post("/deployments/nope/invocations", b"{}"),
+    post("/invocations?mode=crash", b"{}"),
+    post("/invocations?mode=status&code=503", b"{}"),
+    post("/invocations?mode=gzip", b"{}", "Accept-Encoding: gzip"),
+    post("/invocations", gzip.compress(b'{"inputs": [[5, 6]]}'), "Content-Encoding: gzip"),
+    post("/invocations", b"{}", "Connection: keep-alive, X-Secret", "X-Secret: 1", "Keep-Alive: timeout=5"),
+    post("/invocations", b"x" * 70_000),  # over the small-body limit: aiohttp streams it
+    post("/invocations", b"x" * 300_000),  # over max_body_bytes: 413
+    post("/invocations", b"{}", "Expect: 100-continue"),
+    post("/invocations", b"{}", version="1.0"),
+    b"POST /invocations HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    b"POST /invocations HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+    b"POST /invocations HTTP/1.1\r\nHost gw\r\n\r\n",
+    b"GET /invocations HTTP/1.1\r\nHost: gw\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n",
+]
+# Headers that legitimately differ: each server stamps its own Date/Server; aiohttp says
+# "application/json; charset=utf-8" for some of its own errors.
+_VARIABLE = {"date", "server", "content-type", "connection", "keep-alive"}
+
+
+@pytest.mark.parametrize("raw", CASES, ids=lambda raw: raw.split(b"\r\n")[0].decode()[:60] + f" [{len(raw)}]")
+async def test_fast_path_answers_as_aiohttp_does(both: dict[str, Any], raw: bytes) -> None:
+    # HTTP/1.0 and a malformed head end with the server closing the connection.
+    until_close = b"HTTP/1.0" in raw or b"Host gw" in raw
+    fast = (await exchange(both["fast"], raw, 1, until_close=until_close))[0]
+    plain = (await exchange(both["plain"], raw, 1, until_close=until_close))[0]
+    assert fast[0] == plain[0], (fast, plain)
+    assert {k: v for k, v in fast[1].items() if k not in _VARIABLE} == {
+        k: v for k, v in plain[1].items() if k not in _VARIABLE
+    }
+    assert fast[2] == plain[2]
+
+
+async def test_one_connection_moves_to_aiohttp_at_a_request_boundary(both: dict[str, Any]) -> None:
+    data = (
+        post("/invocations", b'{"n": 1}')
+        + b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n"
+        + post("/invocations", b'{"n": 22}')
+    )
+    first, health, last = await exchange(both["fast"], data, 3)
+    assert (first[0], health[0], last[0]) == (200, 200, 200)
+    assert json.loads(first[2])["length"] == 8 and json.loads(last[2])["length"] == 9
+    assert json.loads(health[2])["status"] == "ready"
+    assert first[1]["x-turnout-deployment"] == last[1]["x-turnout-deployment"] == "blue"
+
+
+async def test_pipelined_predictions_are_answered_in_order(both: dict[str, Any]) -> None:
+    bodies = [b"{}" * n for n in range(1, 6)]
+    answers = await exchange(both["fast"], b"".join(post("/invocations", b) for b in bodies), len(bodies))
+    assert [json.loads(body)["length"] for _, _, body in answers] == [len(b) for b in bodies]
+
+
+async def test_a_body_split_across_packets_is_waited_for(both: dict[str, Any]) -> None:
+    raw = post("/invocations", b'{"inputs": [[1, 2, 3, 4]]}')
+    host, port = both["fast"].removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    for i in range(0, len(raw), 7):
+        writer.write(raw[i : i + 7])
+        await writer.drain()
+        await asyncio.sleep(0.005)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+async def test_connection_close_is_honoured(both: dict[str, Any]) -> None:
+    # exchange() reads until the server closes: a connection kept open would time out here.
+    (answer,) = await exchange(both["fast"], post("/invocations", b"{}", "Connection: close"), 1, until_close=True)
+    assert answer[0] == 200 and answer[1]["connection"] == "close"
+
+
+async def test_fast_path_requests_are_counted(both: dict[str, Any]) -> None:
+    await exchange(both["fast"], post("/invocations", b"{}") * 3, 3)
+    async with aiohttp.ClientSession() as session, session.get(both["fast"] + "/metrics") as resp:
+        text = await resp.text()
+    assert 'turnout_requests_total{code="200",deployment="blue",outcome="ok"} 3.0' in text
+    assert 'turnout_inflight_requests{deployment="blue"} 0.0' in text
