@@ -37,8 +37,9 @@ from .upstream import UpstreamError, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
-# A head longer than this goes to aiohttp, which enforces its own limits and answers them.
-MAX_HEAD = 16 * 1024
+# A head longer than this goes to aiohttp, which enforces its own limits (8190 bytes per line) and
+# answers them; scoring requests' heads are a few hundred bytes.
+MAX_HEAD = 8190
 # Idle keep-alive connections are closed after this long (aiohttp's default too).
 KEEPALIVE_TIMEOUT = 75.0
 # Pipelined bytes buffered while a request is in flight before the socket stops being read.
@@ -243,7 +244,7 @@ class _ServerConnection(asyncio.Protocol):
             if len(buf) >= 5 or not b"POST ".startswith(buf):
                 self._hand_off()
             return
-        end = buf.find(b"\r\n\r\n")
+        end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
         if end < 0:
             if len(buf) > MAX_HEAD:
                 self._hand_off()

@@ -90,6 +90,7 @@ CASES = [
     post("/invocations", b"x" * 70_000),  # over the small-body limit: aiohttp streams it
     post("/invocations", b"x" * 300_000),  # over max_body_bytes: 413
     post("/invocations", b"{}", "Expect: 100-continue"),
+    post("/invocations", b"{}", "X-Long: " + "a" * 9000),  # a head past aiohttp's line limit
     post("/invocations", b"{}", version="1.0"),
     b"POST /invocations HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
     b"POST /invocations HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
