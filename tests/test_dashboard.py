@@ -126,6 +126,18 @@ async def test_every_dashboard_query_returns_data(
             await eventually(served_ready, timeout=120)
             async with Load([url], rate=40):
                 await asyncio.sleep(4)
+
+                async def generation_on_two_steps() -> bool:
+                    # The switch annotation compares 5 s subquery steps: it sees the switch only if a
+                    # step before it already had the old generation (else it flaked on step alignment).
+                    query = f'count_over_time(max(turnout_route_generation{{namespace="{NAMESPACE}"}})[1m:5s])'
+                    async with aiohttp.ClientSession() as s, s.get(
+                        f"http://127.0.0.1:{prom_port}/api/v1/query", params={"query": query}
+                    ) as resp:
+                        result = (await resp.json())["data"]["result"]
+                    return bool(result) and float(result[0]["value"][1]) >= 2
+
+                await eventually(generation_on_two_steps, timeout=30, interval=0.5)
                 async with aiohttp.ClientSession() as s:
                     for _ in range(5):  # an upstream error and client errors, so those panels have data
                         async with s.post(url + "/deployments/gone/invocations", json={}) as resp:
