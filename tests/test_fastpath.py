@@ -160,3 +160,21 @@ async def test_fast_path_requests_are_counted(both: dict[str, Any]) -> None:
         text = await resp.text()
     assert 'turnout_requests_total{code="200",deployment="blue",outcome="ok"} 3.0' in text
     assert 'turnout_inflight_requests{deployment="blue"} 0.0' in text
+
+
+async def test_idle_keep_alive_connections_are_closed(both: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway import fastpath
+
+    monkeypatch.setattr(fastpath, "KEEPALIVE_TIMEOUT", 0.5)
+    host, port = both["fast"].removeprefix("http://").split(":")
+    idle_reader, idle_writer = await asyncio.open_connection(host, int(port))
+    idle_writer.write(post("/invocations", b"{}"))
+    await idle_reader.readuntil(b"\r\n\r\n")
+    busy = asyncio.create_task(exchange(both["fast"], post("/invocations?mode=slow&delay=3", b"{}"), 1))
+    # The sweep runs every second: an idle connection is gone within ~1.5 s, one mid-request is not.
+    await asyncio.wait_for(idle_reader.read(), 5)  # the rest of the response, then the server's close
+    assert idle_reader.at_eof()
+    assert not busy.done()
+    idle_writer.close()
+    ((status, _, _),) = await busy
+    assert status == 200
