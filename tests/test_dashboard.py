@@ -129,7 +129,7 @@ async def test_every_dashboard_query_returns_data(
 
                 async def generation_on_two_steps() -> bool:
                     # The switch annotation compares 5 s subquery steps: it sees the switch only if a
-                    # step before it already had the old generation (else it flaked on step alignment).
+                    # step before it already had the old generation.
                     query = f'count_over_time(max(turnout_route_generation{{namespace="{NAMESPACE}"}})[1m:5s])'
                     async with aiohttp.ClientSession() as s, s.get(
                         f"http://127.0.0.1:{prom_port}/api/v1/query", params={"query": query}
@@ -153,14 +153,29 @@ async def test_every_dashboard_query_returns_data(
 
                 await eventually(rolled_back, timeout=20)
                 await asyncio.sleep(4)
-            empty = []
-            async with aiohttp.ClientSession() as s:
-                for where, expr in queries():
-                    async with s.get(f"http://127.0.0.1:{prom_port}/api/v1/query", params={"query": substitute(expr)}) as resp:
-                        answer = await resp.json()
-                    assert answer["status"] == "success", (where, answer)
-                    if not answer["data"]["result"]:
-                        empty.append(where)
+
+            async def empty_queries() -> list[str]:
+                empty = []
+                async with aiohttp.ClientSession() as s:
+                    for where, expr in queries():
+                        async with s.get(
+                            f"http://127.0.0.1:{prom_port}/api/v1/query", params={"query": substitute(expr)}
+                        ) as resp:
+                            answer = await resp.json()
+                        assert answer["status"] == "success", (where, answer)
+                        if not answer["data"]["result"]:
+                            empty.append(where)
+                return empty
+
+            # The Switches annotation compares 5 s subquery steps: at an instant less than one step
+            # (plus a scrape) after the rollback it may not see the change yet, as Grafana's range
+            # query would a moment later. Each query gets a few steps to answer.
+            empty = await empty_queries()
+            for _ in range(15):
+                if not empty:
+                    break
+                await asyncio.sleep(1)
+                empty = await empty_queries()
             assert empty == [], f"queries that returned no data: {empty}"
         finally:
             prom.terminate()
