@@ -132,7 +132,7 @@ def mlflow_backend(seconds: float, rounds: int) -> dict[str, Any]:
                             url, pids = targets[name]
                             out[key][name].append(_measure(url, IRIS_ROW, pids, conns, seconds))
     summary = {key: {name: _median(runs) for name, runs in per.items() if runs} for key, per in out.items()}
-    c1, c8 = summary["c1"], summary["c8"]
+    c1 = summary["c1"]
     result: dict[str, Any] = {"runs": out, "summary": summary}
     # Each figure compares a path with the direct call of the same round (measured minutes apart at
     # most), then takes the median over rounds: the model server's drift cancels out pairwise.

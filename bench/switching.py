@@ -16,7 +16,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import HERE, free_port, gateway_args, percentile, private_redis, process, wait_http  # noqa: E402
+from bench.common import HERE, free_port, gateway_args, percentile, private_redis, process  # noqa: E402
 
 TOKEN = "bench-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from . import __version__, errors
 from .admin import Admin
+from .fastpath import FastPath
 from .guard import Guard
 from .metrics import CONTENT_TYPE_LATEST, GatewayMetrics
 from .proxy import SMALL_BODY, Proxy
@@ -31,6 +32,7 @@ REGISTRY = web.AppKey("registry", RegistrySync)
 CONTROL = web.AppKey("control", RouteControl)
 ADMIN = web.AppKey("admin", Admin)
 GUARD = web.AppKey("guard", Guard)
+FAST = web.AppKey("fast", FastPath)
 
 Context = Callable[[web.Application], AsyncIterator[None]]
 
@@ -61,6 +63,10 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     app.cleanup_ctx.append(_registry_ctx)
     app.cleanup_ctx.append(_watcher_ctx)
     app.cleanup_ctx.append(_guard_ctx)
+    if settings.fast_path:
+        app[FAST] = fast = FastPath(proxy, settings.max_body_bytes)
+        # Runs when the runner drains: after the listeners close, before the cleanup contexts.
+        app.on_shutdown.append(lambda _: fast.shutdown(settings.shutdown_timeout))
 
     # Bound methods, not wrappers that look the proxy up: one coroutine less on every request.
     app.router.add_post("/invocations", proxy.invocations)

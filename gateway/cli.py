@@ -292,7 +292,7 @@ def switch(target: str, reason: str, expect_generation: int | None, force: bool,
         body["expected_generation"] = expect_generation
     code, answer = _call(url, token, "POST", "/admin/switch", body)
     _finish(code, answer, as_json, lambda d: d["message"] + (
-        f"; roll back with `turnout rollback`" if d.get("applied") and d["route"]["previous"] else ""))
+        "; roll back with `turnout rollback`" if d.get("applied") and d["route"]["previous"] else ""))
 
 
 @main.command()

@@ -364,9 +364,8 @@ class _ServerConnection(asyncio.Protocol):
         assert transport is not None
         status = upstream.status
         headers = upstream_header_pairs(upstream) + tags
-        raw_length = upstream.content_length
-        length = int(raw_length) if raw_length is not None and raw_length.isdigit() else None
-        if upstream.complete or (length is not None and length <= SMALL_BODY):
+        length = upstream.length
+        if upstream.small(SMALL_BODY):
             body = await upstream.read()
             transport.write(response_head(status, headers, len(body), keep_alive) + body)
             return status, classify(status, body if status >= 400 else None)

@@ -336,9 +336,8 @@ class Proxy:
     ) -> tuple[int, str, web.StreamResponse]:
         status = upstream.status
         headers = response_headers(upstream, name, generation)
-        raw_length = upstream.content_length
-        length = int(raw_length) if raw_length is not None and raw_length.isdigit() else None
-        if upstream.complete or (length is not None and length <= SMALL_BODY):
+        length = upstream.length
+        if upstream.small(SMALL_BODY):
             body = await upstream.read()
             return status, classify(status, body if status >= 400 else None), web.Response(
                 status=status, body=body, headers=headers

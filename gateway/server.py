@@ -8,7 +8,7 @@ import signal
 
 from aiohttp import web
 
-from .app import PROXY, create_app
+from .app import FAST, create_app
 from .fastpath import FastPath
 from .settings import Settings
 from .store import Store
@@ -49,10 +49,7 @@ class _FastSite(web.BaseSite):
 async def start_gateway(settings: Settings, *, store: Store | None = None) -> web.AppRunner:
     """Start listening; the caller owns the returned runner and calls ``cleanup()`` to drain and stop."""
     app = create_app(settings, store=store)
-    fast = FastPath(app[PROXY], settings.max_body_bytes) if settings.fast_path else None
-    if fast is not None:
-        # Runs when the runner drains: after the listeners close, before the app's cleanup.
-        app.on_shutdown.append(lambda _: fast.shutdown(settings.shutdown_timeout))
+    fast = app.get(FAST)
     # auto_decompress=False: aiohttp's server would otherwise gunzip request bodies while the
     # Content-Encoding header still goes upstream, corrupting every compressed prediction request.
     runner = web.AppRunner(

@@ -230,12 +230,14 @@ class _Connection(asyncio.Protocol):
 class UpstreamResponse:
     """Status, headers and a body to read whole or stream; :meth:`release` must be called once."""
 
-    __slots__ = ("status", "headers", "content_length", "_conn", "_pool", "_key", "_deadline", "_timeouts", "_released")
+    __slots__ = ("status", "headers", "length", "_conn", "_pool", "_key", "_deadline", "_timeouts", "_released")
 
     def __init__(self, conn: _Connection, pool: UpstreamPool, key: tuple[str, int], deadline: float) -> None:
         self.status = conn.status
         self.headers: list[tuple[bytes, bytes]] = conn.headers
-        self.content_length = conn.content_length
+        raw = conn.content_length
+        # The body's declared length, or None when it is chunked or runs until the connection closes.
+        self.length = int(raw) if raw is not None and raw.isdigit() else None
         self._conn = conn
         self._pool = pool
         self._key = key
@@ -246,6 +248,10 @@ class UpstreamResponse:
     def complete(self) -> bool:
         """The whole body has arrived."""
         return self._conn.complete
+
+    def small(self, limit: int) -> bool:
+        """Read whole rather than streamed: already complete, or declared no longer than ``limit``."""
+        return self._conn.complete or (self.length is not None and self.length <= limit)
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """Body bytes as they arrive (already de-chunked)."""

@@ -9,13 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 import yaml
 
 from gateway.records import Deployment, State
 from gateway.store import EmbeddedStore
-from tests.support import FAILURES, ROOT, backend_app, eventually, free_port, serve_app, wait_port
+from tests.support import ROOT, backend_app, eventually, free_port, serve_app, wait_port
 from tests.test_guard import Load
 
 DEPLOY = ROOT / "deploy"

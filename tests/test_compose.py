@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import subprocess
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
 import pytest

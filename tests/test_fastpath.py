@@ -12,6 +12,7 @@ import aiohttp
 import httptools
 import pytest
 
+from gateway.app import FAST
 from gateway.records import Deployment, State
 from gateway.store import EmbeddedStore
 from tests.support import backend_app, serve_app
@@ -73,8 +74,9 @@ async def both(gateway_factory: Any) -> AsyncIterator[dict[str, Any]]:
         await store.create_deployment(Deployment(name="blue", url=backend_url, state=State.READY, external=True))
         await store.set_route("blue", None)
         fast = await gateway_factory(store, max_body_bytes=200_000)
+        handler = gateway_factory.runners[-1].app[FAST]
         plain = await gateway_factory(store, max_body_bytes=200_000, fast_path=False)
-        yield {"fast": fast, "plain": plain, "backend": backend}
+        yield {"fast": fast, "plain": plain, "backend": backend, "handler": handler}
 
 
 CASES = [
@@ -178,3 +180,29 @@ async def test_idle_keep_alive_connections_are_closed(both: dict[str, Any], monk
     idle_writer.close()
     ((status, _, _),) = await busy
     assert status == 200
+
+
+async def test_predictions_stay_on_the_fast_path_until_another_request_moves_the_connection(
+    both: dict[str, Any],
+) -> None:
+    handler = both["handler"]
+    host, port = both["fast"].removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    collected = _Responses()
+
+    async def answer(request: bytes) -> Message:
+        writer.write(request)
+        wanted = len(collected.done) + 1
+        while len(collected.done) < wanted:
+            collected.parser.feed_data(await asyncio.wait_for(reader.read(65536), 10))
+        return collected.done[-1]
+
+    try:
+        for _ in range(3):
+            assert (await answer(post("/invocations", b"{}")))[0] == 200
+            assert len(handler.connections) == 1, "the prediction was relayed by the fast path"
+        assert (await answer(b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n"))[0] == 200
+        assert handler.connections == set(), "the connection now belongs to aiohttp"
+        assert (await answer(post("/invocations", b"{}")))[0] == 200
+    finally:
+        writer.close()
