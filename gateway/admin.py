@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import hmac
-import ipaddress
 import json
 import logging
 import time
@@ -23,6 +22,7 @@ from .records import Deployment, Snapshot, State
 from .settings import Settings
 from .store import Store, StoreUnavailable
 from .guard import Guard
+from .http1 import client_address, is_loopback
 from .switching import RouteControl, Who, describe_state, now_iso
 from .traffic import Traffic
 from .watcher import RouteWatcher
@@ -50,13 +50,20 @@ def _json(body: Any, status: int = 200) -> web.Response:
     return web.Response(text=json.dumps(body), status=status, content_type="application/json")
 
 
-def _is_loopback(address: str | None) -> bool:
-    if not address:
+def _loopback_host(host: str | None) -> bool:
+    """A Host header that names this machine by a loopback name or address (with or without a port).
+
+    Without a token the admin API trusts loopback clients; a web page in the operator's browser is one
+    too, reached through DNS rebinding under a foreign host name. Only loopback names are accepted.
+    """
+    if not host:
         return False
-    try:
-        return ipaddress.ip_address(address.split("%")[0]).is_loopback
-    except ValueError:
-        return False
+    host = host.strip().lower()
+    if host.startswith("["):
+        name = host[1:].partition("]")[0]
+    else:
+        name = host.rpartition(":")[0] if host.count(":") == 1 else host
+    return name in ("localhost", "localhost.") or is_loopback(name)
 
 
 class Admin:
@@ -73,6 +80,7 @@ class Admin:
         self.control = control
         self.guard = guard
         self._token = settings.admin_token.encode() if settings.admin_token else None
+        self._trusted = settings.trusted_networks()
         self._openapi = json.dumps(openapi_document())
 
     def routes(self) -> list[web.AbstractRouteDef]:
@@ -110,17 +118,23 @@ class Admin:
 
         return wrapped
 
+    def client(self, request: web.Request) -> str | None:
+        """The client's address: the peer, or behind a trusted proxy the address it forwarded."""
+        return client_address(request.remote, request.headers.getall("X-Forwarded-For", []), self._trusted)
+
     def authorize(self, request: web.Request) -> None:
         """Token (constant-time), loopback-only without one, and no browser-originated requests."""
-        if self.settings.admin_port is not None:
-            sockname = request.transport.get_extra_info("sockname") if request.transport else None
-            if not sockname or sockname[1] != self.settings.admin_port:
-                raise AdminError(404, errors.ENDPOINT_NOT_FOUND, "the admin API listens on its own port")
         if self._token is None:
-            if not _is_loopback(request.remote):
+            if not is_loopback(self.client(request)):
                 raise AdminError(
                     403, errors.PERMISSION_DENIED,
                     "no admin token is configured, so the admin API answers loopback clients only; set TURNOUT_ADMIN_TOKEN",
+                )
+            if not _loopback_host(request.host):
+                raise AdminError(
+                    403, errors.PERMISSION_DENIED,
+                    "no admin token is configured, so the admin API answers only requests addressed to localhost "
+                    "(Host header); set TURNOUT_ADMIN_TOKEN",
                 )
         else:
             header = request.headers.get("Authorization", "")
@@ -128,7 +142,8 @@ class Admin:
             if scheme.lower() != "bearer" or not given:
                 raise AdminError(401, errors.UNAUTHENTICATED, "missing bearer token (Authorization: Bearer <token>)",
                                  {"WWW-Authenticate": 'Bearer realm="turnout"'})
-            if not hmac.compare_digest(given.strip().encode(), self._token):
+            # aiohttp decodes header bytes that are not UTF-8 as surrogates: compare the original bytes.
+            if not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), self._token):
                 raise AdminError(401, errors.UNAUTHENTICATED, "wrong bearer token",
                                  {"WWW-Authenticate": 'Bearer realm="turnout", error="invalid_token"'})
         if "Origin" in request.headers:
@@ -163,7 +178,7 @@ class Admin:
 
     def _who(self, request: web.Request) -> Who:
         actor = request.headers.get(ACTOR_HEADER, "").strip()[:100] or "anonymous"
-        return Who(actor=actor, client=request.remote, trigger="api")
+        return Who(actor=actor, client=self.client(request), trigger="api")
 
     # --- reads --------------------------------------------------------------------------------
     def _deployment_view(self, snapshot: Snapshot, dep: Deployment) -> dict[str, Any]:
@@ -345,7 +360,7 @@ class Admin:
             if not await self.store.first_time(f"alert:{identity}:{alert.startsAt}", ttl=24 * 3600):
                 results.append({"alert": name, "action": "ignored", "detail": "already acted on this alert"})
                 continue
-            who = Who(actor=f"alertmanager:{name}", client=request.remote, trigger="alertmanager")
+            who = Who(actor=f"alertmanager:{name}", client=self.client(request), trigger="alertmanager")
             reason = alert.annotations.get("summary") or alert.annotations.get("description") or f"alert {name} fired"
             outcome = await self.control.rollback(
                 who, reason=reason, only_if_active=labels.get("deployment") or None,

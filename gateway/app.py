@@ -9,8 +9,10 @@ from aiohttp import web
 
 from . import __version__, errors
 from .admin import Admin
+from .aiohttp_handler import Drain, on_response_prepare
 from .fastpath import FastPath
 from .guard import Guard
+from .http1 import BadRequests, ServerLimits
 from .metrics import CONTENT_TYPE_LATEST, GatewayMetrics
 from .proxy import SMALL_BODY, Proxy
 from .registry_sync import RegistrySync
@@ -33,6 +35,20 @@ CONTROL = web.AppKey("control", RouteControl)
 ADMIN = web.AppKey("admin", Admin)
 GUARD = web.AppKey("guard", Guard)
 FAST = web.AppKey("fast", FastPath)
+LIMITS = web.AppKey("limits", ServerLimits)
+BAD_REQUESTS = web.AppKey("bad_requests", BadRequests)
+
+
+DRAIN = web.AppKey("drain", Drain)
+
+
+def limits_from(settings: Settings) -> ServerLimits:
+    """What clients are allowed, on both request paths."""
+    return ServerLimits(
+        header_timeout=settings.header_timeout, keepalive_timeout=settings.keepalive_timeout,
+        client_timeout=settings.client_timeout, total_timeout=settings.total_timeout,
+        max_headers=settings.max_headers, max_head_bytes=settings.max_head_bytes,
+    )
 
 Context = Callable[[web.Application], AsyncIterator[None]]
 
@@ -47,11 +63,16 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     app[TRAFFIC] = traffic = Traffic()
     app[WATCHER] = watcher = RouteWatcher(app[STORE], metrics, poll_interval=settings.poll_interval)
     app[POOL] = pool = UpstreamPool(
-        Timeouts(connect=settings.connect_timeout, read=settings.read_timeout, total=settings.total_timeout),
+        Timeouts(connect=settings.connect_timeout, read=settings.read_timeout, total=settings.total_timeout,
+                 pool=settings.upstream_pool_timeout),
         keepalive=settings.upstream_keepalive,
         max_per_host=settings.upstream_max_connections,
     )
-    app[PROXY] = proxy = Proxy(watcher, pool, metrics, traffic, settings.max_body_bytes)
+    app[LIMITS] = limits = limits_from(settings)
+    app[BAD_REQUESTS] = bad_requests = BadRequests(metrics.count_bad_request)
+    app[DRAIN] = Drain()
+    app.on_response_prepare.append(on_response_prepare)
+    app[PROXY] = proxy = Proxy(watcher, pool, metrics, traffic, settings.max_body_bytes, limits, bad_requests)
     app[REGISTRY] = registry = RegistrySync(settings.registry_alias, app[STORE].append_history, settings.registry_sync)
     app[CONTROL] = control = RouteControl(app[STORE], metrics, registry)
     app[GUARD] = guard = Guard(settings, app[STORE], traffic, control, metrics)
@@ -64,9 +85,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     app.cleanup_ctx.append(_watcher_ctx)
     app.cleanup_ctx.append(_guard_ctx)
     if settings.fast_path:
-        app[FAST] = fast = FastPath(proxy, settings.max_body_bytes)
-        # Runs when the runner drains: after the listeners close, before the cleanup contexts.
-        app.on_shutdown.append(lambda _: fast.shutdown(settings.shutdown_timeout))
+        app[FAST] = FastPath(proxy, limits, bad_requests)
 
     # Bound methods, not wrappers that look the proxy up: one coroutine less on every request.
     app.router.add_post("/invocations", proxy.invocations)
@@ -75,12 +94,24 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     app.router.add_get("/health", health)
     app.router.add_get("/version", version)
     app.router.add_get("/metrics", metrics_endpoint)
-    app.router.add_routes(admin.routes())
+    if settings.admin_port is None:
+        app.router.add_routes(admin.routes())
     # Catch-alls instead of a middleware, so the hot path pays nothing for MLflow-shaped 404/405s.
     app.router.add_route("*", "/invocations", errors.method_not_allowed)
     app.router.add_route("*", "/deployments/{name}/invocations", errors.method_not_allowed)
     app.router.add_route("*", "/{tail:.*}", errors.not_found)
     return app
+
+
+def create_admin_app(app: web.Application) -> web.Application:
+    """The admin API alone (and ``/ping``), for its own listener (``TURNOUT_ADMIN_PORT``); it shares the
+    gateway's objects, whose lifetimes the gateway app owns."""
+    admin_app = web.Application(client_max_size=SMALL_BODY)
+    admin_app.on_response_prepare.append(on_response_prepare)
+    admin_app.router.add_routes(app[ADMIN].routes())
+    admin_app.router.add_get("/ping", ping)
+    admin_app.router.add_route("*", "/{tail:.*}", errors.not_found)
+    return admin_app
 
 
 def _store_ctx(owned: bool) -> Context:

@@ -158,14 +158,14 @@ class Stack:
     def __init__(self, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = store
-        self.runner: Any = None
+        self.gateway: Any = None
         self.worker: Any = None
 
     async def start(self) -> None:
         """Gateway first (so it sees the deployments appear), then the worker."""
         from workers.supervisor import Worker
 
-        self.runner = await start_gateway(self.settings, store=self.store)
+        self.gateway = await start_gateway(self.settings, store=self.store)
         self.worker = Worker(self.settings, self.store)
         await self.worker.start()
 
@@ -173,8 +173,8 @@ class Stack:
         """Undo start in reverse: model servers first, then the gateway."""
         if self.worker is not None:
             await self.worker.stop()
-        if self.runner is not None:
-            await self.runner.cleanup()
+        if self.gateway is not None:
+            await self.gateway.stop()
 
 
 async def wait_ready(
@@ -335,7 +335,7 @@ async def run_demo(workdir: Path, quick: bool, summary_path: Path | None, quiet:
         finally:
             await load.stop()
             progress.step("stopping the gateway, the worker and every model server")
-            history = (await store.read_history(0, 50))[0] if stack.runner is not None else []
+            history = (await store.read_history(0, 50))[0] if stack.gateway is not None else []
             await stack.stop()
 
         summary["phases"] = [

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from .upstream import UpstreamError
+from .upstream import POOL_FULL, UpstreamError
 
 # MLflow error codes (mlflow.protos.databricks_pb2.ErrorCode names), so MLflow clients can read them.
 BAD_REQUEST = "BAD_REQUEST"
@@ -47,7 +47,10 @@ def error_response(
 
 
 def upstream_error(exc: UpstreamError, deployment: str) -> tuple[int, bytes]:
-    """502 for an unreachable or broken upstream, 504 when it ran out of time: status and body."""
+    """502 for an unreachable or broken upstream, 504 when it ran out of time, 503 when every
+    connection to it is busy (it never saw the request): status and body."""
+    if exc.kind == POOL_FULL:
+        return 503, error_body(TEMPORARILY_UNAVAILABLE, f"deployment {deployment!r} is at capacity: {exc}; retry shortly")
     if exc.is_timeout:
         return 504, error_body(DEADLINE_EXCEEDED, f"deployment {deployment!r}: {exc}")
     return 502, error_body(TEMPORARILY_UNAVAILABLE, f"deployment {deployment!r}: {exc}")

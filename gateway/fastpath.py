@@ -4,25 +4,30 @@ Every client connection on the data-plane port starts here. A request that is ``
 or ``POST /deployments/{name}/invocations`` over HTTP/1.1, framed by a Content-Length within the
 small-body limit and without Expect or Upgrade (nearly every scoring request), is parsed by llhttp
 and relayed between the sockets by the proxy's own parts. The first request that is anything else
-(the admin API, /metrics, a chunked or large body, HTTP/1.0, a malformed head) hands the
-connection, with every byte not yet consumed, to aiohttp, which serves it from then on exactly as
-it would have from the start. Both paths share routing, metrics, traffic and the upstream pool.
+(the admin API, /metrics, a chunked or large body, HTTP/1.0, Upgrade, a malformed or oversized head)
+hands the connection, with every byte not yet consumed, to aiohttp's handler (``aiohttp_handler``),
+which serves it from then on under the same limits. Both paths share routing, metrics, traffic and
+the upstream pool.
+
+Every wait on the client has a deadline, kept by one lazily moved timer per connection: a new
+connection owes a complete head within ``header_timeout`` of its first byte (a new connection, of
+its opening), a small body must keep arriving within ``client_timeout``, an idle keep-alive
+connection closes after ``keepalive_timeout``, a client that stops reading its answer is dropped
+after ``client_timeout``, and ``total_timeout`` bounds a whole exchange from the head's first byte.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import http
 import logging
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import httptools
 
 from . import errors
 from .classify import classify
-from .metrics import CLIENT_ERROR, UPSTREAM_ERROR
+from .http1 import BODY_TIMEOUT, HEADER_TIMEOUT, MAX_LINE_BYTES, BadRequests, DateHeader, ServerLimits, refusal, response_head
+from .metrics import CLIENT_ERROR, OVERLOADED, UPSTREAM_ERROR
 from .proxy import (
     CLIENT_CLOSED,
     DEPLOYMENT_HEADER,
@@ -33,52 +38,24 @@ from .proxy import (
     build_request_head,
     upstream_header_pairs,
 )
-from .upstream import UpstreamError, UpstreamResponse
+from .upstream import POOL_FULL, UpstreamError, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
-# A head longer than this goes to aiohttp, which enforces its own limits (8190 bytes per line) and
-# answers them; scoring requests' heads are a few hundred bytes.
-MAX_HEAD = 8190
-# Idle keep-alive connections are closed after this long (aiohttp's default too).
-KEEPALIVE_TIMEOUT = 75.0
+# A head longer than this goes to aiohttp, which bounds each line to 8190 bytes and the whole head to
+# max_head_bytes; scoring requests' heads are a few hundred bytes.
+MAX_HEAD = MAX_LINE_BYTES
 # Pipelined bytes buffered while a request is in flight before the socket stops being read.
 _PIPELINE_HIGH_WATER = 2 * SMALL_BODY + MAX_HEAD
 
 _PINNED_PREFIX = b"/deployments/"
 _INVOCATIONS = b"/invocations"
 _NOT_OURS = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
-_REASONS = {status.value: status.phrase.encode() for status in http.HTTPStatus}
 _JSON = (b"Content-Type", b"application/json")
 _DEPLOYMENT = DEPLOYMENT_HEADER.encode()
 _GENERATION = GENERATION_HEADER.encode()
-
-
-def response_head(status: int, headers: Sequence[tuple[bytes, bytes]], length: int | None, keep_alive: bool) -> bytes:
-    """Status line and headers; ``length`` None frames the body as chunked."""
-    lines = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))]
-    for name, value in headers:
-        lines += (name, b": ", value, b"\r\n")
-    if status >= 200 and status not in (204, 304):
-        lines.append(b"Content-Length: %d\r\n" % length if length is not None else b"Transfer-Encoding: chunked\r\n")
-    if not keep_alive:
-        lines.append(b"Connection: close\r\n")
-    lines.append(b"\r\n")
-    return b"".join(lines)
-
-
-class _DateHeader:
-    """The Date header of the gateway's own responses, formatted once a second."""
-
-    def __init__(self) -> None:
-        self._second = 0
-        self._value = b""
-
-    def __call__(self) -> tuple[bytes, bytes]:
-        now = int(time.time())
-        if now != self._second:
-            self._second, self._value = now, email.utils.formatdate(now, usegmt=True).encode()
-        return (b"Date", self._value)
+# Recorded for a client that stopped reading its answer (the response was cut off).
+CLIENT_TIMEOUT = 408
 
 
 class _Head:
@@ -101,50 +78,42 @@ class _Head:
         self.done = True
 
 
+class _ClientStalled(Exception):
+    """The client stopped reading its answer for longer than the client timeout."""
+
+
 class FastPath:
     """Protocol factory for the data-plane listener; tracks its connections so shutdown can drain them."""
 
-    def __init__(self, proxy: Proxy, max_body_bytes: int) -> None:
+    def __init__(self, proxy: Proxy, limits: ServerLimits, bad_requests: BadRequests) -> None:
         self.proxy = proxy
-        self.small_body = min(SMALL_BODY, max_body_bytes)
-        # aiohttp's protocol factory (the runner's server), bound once the runner is set up.
+        self.limits = limits
+        self.bad_requests = bad_requests
+        self.small_body = min(SMALL_BODY, proxy.max_body_bytes)
+        # aiohttp's protocol factory (guarded handlers), bound once the runner is set up.
         self.fallback: Callable[[], asyncio.Protocol] | None = None
         self.connections: set[_ServerConnection] = set()
         self.closing = False
-        self.date = _DateHeader()
-        self._sweeper: asyncio.Task[None] | None = None
+        self.date = DateHeader()
 
     def __call__(self) -> asyncio.Protocol:
         return _ServerConnection(self, asyncio.get_running_loop())
 
-    def start(self) -> None:
-        """Start closing idle keep-alive connections."""
-        self._sweeper = asyncio.create_task(self._sweep_forever(), name="fastpath-keepalive")
-
-    async def shutdown(self, timeout: float) -> None:
-        """Close idle connections, let requests in flight finish (up to ``timeout`` s), then close the rest."""
+    def begin_drain(self) -> None:
+        """Answer no new request: idle connections close now, busy ones after their response."""
         self.closing = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
         for conn in list(self.connections):
             if not conn.busy:
                 conn.close()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while any(conn.busy for conn in self.connections) and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+
+    def busy(self) -> int:
+        """Requests being relayed right now."""
+        return sum(1 for conn in self.connections if conn.busy)
+
+    def abort_all(self) -> None:
+        """Drop every connection still open (the drain's time is up)."""
         for conn in list(self.connections):
             conn.abort()
-
-    async def _sweep_forever(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(1.0)
-            cutoff = loop.time() - KEEPALIVE_TIMEOUT
-            for conn in list(self.connections):
-                if not conn.busy and conn.last_active < cutoff:
-                    conn.close()
 
 
 class _ServerConnection(asyncio.Protocol):
@@ -157,12 +126,18 @@ class _ServerConnection(asyncio.Protocol):
         self.buffer = bytearray()
         self.remote = b"unknown"
         self.busy = False
-        self.last_active = loop.time()
         self._task: asyncio.Task[None] | None = None
         self._eof = False
         self._reading_paused = False
         self._can_write = asyncio.Event()
         self._can_write.set()
+        # Loop time of the first byte of the request being received (None while idle or busy).
+        self._head_started: float | None = None
+        self._awaiting_body = False
+        self._last_data = 0.0
+        self._idle_since = 0.0
+        self._requests = 0
+        self._timer: asyncio.TimerHandle | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -171,16 +146,26 @@ class _ServerConnection(asyncio.Protocol):
         if isinstance(peer, tuple) and peer:
             self.remote = str(peer[0]).encode("latin-1")
         self.fast.connections.add(self)
+        now = self.loop.time()
+        # A new connection owes its first head within the header timeout.
+        self._head_started = self._last_data = now
+        self._timer = self.loop.call_at(now + self.fast.limits.header_timeout, self._on_timer)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        self.last_active = self.loop.time()
         if self.busy:
             if len(self.buffer) > _PIPELINE_HIGH_WATER and not self._reading_paused and self.transport is not None:
                 self.transport.pause_reading()
                 self._reading_paused = True
             return
+        now = self.loop.time()
+        self._last_data = now
+        if self._head_started is None:
+            self._head_started = now
         self._next()
+        if not self.busy and self.buffer and self.transport is not None:
+            # A request that did not arrive in one read: make sure its deadline is watched.
+            self._arm(self._receiving_due())
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -189,6 +174,7 @@ class _ServerConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.fast.connections.discard(self)
+        self._disarm()
         self._can_write.set()
         if self._task is not None and not self._task.done():
             # The client went away: stop waiting for its answer (recorded as 499).
@@ -203,11 +189,13 @@ class _ServerConnection(asyncio.Protocol):
     # --- lifecycle --------------------------------------------------------------------------
     def close(self) -> None:
         """Close once buffered output is sent."""
+        self._disarm()
         if self.transport is not None:
             self.transport.close()
 
     def abort(self) -> None:
         """Close now."""
+        self._disarm()
         if self.transport is not None:
             self.transport.abort()
 
@@ -216,6 +204,7 @@ class _ServerConnection(asyncio.Protocol):
         transport = self.transport
         fallback = self.fast.fallback
         self.fast.connections.discard(self)
+        self._disarm()
         if transport is None or transport.is_closing():
             return
         if fallback is None:
@@ -225,11 +214,67 @@ class _ServerConnection(asyncio.Protocol):
         handler = fallback()
         transport.set_protocol(handler)
         handler.connection_made(transport)
+        if self._head_started is not None and data:
+            # The head's deadline runs from its first byte, not from the hand-off.
+            handler.continue_head(self._head_started)  # type: ignore[attr-defined]
         if self._reading_paused:
             self._reading_paused = False
             transport.resume_reading()
         if data:
             handler.data_received(data)  # type: ignore[attr-defined]
+        if self._eof and not handler.eof_received():  # type: ignore[attr-defined]
+            transport.close()
+
+    # --- the one timer: head, body, idle ----------------------------------------------------
+    def _arm(self, due: float) -> None:
+        timer = self._timer
+        if timer is None or timer.when() > due:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self.loop.call_at(due, self._on_timer)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _receiving_due(self) -> float:
+        """When the request being received runs out of time: its head, or the next piece of its body."""
+        limits = self.fast.limits
+        assert self._head_started is not None
+        if self._awaiting_body:
+            return min(self._last_data + limits.client_timeout, self._head_started + limits.total_timeout)
+        return self._head_started + limits.header_timeout
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        limits = self.fast.limits
+        now = self.loop.time()
+        if self.busy:
+            # The relay keeps its own deadlines; look again later.
+            due = now + limits.header_timeout
+        elif self._head_started is not None:
+            due = self._receiving_due()
+            if now >= due:
+                if not self.buffer and self._requests == 0:
+                    self.close()  # connected and said nothing: no one to answer
+                else:
+                    self._refuse(BODY_TIMEOUT if self._awaiting_body else HEADER_TIMEOUT)
+                return
+        else:
+            due = self._idle_since + limits.keepalive_timeout
+            if now >= due:
+                self.close()
+                return
+        self._timer = self.loop.call_at(due, self._on_timer)
+
+    def _refuse(self, reason: str) -> None:
+        self.fast.bad_requests.record(reason, self.remote.decode("latin-1"))
+        if self.transport is not None:
+            self.transport.write(refusal(reason, self.fast.limits))
+        self.close()
 
     # --- requests ---------------------------------------------------------------------------
     def _next(self) -> None:
@@ -246,18 +291,22 @@ class _ServerConnection(asyncio.Protocol):
             return
         end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
         if end < 0:
-            if len(buf) > MAX_HEAD:
-                self._hand_off()
+            if len(buf) > MAX_HEAD or not _plausible_partial_head(buf):
+                self._hand_off()  # aiohttp answers an oversized or malformed head precisely
+            elif self._eof:
+                self.close()
             return
         head_length = end + 4
         head = _Head()
         parser = httptools.HttpRequestParser(head)
         try:
             parser.feed_data(bytes(buf[:head_length]))
-        except httptools.HttpParserError:
-            self._hand_off()  # aiohttp answers malformed requests with its precise 400
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            # HttpParserUpgrade is not an HttpParserError. aiohttp declines an upgrade and answers the
+            # request; it also answers a malformed request with its precise 400.
+            self._hand_off()
             return
-        if not head.done or parser.get_http_version() != "1.1":
+        if not head.done or parser.get_http_version() != "1.1" or len(head.headers) > self.fast.limits.max_headers:
             self._hand_off()
             return
         path, _, query = head.url.partition(b"?")
@@ -272,6 +321,7 @@ class _ServerConnection(asyncio.Protocol):
                 return
             pinned = name.decode("ascii")
         length: int | None = None
+        typed = False
         for name, value in head.headers:
             lowered = name.lower()
             if lowered == b"content-length":
@@ -279,6 +329,8 @@ class _ServerConnection(asyncio.Protocol):
                     self._hand_off()
                     return
                 length = int(value)
+            elif lowered == b"content-type":
+                typed = True
             elif lowered in _NOT_OURS:
                 self._hand_off()
                 return
@@ -287,20 +339,27 @@ class _ServerConnection(asyncio.Protocol):
             return
         total = head_length + length
         if len(buf) < total:
-            return  # the body is still arriving
+            self._awaiting_body = True  # the body is still arriving
+            if self._eof:
+                self.close()
+            return
         body = bytes(buf[head_length:total])
         del buf[:total]
+        started = self._head_started if self._head_started is not None else self.loop.time()
+        self._head_started = None
+        self._awaiting_body = False
+        self._requests += 1
         self.busy = True
         self._task = self.loop.create_task(
-            self._serve(pinned, query, head.headers, body, parser.should_keep_alive())
+            self._serve(pinned, query, head.headers, body, parser.should_keep_alive(), started, typed)
         )
 
     async def _serve(
-        self, pinned: str | None, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes, keep_alive: bool
+        self, pinned: str | None, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes, keep_alive: bool,
+        started: float, typed: bool,
     ) -> None:
-        keep_alive = keep_alive and not self._eof
         try:
-            keep_alive = await self._relay(pinned, query, headers, body, keep_alive)
+            keep_alive = await self._relay(pinned, query, headers, body, keep_alive, started, typed)
         except asyncio.CancelledError:
             return  # the connection is gone
         except Exception:
@@ -310,55 +369,76 @@ class _ServerConnection(asyncio.Protocol):
         finally:
             self._task = None
             self.busy = False
-        if not keep_alive or self._eof or self.fast.closing:
+        if not keep_alive or self.fast.closing or (self._eof and not self.buffer):
             self.close()
             return
-        self.last_active = self.loop.time()
+        self._idle_since = self.loop.time()
         if self._reading_paused and self.transport is not None:
             self._reading_paused = False
             self.transport.resume_reading()
-        self._next()
+        if self.buffer:
+            # Pipelined: the next request's deadline runs from now.
+            self._head_started = self._last_data = self._idle_since
+            self._next()
+            if not self.busy and self.buffer and self.transport is not None:
+                self._arm(self._receiving_due())
+        else:
+            # Usually a no-op: the timer is already due sooner and will look again then.
+            self._arm(self._idle_since + self.fast.limits.keepalive_timeout)
+
+    def _keep_alive(self, asked: bool) -> bool:
+        """Whether the answer about to be written may leave the connection open."""
+        return asked and not self.fast.closing and not (self._eof and not self.buffer)
 
     async def _relay(
-        self, pinned: str | None, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes, keep_alive: bool
+        self, pinned: str | None, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes, keep_alive: bool,
+        started: float, typed: bool,
     ) -> bool:
         """Answer one request; returns whether the connection may carry another."""
         proxy = self.fast.proxy
-        chosen = proxy.choose(pinned)
+        chosen = proxy.choose(pinned) if typed else proxy.untyped(self.remote.decode("latin-1"))
         if isinstance(chosen, Refusal):
             tags = [(k.encode(), v.encode()) for k, v in chosen.tags().items()]
+            keep_alive = self._keep_alive(keep_alive)
             self._write_own(chosen.status, chosen.body(), tags, keep_alive)
             return keep_alive
         name, target = chosen.name, chosen.target
         tags = [(_DEPLOYMENT, name.encode()), (_GENERATION, chosen.generation.encode())]
-        dm, started = proxy.begin(name)
+        dm, begun = proxy.begin(name)
         code, outcome = CLIENT_CLOSED, CLIENT_ERROR
+        deadline = started + self.fast.limits.total_timeout
         try:
             head = build_request_head(headers, query, self.remote, b"http", target, len(body))
             try:
-                upstream = await proxy.pool.request(target.host, target.port, head, body)
+                upstream = await proxy.pool.request(target.host, target.port, head, body, deadline=deadline)
             except UpstreamError as exc:
-                code, outcome = (504 if exc.is_timeout else 502), UPSTREAM_ERROR
-                proxy.upstream_failed(dm, exc)
                 status, error = errors.upstream_error(exc, name)
+                code, outcome = status, (OVERLOADED if exc.kind == POOL_FULL else UPSTREAM_ERROR)
+                proxy.upstream_failed(dm, exc)
+                keep_alive = self._keep_alive(keep_alive)
                 self._write_own(status, error, tags, keep_alive)
                 return keep_alive
             try:
-                code, outcome = await self._respond(upstream, tags, keep_alive)
+                keep_alive = self._keep_alive(keep_alive)
+                code, outcome = await self._respond(upstream, tags, keep_alive, deadline)
             except UpstreamError as exc:
                 # The head already went to the client: all we can do is cut the response short.
                 code, outcome = 502, UPSTREAM_ERROR
                 proxy.upstream_failed(dm, exc, "response broken off: ")
                 self.abort()
                 return False
+            except _ClientStalled:
+                code, outcome = CLIENT_TIMEOUT, CLIENT_ERROR
+                self.abort()
+                return False
             finally:
                 upstream.release()
             return keep_alive
         finally:
-            proxy.end(dm, started, code, outcome)
+            proxy.end(dm, begun, code, outcome)
 
     async def _respond(
-        self, upstream: UpstreamResponse, tags: list[tuple[bytes, bytes]], keep_alive: bool
+        self, upstream: UpstreamResponse, tags: list[tuple[bytes, bytes]], keep_alive: bool, deadline: float
     ) -> tuple[int, str]:
         transport = self.transport
         assert transport is not None
@@ -373,10 +453,18 @@ class _ServerConnection(asyncio.Protocol):
         async for chunk in upstream.iter_chunks():
             transport.write(chunk if length is not None else b"%x\r\n%b\r\n" % (len(chunk), chunk))
             if not self._can_write.is_set():
-                await self._can_write.wait()
+                await self._writable(deadline)
         if length is None:
             transport.write(b"0\r\n\r\n")
         return status, classify(status, None)
+
+    async def _writable(self, deadline: float) -> None:
+        """Wait for the client to take what was written, at most the client timeout."""
+        timeout = min(self.fast.limits.client_timeout, deadline - self.loop.time())
+        try:
+            await asyncio.wait_for(self._can_write.wait(), max(timeout, 0.0))
+        except TimeoutError:
+            raise _ClientStalled() from None
 
     def _write_own(self, status: int, body: bytes, tags: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
         """A response the gateway makes itself (MLflow's JSON error shape)."""
@@ -384,3 +472,12 @@ class _ServerConnection(asyncio.Protocol):
             headers = [_JSON, self.fast.date(), *tags]
             self.transport.write(response_head(status, headers, len(body), keep_alive) + body)
 
+
+def _plausible_partial_head(buf: bytearray) -> bool:
+    """False when the start of a head is already malformed (bare LF or CR, a bad request line):
+    aiohttp answers it at once instead of the client waiting for the header timeout."""
+    try:
+        httptools.HttpRequestParser(_Head()).feed_data(bytes(buf))
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+        return False
+    return True

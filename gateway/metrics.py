@@ -13,6 +13,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from . import http1
 from .records import Snapshot
 
 # Model serving spans a fast tree (~1 ms) to a slow batch (~30 s).
@@ -23,6 +24,9 @@ OK = "ok"
 CLIENT_ERROR = "client_error"
 MODEL_ERROR = "model_error"
 UPSTREAM_ERROR = "upstream_error"
+# Refused by the gateway because every connection to the deployment was busy: the model never saw
+# it, so the guard does not count it either way.
+OVERLOADED = "overloaded"
 
 # What can change the route (the `trigger` label).
 TRIGGERS = ("api", "guard", "alertmanager")
@@ -130,6 +134,10 @@ class GatewayMetrics:
         )
         self.switches = Counter("turnout_switches", "Route changes applied through Turnout, by trigger.", ["trigger"], registry=r)
         self.rollbacks = Counter("turnout_rollbacks", "Rollbacks to the previous deployment, by trigger.", ["trigger"], registry=r)
+        self.bad_requests = Counter(
+            "turnout_bad_requests", "Client requests refused before routing (malformed, too large, too slow), by reason.",
+            ["reason"], registry=r,
+        )
         self.guard_leader = Gauge("turnout_guard_leader", "1 while this replica is the one whose guard decides.", registry=r)
         self.guard_paused = Gauge("turnout_guard_paused", "1 while an operator has paused the guard.", registry=r)
         self.guard_latched = Gauge(
@@ -139,6 +147,12 @@ class GatewayMetrics:
         for trigger in TRIGGERS:
             self.switches.labels(trigger)
             self.rollbacks.labels(trigger)
+        for reason in http1.REASONS:
+            self.bad_requests.labels(reason)
+
+    def count_bad_request(self, reason: str) -> None:
+        """One refused client request (see :class:`gateway.http1.BadRequests`)."""
+        self.bad_requests.labels(reason).inc()
 
     def deployment(self, name: str) -> DeploymentMetrics:
         """The bound metrics of one deployment."""

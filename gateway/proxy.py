@@ -8,14 +8,17 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
 
 from . import errors
+from .aiohttp_handler import HEAD_STARTED, abandon_body
 from .classify import classify
-from .metrics import CLIENT_ERROR, UPSTREAM_ERROR, DeploymentMetrics, GatewayMetrics
+from .http1 import BODY_TIMEOUT, MALFORMED, MISSING_CONTENT_TYPE, BadRequests, ServerLimits
+from .metrics import CLIENT_ERROR, OVERLOADED, UPSTREAM_ERROR, DeploymentMetrics, GatewayMetrics
 from .traffic import Traffic
-from .upstream import UpstreamError, UpstreamPool, UpstreamResponse
+from .upstream import POOL_FULL, UpstreamError, UpstreamPool, UpstreamResponse
 from .watcher import RouteWatcher
 
 log = logging.getLogger(__name__)
@@ -29,8 +32,9 @@ SMALL_BODY = 64 * 1024
 HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
 )
-# Request headers the gateway writes itself.
-_REQUEST_OWNED = frozenset({b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto"})
+# Request headers the gateway writes itself. Expect is answered by the gateway (100 Continue before
+# it reads the body) and never forwarded: the upstream's own 100 would otherwise arrive too.
+_REQUEST_OWNED = frozenset({b"host", b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto"})
 # Response headers aiohttp derives from the body it sends.
 _RESPONSE_OWNED = frozenset({b"content-length"})
 
@@ -166,6 +170,12 @@ class Refusal:
         return web.Response(status=self.status, body=self.body(), content_type="application/json", headers=self.tags())
 
 
+NO_CONTENT_TYPE = Refusal(
+    415, errors.BAD_REQUEST,
+    "the request has no Content-Type header; send application/json, text/csv or application/vnd.apache.parquet",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Choice:
     """Where one request goes: the deployment, its generation, and its pre-encoded target."""
@@ -175,31 +185,62 @@ class Choice:
     target: Target
 
 
-async def _limited(content: StreamReader, limit: int) -> AsyncIterator[bytes]:
-    """Stream a request body, failing as soon as it grows past ``limit`` (chunked bodies have no length)."""
-    total = 0
-    async for chunk in content.iter_any():
-        total += len(chunk)
-        if total > limit:
-            raise errors.BodyTooLarge(limit)
-        yield chunk
+class _ClientStalled(Exception):
+    """The client stopped sending its body for longer than the client timeout."""
+
+
+class _ClientBody:
+    """A streamed request body: each read bounded by the client timeout and the request's deadline,
+    the total by ``max_body_bytes`` (chunked bodies have no length to check up front)."""
+
+    def __init__(self, content: StreamReader, limit: int, timeout: float, deadline: float,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.content = content
+        self.limit = limit
+        self.timeout = timeout
+        self.deadline = deadline
+        self.loop = loop
+        self.total = 0
+
+    async def next(self) -> bytes:
+        """The next piece (b"" at the end)."""
+        wait = min(self.timeout, self.deadline - self.loop.time())
+        try:
+            async with asyncio.timeout(max(wait, 0.0)):
+                chunk = await self.content.readany()
+        except TimeoutError:
+            raise _ClientStalled() from None
+        self.total += len(chunk)
+        if self.total > self.limit:
+            raise errors.BodyTooLarge(self.limit)
+        return chunk
+
+    async def stream(self, first: bytes) -> AsyncIterator[bytes]:
+        """``first``, then the rest as it arrives."""
+        chunk = first
+        while chunk:
+            yield chunk
+            chunk = await self.next()
 
 
 class _ClientGone(Exception):
-    """The client disconnected; nothing more can be sent to it."""
+    """The client disconnected or stopped reading; nothing more can be sent to it."""
 
 
 class Proxy:
     """Request handlers of the data plane."""
 
     def __init__(
-        self, watcher: RouteWatcher, pool: UpstreamPool, metrics: GatewayMetrics, traffic: Traffic, max_body_bytes: int
+        self, watcher: RouteWatcher, pool: UpstreamPool, metrics: GatewayMetrics, traffic: Traffic, max_body_bytes: int,
+        limits: ServerLimits, bad_requests: BadRequests,
     ) -> None:
         self.watcher = watcher
         self.pool = pool
         self.metrics = metrics
         self.traffic = traffic
         self.max_body_bytes = max_body_bytes
+        self.limits = limits
+        self.bad_requests = bad_requests
         self._targets: dict[str, Target] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -250,7 +291,8 @@ class Proxy:
         elapsed = self._loop.time() - started
         dm.inflight -= 1
         dm.observe(code, outcome, elapsed)
-        self.traffic.record(dm.name, outcome, elapsed)
+        if outcome is not OVERLOADED:
+            self.traffic.record(dm.name, outcome, elapsed)
 
     @staticmethod
     def upstream_failed(dm: DeploymentMetrics, exc: UpstreamError, when: str = "") -> None:
@@ -258,16 +300,24 @@ class Proxy:
         dm.upstream_error(exc.kind)
         log.warning("deployment %s: %s%s", dm.name, when, exc)
 
+    def untyped(self, peer: object) -> Refusal:
+        """The answer to a prediction request without Content-Type (counted as a bad request)."""
+        self.bad_requests.record(MISSING_CONTENT_TYPE, peer)
+        return NO_CONTENT_TYPE
+
     async def invocations(self, request: web.Request) -> web.StreamResponse:
         """``POST /invocations``: the active deployment of the snapshot current when the request arrived."""
-        chosen = self.choose()
+        chosen = self.choose() if "Content-Type" in request.headers else self.untyped(request.remote)
         if isinstance(chosen, Refusal):
             return chosen.response()
         return await self._forward(request, chosen)
 
     async def pinned(self, request: web.Request) -> web.StreamResponse:
         """``POST /deployments/{name}/invocations``: one named deployment, e.g. green before the flip."""
-        chosen = self.choose(request.match_info["name"])
+        if "Content-Type" in request.headers:
+            chosen = self.choose(request.match_info["name"])
+        else:
+            chosen = self.untyped(request.remote)
         if isinstance(chosen, Refusal):
             return chosen.response()
         return await self._forward(request, chosen)
@@ -275,46 +325,66 @@ class Proxy:
     async def _forward(self, request: web.Request, chosen: Choice) -> web.StreamResponse:
         name, generation, target = chosen.name, chosen.generation, chosen.target
         tags = {DEPLOYMENT_HEADER: name, GENERATION_HEADER: generation}
+        loop = self._loop or self._bind_loop()
+        deadline = request[HEAD_STARTED] + self.limits.total_timeout
 
         # Frame the upstream body as the client framed it; refuse an announced oversize body unread.
         length = request.content_length
         body: bytes | AsyncIterator[bytes]
         if length is not None and length > self.max_body_bytes:
             return errors.body_too_large_response(self.max_body_bytes, tags)
-        if length is not None and length <= SMALL_BODY:
-            content = request.content
-            if content.is_eof():
-                # The whole body came with the head (the usual case): take it without read()'s loop.
-                body = content.read_nowait()
+        try:
+            if length is not None and length <= SMALL_BODY:
+                content = request.content
+                if content.is_eof():
+                    # The whole body came with the head (the usual case): take it without read()'s loop.
+                    body = content.read_nowait()
+                else:
+                    async with asyncio.timeout(max(0.0, min(self.limits.client_timeout, deadline - loop.time()))):
+                        body = await request.read()
+            elif length is not None or request.body_exists:
+                # The first piece arrives before an upstream connection is taken, so a client that sends
+                # only a head holds nothing of the model server's.
+                reader = _ClientBody(request.content, self.max_body_bytes, self.limits.client_timeout, deadline, loop)
+                body = reader.stream(await reader.next())
             else:
-                try:
-                    body = await request.read()
-                except ConnectionError:
-                    return web.Response(status=CLIENT_CLOSED)
-        elif length is not None or request.body_exists:
-            body = _limited(request.content, self.max_body_bytes)
-        else:
-            body, length = b"", 0
+                body, length = b"", 0
+        except (_ClientStalled, TimeoutError):
+            return self._client_refused(request, BODY_TIMEOUT, tags)
+        except HttpProcessingError as exc:
+            return self._client_refused(request, MALFORMED, tags, str(exc.message))
+        except errors.BodyTooLarge as exc:
+            return errors.body_too_large_response(exc.limit, tags)
+        except ConnectionError:
+            return web.Response(status=CLIENT_CLOSED)
 
         dm, started = self.begin(name)
         code, outcome = 0, CLIENT_ERROR
         try:
             try:
                 upstream = await self.pool.request(
-                    target.host, target.port, request_head(request, target, length), body, chunked=length is None
+                    target.host, target.port, request_head(request, target, length), body, chunked=length is None,
+                    deadline=deadline,
                 )
             except UpstreamError as exc:
-                code, outcome = (504 if exc.is_timeout else 502), UPSTREAM_ERROR
+                status, error = errors.upstream_error(exc, name)
+                code, outcome = status, (OVERLOADED if exc.kind == POOL_FULL else UPSTREAM_ERROR)
                 self.upstream_failed(dm, exc)
-                return errors.upstream_error_response(exc, name, tags)
+                return web.Response(status=status, body=error, content_type="application/json", headers=tags)
             except errors.BodyTooLarge as exc:
                 code = 413
                 return errors.body_too_large_response(exc.limit, tags)
+            except _ClientStalled:
+                code = 408
+                return self._client_refused(request, BODY_TIMEOUT, tags)
+            except HttpProcessingError as exc:
+                code = 400
+                return self._client_refused(request, MALFORMED, tags, str(exc.message))
             except ConnectionError:
                 code = CLIENT_CLOSED
                 return web.Response(status=CLIENT_CLOSED)
             try:
-                code, outcome, response = await self._respond(request, upstream, name, generation)
+                code, outcome, response = await self._respond(request, upstream, name, generation, deadline)
             except UpstreamError as exc:
                 # Headers already went to the client: all we can do is cut the response short.
                 code, outcome = 502, UPSTREAM_ERROR
@@ -324,6 +394,8 @@ class Proxy:
                 return web.Response(status=502)
             except _ClientGone:
                 code, outcome = CLIENT_CLOSED, CLIENT_ERROR
+                if request.transport is not None:
+                    request.transport.abort()
                 return web.Response(status=CLIENT_CLOSED)
             finally:
                 upstream.release()
@@ -331,8 +403,22 @@ class Proxy:
         finally:
             self.end(dm, started, code, outcome)
 
+    def _client_refused(self, request: web.Request, reason: str, tags: dict[str, str], detail: str = "") -> web.Response:
+        """The client's body broke off, stalled or broke its framing: 408/400, and the connection closes."""
+        self.bad_requests.record(reason, request.remote, detail)
+        if reason == BODY_TIMEOUT:
+            response = errors.error_response(
+                408, errors.DEADLINE_EXCEEDED, f"the request body stopped arriving for {self.limits.client_timeout:g} s",
+                headers=tags,
+            )
+        else:
+            response = errors.error_response(400, errors.BAD_REQUEST, f"malformed request body: {detail}", headers=tags)
+        response.force_close()
+        abandon_body(request)
+        return response
+
     async def _respond(
-        self, request: web.Request, upstream: UpstreamResponse, name: str, generation: str
+        self, request: web.Request, upstream: UpstreamResponse, name: str, generation: str, deadline: float
     ) -> tuple[int, str, web.StreamResponse]:
         status = upstream.status
         headers = response_headers(upstream, name, generation)
@@ -345,11 +431,17 @@ class Proxy:
         response = web.StreamResponse(status=status, headers=headers)
         if length is not None:
             response.content_length = length
+        elif request.version < HttpVersion11:
+            # HTTP/1.0 has no chunked framing: the body ends when the connection does.
+            response.force_close()
+        loop = self._loop or self._bind_loop()
         try:
             await response.prepare(request)
             async for chunk in upstream.iter_chunks():
-                await response.write(chunk)
+                # A write waits only while the client is not reading: bounded like every wait on a peer.
+                async with asyncio.timeout(max(0.0, min(self.limits.client_timeout, deadline - loop.time()))):
+                    await response.write(chunk)
             await response.write_eof()
-        except ConnectionError as exc:
+        except (ConnectionError, TimeoutError) as exc:
             raise _ClientGone() from exc
         return status, classify(status, None), response

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -60,14 +61,40 @@ class Settings:
     )
     stats_flush_interval: float = _doc("Seconds between flushes of this replica's traffic counters to Redis.", default=0.25)
     poll_interval: float = _doc("Seconds between full re-reads of the route (pub/sub is the fast path).", default=1.0)
+    header_timeout: float = _doc(
+        "Seconds a client has to send a whole request head, from its first byte (a new connection: from opening); 408 after.",
+        default=10.0,
+    )
+    keepalive_timeout: float = _doc("Seconds an idle keep-alive client connection stays open.", default=75.0)
+    client_timeout: float = _doc(
+        "Seconds the gateway waits for a client to send more of its body (408 after) or to take more of its answer.",
+        default=30.0,
+    )
+    max_headers: int = _doc("Most header fields a request may have (431 above).", default=128)
+    max_head_bytes: int = _doc("Largest request head (request line and headers) accepted, in bytes (431 above).", default=64 * 1024)
+    trusted_proxies: str = _doc(
+        "Comma-separated CIDRs of load balancers in front of the gateway: from these peers, the client address "
+        "is taken from X-Forwarded-For (for the admin API's loopback check and the history).",
+        default="",
+    )
     connect_timeout: float = _doc("Seconds to open an upstream connection.", default=2.0)
-    read_timeout: float = _doc("Seconds to wait for the upstream's response head, and between body chunks.", default=60.0)
-    total_timeout: float = _doc("Seconds one proxied request may take in all.", default=120.0)
+    read_timeout: float = _doc(
+        "Seconds to wait for the upstream's response head, between body chunks, and for it to take the request body.",
+        default=60.0,
+    )
+    total_timeout: float = _doc("Seconds one proxied request may take in all, from the first byte of its head.", default=120.0)
     upstream_keepalive: float = _doc(
         "Seconds an idle upstream connection is kept; shorter than uvicorn's 5 s so it never closes under us.",
         default=2.0,
     )
-    upstream_max_connections: int = _doc("Upper bound of open connections per upstream.", default=256)
+    upstream_max_connections: int = _doc(
+        "Connections per model server at most; a request finding them all busy waits upstream_pool_timeout, then gets 503.",
+        default=256,
+    )
+    upstream_pool_timeout: float = _doc(
+        "Seconds a request waits for a free connection to a model server whose connections are all busy (503 after).",
+        default=1.0,
+    )
     max_body_bytes: int = _doc("Largest request body accepted, counted as it streams (413 above).", default=100 * 1024 * 1024)
     shutdown_timeout: float = _doc("Seconds SIGTERM waits for in-flight requests before closing them.", default=30.0)
     log_level: str = _doc("Python logging level.", default="INFO")
@@ -96,6 +123,7 @@ class Settings:
     def __post_init__(self) -> None:
         for name in (
             "poll_interval", "connect_timeout", "read_timeout", "total_timeout", "upstream_keepalive",
+            "header_timeout", "keepalive_timeout", "client_timeout", "upstream_pool_timeout",
             "health_interval", "lease_ttl", "start_timeout", "restart_backoff", "stop_timeout",
             "guard_window", "guard_interval", "guard_bake", "stats_flush_interval",
         ):
@@ -105,9 +133,14 @@ class Settings:
             raise SettingsError(f"guard_error_rate must be in (0, 1], got {self.guard_error_rate!r}")
         if self.guard_p99 is not None and self.guard_p99 <= 0:
             raise SettingsError("guard_p99 must be positive (or unset)")
-        for name in ("max_body_bytes", "upstream_max_connections", "max_start_attempts", "history_max", "guard_min_requests"):
+        for name in ("max_body_bytes", "upstream_max_connections", "max_start_attempts", "history_max", "guard_min_requests",
+                     "max_headers", "max_head_bytes"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive, got {getattr(self, name)!r}")
+        try:
+            self.trusted_networks()
+        except ValueError as exc:
+            raise SettingsError(f"trusted_proxies: {exc}") from None
         if not self.namespace or any(c in self.namespace for c in " {}:"):
             raise SettingsError(f"namespace must be a non-empty word without spaces, braces or colons: {self.namespace!r}")
         for name in ("port", "admin_port", "worker_metrics_port"):
@@ -131,6 +164,10 @@ class Settings:
             if value is not None:
                 values[key] = value
         return cls(**values)
+
+    def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """``trusted_proxies`` parsed (raises ``ValueError`` naming a bad entry)."""
+        return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in self.trusted_proxies.split(",") if part.strip())
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some settings changed."""

@@ -35,17 +35,23 @@ class UpstreamError(Exception):
 
     @property
     def is_timeout(self) -> bool:
-        """Timeouts map to 504, everything else to 502."""
+        """Timeouts map to 504 (a full pool to 503, everything else to 502)."""
         return self.kind.endswith("timeout")
+
+
+# The kind of a request refused because every connection to the upstream is busy: the model server
+# never saw it, so it is the gateway's overload, not the model's failure.
+POOL_FULL = "pool_full"
 
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    """Connect (including the wait for a pool slot), per-read and whole-request limits, in seconds."""
+    """Waits on an upstream, in seconds: a free pool slot, connect, each read or write, the whole request."""
 
     connect: float = 2.0
     read: float = 60.0
     total: float = 120.0
+    pool: float = 1.0
 
 
 class _Connection(asyncio.Protocol):
@@ -57,6 +63,9 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.idle_since = 0.0
         self.reused = False
+        # In the pool: any byte that arrives now belongs to no request, so the connection is spoiled.
+        self.idle = False
+        self._reading_paused = False
         self._reset_message()
         self._can_write = asyncio.Event()
         self._can_write.set()
@@ -67,6 +76,11 @@ class _Connection(asyncio.Protocol):
         self._wait_kind = ""
 
     def _reset_message(self) -> None:
+        if self._reading_paused:
+            # Paused while a slow client held back the last body: the next response must be read.
+            self._reading_paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.content_length: bytes | None = None
@@ -79,17 +93,23 @@ class _Connection(asyncio.Protocol):
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
-        self._reading_paused = False
         self._until_close = False
+        self._interim = False
         self.keep_alive = False
         # Set when we stopped sending a request body midway: the connection is out of step.
         self.truncated = False
+        # Set when bytes followed the end of the response: the connection is out of step.
+        self.overrun = False
 
     # --- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.idle:
+            # Nothing was asked: a stale or unsolicited answer must never reach the next request.
+            self.close()
+            return
         self.got_bytes = True
         try:
             self.parser.feed_data(data)
@@ -117,7 +137,12 @@ class _Connection(asyncio.Protocol):
         self._can_write.set()
 
     # --- httptools callbacks ----------------------------------------------------------------
+    # Bytes after the end of the response (a second answer nobody asked for) are parsed by llhttp in
+    # the same read; every callback ignores them, and the connection is not reused.
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.complete:
+            self.overrun = True
+            return
         self.headers.append((name, value))
         lowered = name.lower()
         if lowered == b"content-length":
@@ -127,7 +152,16 @@ class _Connection(asyncio.Protocol):
             self.framed = True
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
+        if self.complete:
+            self.overrun = True
+            return
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:
+            # An interim answer (100 Continue, 103 Early Hints): consumed here, never taken as the
+            # response (101 never gets here: llhttp reports it as an upgrade, a protocol error).
+            self._interim = True
+            return
+        self.status = status
         # llhttp only answers this reliably before the message completes.
         self.keep_alive = self.parser.should_keep_alive()
         self.headers_done = True
@@ -135,6 +169,9 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self.complete:
+            self.overrun = True
+            return
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > _READ_HIGH_WATER and not self._reading_paused and self.transport is not None:
@@ -143,6 +180,15 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self.complete:
+            self.overrun = True
+            return
+        if self._interim:
+            self._interim = False
+            self.headers = []
+            self.content_length = None
+            self.framed = False
+            return
         self.complete = True
         self._wake()
 
@@ -200,14 +246,20 @@ class _Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
 
-    async def write(self, data: bytes) -> None:
-        """Send bytes, waiting while the socket's buffer is full."""
+    async def write(self, data: bytes, timeout: float) -> None:
+        """Send bytes, waiting (at most ``timeout`` s) while the upstream does not take them."""
         if not self.usable:
             raise self.error or UpstreamError("reset", "upstream closed the connection", sent=not self.reused)
         assert self.transport is not None
         self.transport.write(data)
         if not self._can_write.is_set():
-            await self._can_write.wait()
+            try:
+                await asyncio.wait_for(self._can_write.wait(), timeout)
+            except TimeoutError:
+                self.close()
+                raise UpstreamError("write_timeout", f"upstream did not take the request body within {timeout:.3g} s") from None
+            if self.error is not None:
+                raise self.error
 
     def take_chunk(self) -> bytes:
         """Everything buffered so far, resuming the socket if it was paused."""
@@ -278,13 +330,21 @@ class UpstreamResponse:
         self._released = True
         conn = self._conn
         reusable = (
-            conn.complete and conn.error is None and not conn.truncated and conn.usable and conn.keep_alive
+            conn.complete and conn.error is None and not conn.truncated and not conn.overrun
+            and conn.framed and conn.usable and conn.keep_alive
         )
         self._pool._put_back(self._key, conn, reusable)
 
 
 class UpstreamPool:
-    """Keep-alive connections per (host, port), bounded, with idle ones closed before the server does."""
+    """Keep-alive connections per (host, port), bounded, with idle ones closed before the server does.
+
+    The rules that keep one client's answer from ever reaching another: a connection goes back to
+    the pool only after its response was read completely with consistent framing and its reading
+    resumed; a byte arriving while it is idle spoils it; a request whose body streams (and so
+    cannot be replayed) always gets a fresh connection; a request held whole may use a pooled one
+    and is retried once on a fresh one if the pooled one proves closed before any answer.
+    """
 
     def __init__(self, timeouts: Timeouts, keepalive: float = 2.0, max_per_host: int = 256) -> None:
         self.timeouts = timeouts
@@ -332,12 +392,16 @@ class UpstreamPool:
                     self._slots[key].release()
             conns[:] = keep
 
-    def _read_wait(self, deadline: float) -> float:
-        assert self._loop is not None
-        remaining = deadline - self._loop.time()
+    def _remaining(self, deadline: float, limit: float) -> float:
+        """``limit``, or less when the whole request's deadline is nearer; raises once it passed."""
+        loop = self._loop or asyncio.get_running_loop()
+        remaining = deadline - loop.time()
         if remaining <= 0:
             raise UpstreamError("total_timeout", "upstream request exceeded the total timeout")
-        return min(self.timeouts.read, remaining)
+        return min(limit, remaining)
+
+    def _read_wait(self, deadline: float) -> float:
+        return self._remaining(deadline, self.timeouts.read)
 
     def _take_idle(self, key: tuple[str, int]) -> _Connection | None:
         """A pooled keep-alive connection still fit to use, if any (no coroutine on the hot path)."""
@@ -349,32 +413,51 @@ class UpstreamPool:
         while idle:
             conn = idle.pop()
             if conn.usable and conn.idle_since > cutoff:
+                conn.idle = False
                 conn.reused = True
                 return conn
             conn.close()
             self._slots[key].release()
         return None
 
-    async def _connect(self, key: tuple[str, int]) -> _Connection:
-        """A new connection, once a slot under ``max_per_host`` is free."""
+    def _evict_idle(self, key: tuple[str, int]) -> None:
+        """Close one idle connection so a fresh one can take its slot."""
+        idle = self._idle.get(key)
+        if idle:
+            idle.pop(0).close()
+            self._slots[key].release()
+
+    async def _connect(self, key: tuple[str, int], deadline: float) -> _Connection:
+        """A new connection, once a slot under ``max_per_host`` is free (waiting at most the pool timeout)."""
         loop = self._loop or asyncio.get_running_loop()
         slots = self._slots.get(key)
         if slots is None:
             slots = self._slots[key] = asyncio.Semaphore(self.max_per_host)
+        if slots.locked():
+            self._evict_idle(key)
+        pool_wait = self._remaining(deadline, self.timeouts.pool)
         try:
-            async with asyncio.timeout(self.timeouts.connect):
+            async with asyncio.timeout(pool_wait):
                 await slots.acquire()
-                try:
-                    _, conn = await loop.create_connection(lambda: _Connection(loop), key[0], key[1])
-                except BaseException:
-                    slots.release()
-                    raise
         except TimeoutError:
-            raise UpstreamError("connect_timeout", f"could not connect to {key[0]}:{key[1]} within {self.timeouts.connect:.3g} s", sent=False) from None
-        except ConnectionRefusedError:
-            raise UpstreamError("connect_refused", f"connection refused by {key[0]}:{key[1]}", sent=False) from None
-        except OSError as exc:
-            raise UpstreamError("connect_error", f"cannot connect to {key[0]}:{key[1]}: {exc.strerror or exc}", sent=False) from None
+            raise UpstreamError(
+                POOL_FULL,
+                f"all {self.max_per_host} connections to {key[0]}:{key[1]} stayed busy for {pool_wait:.3g} s",
+                sent=False,
+            ) from None
+        connect_wait = self._remaining(deadline, self.timeouts.connect)
+        try:
+            async with asyncio.timeout(connect_wait):
+                _, conn = await loop.create_connection(lambda: _Connection(loop), key[0], key[1])
+        except BaseException as exc:
+            slots.release()
+            if isinstance(exc, TimeoutError):
+                raise UpstreamError("connect_timeout", f"could not connect to {key[0]}:{key[1]} within {connect_wait:.3g} s", sent=False) from None
+            if isinstance(exc, ConnectionRefusedError):
+                raise UpstreamError("connect_refused", f"connection refused by {key[0]}:{key[1]}", sent=False) from None
+            if isinstance(exc, OSError):
+                raise UpstreamError("connect_error", f"cannot connect to {key[0]}:{key[1]}: {exc.strerror or exc}", sent=False) from None
+            raise
         return conn
 
     def _put_back(self, key: tuple[str, int], conn: _Connection, reusable: bool) -> None:
@@ -383,6 +466,7 @@ class UpstreamPool:
             conn._reset_message()
             assert self._loop is not None
             conn.idle_since = self._loop.time()
+            conn.idle = True
             self._idle.setdefault(key, []).append(conn)
         else:
             conn.close()
@@ -396,35 +480,40 @@ class UpstreamPool:
         body: bytes | AsyncIterable[bytes],
         *,
         chunked: bool = False,
+        deadline: float | None = None,
     ) -> UpstreamResponse:
-        """Send one request and return once the response head arrived.
+        """Send one request and return once the final response head arrived (1xx are consumed).
 
         ``head`` is the request line and headers, ending in a blank line, framing the body as the
         client did: a Content-Length, or (``chunked``) Transfer-Encoding: chunked for a body streamed
-        in chunk framing.
-
-        A replayable (bytes) body is retried once on a fresh connection when a reused keep-alive
-        connection turns out to have been closed before the upstream saw the request.
+        in chunk framing. ``deadline`` (loop time) bounds the whole exchange; default: now plus the
+        total timeout.
         """
-        loop = self._loop or asyncio.get_running_loop()
-        deadline = loop.time() + self.timeouts.total
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        if deadline is None:
+            deadline = loop.time() + self.timeouts.total
         key = (host, port)
-        attempts = 2 if isinstance(body, bytes) else 1
-        for attempt in range(attempts):
-            conn = self._take_idle(key) or await self._connect(key)
+        replayable = isinstance(body, bytes)
+        for attempt in range(2 if replayable else 1):
+            # A streamed body cannot be sent twice: it never rides a connection that may have died idle.
+            conn = (self._take_idle(key) if replayable and attempt == 0 else None) or await self._connect(key, deadline)
             try:
                 if isinstance(body, bytes):
-                    await conn.write(head + body if len(body) < 65536 else head)
-                    if len(body) >= 65536:
-                        await conn.write(body)
+                    if len(body) < 65536:
+                        await conn.write(head + body, self._read_wait(deadline))
+                    else:
+                        await conn.write(head, self._read_wait(deadline))
+                        await conn.write(body, self._read_wait(deadline))
                 else:
-                    await conn.write(head)
-                    await self._send_stream(conn, body, chunked)
+                    await conn.write(head, self._read_wait(deadline))
+                    await self._send_stream(conn, body, chunked, deadline)
                 while not conn.headers_done:
                     await conn._wait(self._read_wait(deadline), "read_timeout")
             except UpstreamError as exc:
                 self._put_back(key, conn, False)
-                if not exc.sent and conn.reused and attempt + 1 < attempts:
+                if not exc.sent and conn.reused and attempt == 0 and replayable:
                     continue
                 raise
             except BaseException:
@@ -434,15 +523,14 @@ class UpstreamPool:
             return UpstreamResponse(conn, self, key, deadline)
         raise AssertionError("unreachable")
 
-    @staticmethod
-    async def _send_stream(conn: _Connection, body: AsyncIterable[bytes], chunked: bool) -> None:
+    async def _send_stream(self, conn: _Connection, body: AsyncIterable[bytes], chunked: bool, deadline: float) -> None:
         async for chunk in body:
             if not chunk:
                 continue
-            await conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+            await conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk, self._read_wait(deadline))
             if conn.headers_done:
                 # The upstream answered before reading everything (e.g. its own 413): stop sending.
                 conn.truncated = True
                 return
         if chunked:
-            await conn.write(b"0\r\n\r\n")
+            await conn.write(b"0\r\n\r\n", self._read_wait(deadline))

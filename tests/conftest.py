@@ -9,11 +9,10 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from aiohttp import web
 
 from gateway.redis_store import RedisStore
 from gateway.settings import Settings
-from gateway.server import start_gateway
+from gateway.server import Gateway, start_gateway
 from gateway.store import EmbeddedStore, Store
 from tests.support import free_port
 
@@ -92,20 +91,20 @@ async def any_store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
 @pytest.fixture
 async def gateway_factory() -> AsyncIterator[Callable[..., Any]]:
     """Start gateways on real sockets: ``url = await gateway_factory(store, **settings)``."""
-    runners: list[web.AppRunner] = []
+    gateways: list[Gateway] = []
 
     async def start(store: Store | None = None, **settings: Any) -> str:
-        port = free_port()
-        runner = await start_gateway(Settings(port=port, **settings), store=store)
-        runners.append(runner)
-        start.runners = runners  # type: ignore[attr-defined]
+        port = settings.pop("port", None) or free_port()
+        gateway = await start_gateway(Settings(port=port, **settings), store=store)
+        gateways.append(gateway)
+        start.gateways = gateways  # type: ignore[attr-defined]
         return f"http://127.0.0.1:{port}"
 
     try:
         yield start
     finally:
-        for runner in reversed(runners):
-            await runner.cleanup()
+        for gateway in reversed(gateways):
+            await gateway.stop()
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httptools
 from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,7 +123,8 @@ FAILURES = web.AppKey("failures", dict)
 
 
 def backend_app(name: str, fail_ratio: float = 0.0) -> web.Application:
-    """A fast test backend speaking the scoring protocol; ``?mode=`` selects a behaviour.
+    """A fast test backend speaking the scoring protocol; ``?mode=`` selects a behaviour, ``?pad=N``
+    makes the echo N bytes longer.
 
     ``fail_ratio`` (changeable later through ``app[FAILURES]["ratio"]``) makes that share of requests
     fail like a crashing MLflow model (HTTP 400 with a stack trace), spread evenly.
@@ -185,37 +187,12 @@ def backend_app(name: str, fail_ratio: float = 0.0) -> web.Application:
             request.transport.abort()
             await asyncio.sleep(1)
         body = {"backend": name, "length": length, "sha256": hasher.hexdigest(), "headers": dict(request.headers)}
+        if "pad" in request.query:
+            body["pad"] = "p" * int(request.query["pad"])  # a large answer that still says whose it is
         return web.json_response(body, headers=headers)
 
     app.router.add_post("/invocations", invocations)
     return app
-
-
-@contextlib.asynccontextmanager
-async def raw_backend(response: bytes) -> AsyncIterator[tuple[str, list[bytes]]]:
-    """A socket server answering every request with exactly ``response`` (for headers aiohttp would rewrite)."""
-    received: list[bytes] = []
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                received.append(head + await reader.readexactly(length))
-                writer.write(response)
-                await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}", received
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 async def raw_request(url: str, request: bytes) -> tuple[bytes, bytes]:
@@ -248,3 +225,216 @@ def processes_with_env(marker: str) -> list[tuple[int, str]]:
             continue
         found.append((int(entry.name), cmdline))
     return found
+
+
+Message = tuple[int, dict[str, str], bytes]
+
+
+class Responses:
+    """llhttp callbacks collecting whole responses read off a raw socket (1xx interim ones included)."""
+
+    def __init__(self) -> None:
+        self.done: list[Message] = []
+        self.headers: dict[str, str] = {}
+        self.body = b""
+        self.started = False
+        self.parser = httptools.HttpResponseParser(self)
+
+    def feed(self, data: bytes) -> None:
+        """Parse more bytes."""
+        self.parser.feed_data(data)
+
+    def on_message_begin(self) -> None:
+        self.started = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode().lower()] = value.decode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        self.done.append((self.parser.get_status_code(), self.headers, self.body))
+        self.headers, self.body, self.started = {}, b"", False
+
+    def finish(self) -> None:
+        """The server closed: a response whose body ran until the close is complete now."""
+        if self.started and self.headers:
+            self.on_message_complete()
+
+
+async def exchange(url: str, data: bytes, responses: int, *, until_close: bool = False, timeout: float = 10) -> list[Message]:
+    """Write ``data`` on one connection and read ``responses`` whole responses (or until the server closes)."""
+    conn = await RawConnection.open(url)
+    try:
+        conn.send(data)
+        if until_close:
+            await conn.until_closed(timeout)
+        else:
+            await conn.responses(responses, timeout)
+    finally:
+        conn.close()
+    return conn.parsed.done
+
+
+def post(path: str, body: bytes, *extra: str, version: str = "1.1") -> bytes:
+    """A raw POST with a Content-Length."""
+    lines = [f"POST {path} HTTP/{version}", "Host: gw", "Content-Type: application/json", *extra,
+             f"Content-Length: {len(body)}"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+class RawConnection:
+    """One client socket driven byte by byte: what a hostile or broken client does."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.parsed = Responses()
+        self.eof = False
+
+    @classmethod
+    async def open(cls, url: str) -> RawConnection:
+        """Connect to ``http://host:port``."""
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+        return cls(reader, writer)
+
+    def send(self, data: bytes) -> None:
+        """Write bytes (no waiting for the peer to take them)."""
+        self.writer.write(data)
+
+    async def _read(self, timeout: float) -> None:
+        chunk = await asyncio.wait_for(self.reader.read(65536), timeout)
+        if not chunk:
+            self.eof = True
+            self.parsed.finish()
+        else:
+            self.parsed.feed(chunk)
+
+    async def responses(self, count: int, timeout: float = 10) -> list[Message]:
+        """Read until ``count`` responses (1xx included) arrived in all; fails on a close or a timeout."""
+        deadline = time.monotonic() + timeout
+        while len(self.parsed.done) < count:
+            if self.eof:
+                raise AssertionError(f"closed after {len(self.parsed.done)} of {count} responses")
+            await self._read(max(0.01, deadline - time.monotonic()))
+        return self.parsed.done
+
+    async def until_closed(self, timeout: float = 10) -> list[Message]:
+        """Read until the server closes the connection (fails after ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while not self.eof:
+            try:
+                await self._read(max(0.01, deadline - time.monotonic()))
+            except ConnectionResetError:
+                self.eof = True
+        return self.parsed.done
+
+    async def stays_open(self, seconds: float) -> bool:
+        """True when the server neither closed nor sent anything for ``seconds``."""
+        try:
+            data = await asyncio.wait_for(self.reader.read(1), seconds)
+        except TimeoutError:
+            return True
+        if data:
+            self.parsed.feed(data)
+        else:
+            self.eof = True
+        return False
+
+    def half_close(self) -> None:
+        """shutdown(SHUT_WR): the request is complete, the client still reads."""
+        self.writer.write_eof()
+
+    def close(self) -> None:
+        """Close the socket."""
+        self.writer.close()
+
+    def abort(self) -> None:
+        """Reset the connection (RST), as a crashed client would."""
+        transport = self.writer.transport
+        transport.abort()
+
+
+class _Request:
+    """One request a scripted backend received."""
+
+    def __init__(self, connection: int = 0, on_connection: int = 0) -> None:
+        self.url = b""
+        self.headers: dict[str, str] = {}
+        self.body = b""
+        # Which connection (numbered from 1 in the order they were opened) and its how-manieth request.
+        self.connection = connection
+        self.on_connection = on_connection
+
+    @property
+    def id(self) -> str:
+        """The client's X-Id header (tests tag every request with one)."""
+        return self.headers.get("x-id", "")
+
+
+Script = Callable[[_Request, int], tuple[bytes, float | None]]
+
+
+@contextlib.asynccontextmanager
+async def scripted_backend(script: Script) -> AsyncIterator[tuple[str, list[_Request]]]:
+    """A model server that answers each request with raw bytes of the test's choosing: ``script(request,
+    n)`` (n counts requests over all connections) returns the bytes and, if not None, the seconds after
+    which the server stops reading and closes that connection (as uvicorn does after a 500)."""
+    received: list[_Request] = []
+    connections = [0]
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections[0] += 1
+        number = connections[0]
+        done: list[_Request] = []
+        current = [_Request(number, 1)]
+
+        class Callbacks:
+            def on_url(self, url: bytes) -> None:
+                current[0].url += url
+
+            def on_header(self, name: bytes, value: bytes) -> None:
+                current[0].headers[name.decode().lower()] = value.decode("latin-1")
+
+            def on_body(self, body: bytes) -> None:
+                current[0].body += body
+
+            def on_message_complete(self) -> None:
+                done.append(current[0])
+                current[0] = _Request(number, current[0].on_connection + 1)
+
+        parser = httptools.HttpRequestParser(Callbacks())
+        with contextlib.suppress(ConnectionError, httptools.HttpParserError):
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                parser.feed_data(data)
+                close_after = None
+                while done:
+                    request = done.pop(0)
+                    received.append(request)
+                    answer, close_after = script(request, len(received))
+                    writer.write(answer)
+                    if close_after is not None:
+                        break
+                if close_after is not None:
+                    await asyncio.sleep(close_after)
+                    break
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", received
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def answer(status: int, body: bytes, *headers: str, interim: bytes = b"") -> bytes:
+    """A raw response with a Content-Length (``interim``: 1xx responses sent before it)."""
+    lines = [f"HTTP/1.1 {status} X", *headers, f"Content-Length: {len(body)}"]
+    return interim + ("\r\n".join(lines) + "\r\n\r\n").encode() + body

@@ -14,7 +14,7 @@ import pytest
 from gateway.records import Deployment, State
 from gateway.redis_store import RedisStore
 from gateway.store import EmbeddedStore, Store
-from tests.support import BIN, backend_app, child_env, eventually, serve_app
+from tests.support import BIN, backend_app, child_env, eventually, exchange, serve_app
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -88,9 +88,87 @@ async def test_without_token_only_loopback_clients(gateway_factory: Any) -> None
     url = await gateway_factory(EmbeddedStore())
     async with aiohttp.ClientSession() as s, s.get(url + "/admin/state") as resp:
         assert resp.status == 200, "loopback clients may use a token-less admin API"
-    from gateway.admin import _is_loopback
+    from gateway.http1 import is_loopback
 
-    assert _is_loopback("127.0.0.1") and _is_loopback("::1") and not _is_loopback("10.1.2.3") and not _is_loopback(None)
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("::ffff:127.0.0.1")
+    assert not is_loopback("10.1.2.3") and not is_loopback("::ffff:10.1.2.3") and not is_loopback(None)
+
+
+async def test_a_token_that_is_not_utf8_is_refused_not_a_crash(admin: dict[str, Any]) -> None:
+    raw = (b"GET /admin/state HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer \xff\xfe\x80token\r\n"
+           b"Connection: close\r\n\r\n")
+    ((status, headers, body),) = await exchange(admin["url"], raw, 1, until_close=True)
+    assert status == 401 and json.loads(body)["error_code"] == "UNAUTHENTICATED"
+    assert headers["www-authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [("localhost", 200), ("localhost:8080", 200), ("127.0.0.1:1", 200), ("[::1]:8080", 200),
+     ("evil.example", 403), ("evil.example:8080", 403), ("127.0.0.1.evil.example", 403), ("localhost.evil", 403)],
+)
+async def test_without_a_token_only_requests_addressed_to_localhost_are_answered(
+    gateway_factory: Any, host: str, status: int
+) -> None:
+    """A web page that rebinds its own host name to 127.0.0.1 reaches a loopback listener, but its
+    requests still name that host: the token-less admin API refuses them (reads included)."""
+    url = await gateway_factory(EmbeddedStore())
+    raw = f"GET /admin/state HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+    ((got, _, body),) = await exchange(url, raw, 1, until_close=True)
+    assert got == status, body
+    if status == 403:
+        assert "localhost" in json.loads(body)["message"]
+
+
+async def test_the_admin_listener_serves_only_the_admin_api(gateway_factory: Any) -> None:
+    from tests.support import free_port
+
+    admin_port = free_port()
+    url = await gateway_factory(EmbeddedStore(), admin_token=TOKEN, admin_port=admin_port)
+    admin_url = f"http://127.0.0.1:{admin_port}"
+    async with aiohttp.ClientSession(headers=AUTH) as s:
+        async with s.get(admin_url + "/admin/state") as resp:
+            assert resp.status == 200
+        async with s.get(admin_url + "/ping") as resp:
+            assert resp.status == 200
+        for path, method in (("/invocations", "POST"), ("/metrics", "GET"), ("/health", "GET"),
+                             ("/deployments/blue/invocations", "POST")):
+            async with s.request(method, admin_url + path, json={}) as resp:
+                assert resp.status == 404, path
+                assert (await resp.json())["error_code"] == "ENDPOINT_NOT_FOUND"
+        async with s.get(url + "/admin/state") as resp:
+            assert resp.status == 404, "the data-plane port has no admin API when it has its own"
+
+
+async def test_behind_a_trusted_proxy_the_forwarded_client_is_recorded(gateway_factory: Any) -> None:
+    from gateway.http1 import client_address
+    from ipaddress import ip_network
+
+    trusted = [ip_network("10.0.0.0/8"), ip_network("127.0.0.1/32")]
+    assert client_address("127.0.0.1", ["203.0.113.9"], trusted) == "203.0.113.9"
+    assert client_address("127.0.0.1", ["127.0.0.1, 198.51.100.1, 10.1.1.1"], trusted) == "198.51.100.1"
+    assert client_address("192.0.2.1", ["127.0.0.1"], trusted) == "192.0.2.1", "an untrusted peer's header proves nothing"
+    assert client_address("127.0.0.1", [], trusted) == "127.0.0.1"
+    assert client_address("127.0.0.1", ["10.2.2.2"], trusted) == "10.2.2.2"
+    assert client_address("127.0.0.1", ["203.0.113.9"], []) == "127.0.0.1"
+
+    async with serve_app(backend_app("blue")) as blue:
+        store = EmbeddedStore()
+        await add(store, "blue", blue)
+        url = await gateway_factory(store, admin_token=TOKEN, trusted_proxies="127.0.0.1/32, ::1/128")
+        async with aiohttp.ClientSession(headers=AUTH) as s:
+            status, _ = await post(s, url + "/admin/switch", {"target": "blue"}, headers={"X-Forwarded-For": "203.0.113.9"})
+            assert status == 200
+            async with s.get(url + "/admin/history") as resp:
+                entry = (await resp.json())["entries"][0]
+    assert entry["client"] == "203.0.113.9"
+
+
+def test_trusted_proxies_must_be_networks() -> None:
+    from gateway.settings import Settings, SettingsError
+
+    with pytest.raises(SettingsError, match="trusted_proxies"):
+        Settings(trusted_proxies="10.0.0.0/8, not-a-network")
 
 
 @pytest.mark.parametrize(

@@ -39,11 +39,11 @@ def gateway_url() -> Iterator[str]:
         for name in ("blue", "green"):
             await store.create_deployment(Deployment(name=name, url="http://127.0.0.1:9", state=State.READY, external=True))
         await store.set_route("blue", None)
-        runner = await start_gateway(Settings(port=port, admin_token=TOKEN, registry_sync=False), store=store)
+        gateway = await start_gateway(Settings(port=port, admin_token=TOKEN, registry_sync=False), store=store)
         stop["event"] = asyncio.Event()
         started.set()
         await stop["event"].wait()
-        await runner.cleanup()
+        await gateway.stop()
 
     thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
     thread.start()

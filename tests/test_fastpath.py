@@ -9,61 +9,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import httptools
 import pytest
 
 from gateway.app import FAST
 from gateway.records import Deployment, State
 from gateway.store import EmbeddedStore
-from tests.support import backend_app, serve_app
-
-Message = tuple[int, dict[str, str], bytes]
-
-
-class _Responses:
-    """llhttp callbacks collecting whole responses."""
-
-    def __init__(self) -> None:
-        self.done: list[Message] = []
-        self.headers: dict[str, str] = {}
-        self.body = b""
-        self.parser = httptools.HttpResponseParser(self)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.decode().lower()] = value.decode()
-
-    def on_body(self, body: bytes) -> None:
-        self.body += body
-
-    def on_message_complete(self) -> None:
-        self.done.append((self.parser.get_status_code(), self.headers, self.body))
-        self.headers, self.body = {}, b""
-
-
-async def exchange(url: str, data: bytes, responses: int, *, until_close: bool = False) -> list[Message]:
-    """Write ``data`` on one connection and read ``responses`` whole responses (or until the server closes)."""
-    host, port = url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    collected = _Responses()
-    try:
-        writer.write(data)
-        await writer.drain()
-        while until_close or len(collected.done) < responses:
-            chunk = await asyncio.wait_for(reader.read(65536), 10)
-            if not chunk:
-                break
-            collected.parser.feed_data(chunk)
-    finally:
-        writer.close()
-    return collected.done
-
-
-def post(path: str, body: bytes, *extra: str, version: str = "1.1") -> bytes:
-    """A raw POST with a Content-Length."""
-    lines = [f"POST {path} HTTP/{version}", "Host: gw", "Content-Type: application/json", *extra,
-             f"Content-Length: {len(body)}"]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-
+from tests.support import Message, Responses, backend_app, exchange, post, serve_app
 
 @pytest.fixture
 async def both(gateway_factory: Any) -> AsyncIterator[dict[str, Any]]:
@@ -74,7 +25,7 @@ async def both(gateway_factory: Any) -> AsyncIterator[dict[str, Any]]:
         await store.create_deployment(Deployment(name="blue", url=backend_url, state=State.READY, external=True))
         await store.set_route("blue", None)
         fast = await gateway_factory(store, max_body_bytes=200_000)
-        handler = gateway_factory.runners[-1].app[FAST]
+        handler = gateway_factory.gateways[-1].app[FAST]
         plain = await gateway_factory(store, max_body_bytes=200_000, fast_path=False)
         yield {"fast": fast, "plain": plain, "backend": backend, "handler": handler}
 
@@ -94,7 +45,7 @@ CASES = [
     post("/invocations", b"{}", "Expect: 100-continue"),
     post("/invocations", b"{}", "X-Long: " + "a" * 9000),  # a head past aiohttp's line limit
     post("/invocations", b"{}", version="1.0"),
-    b"POST /invocations HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    b"POST /invocations HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
     b"POST /invocations HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
     b"POST /invocations HTTP/1.1\r\nHost gw\r\n\r\n",
     b"GET /invocations HTTP/1.1\r\nHost: gw\r\n\r\n",
@@ -164,31 +115,13 @@ async def test_fast_path_requests_are_counted(both: dict[str, Any]) -> None:
     assert 'turnout_inflight_requests{deployment="blue"} 0.0' in text
 
 
-async def test_idle_keep_alive_connections_are_closed(both: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway import fastpath
-
-    monkeypatch.setattr(fastpath, "KEEPALIVE_TIMEOUT", 0.5)
-    host, port = both["fast"].removeprefix("http://").split(":")
-    idle_reader, idle_writer = await asyncio.open_connection(host, int(port))
-    idle_writer.write(post("/invocations", b"{}"))
-    await idle_reader.readuntil(b"\r\n\r\n")
-    busy = asyncio.create_task(exchange(both["fast"], post("/invocations?mode=slow&delay=3", b"{}"), 1))
-    # The sweep runs every second: an idle connection is gone within ~1.5 s, one mid-request is not.
-    await asyncio.wait_for(idle_reader.read(), 5)  # the rest of the response, then the server's close
-    assert idle_reader.at_eof()
-    assert not busy.done()
-    idle_writer.close()
-    ((status, _, _),) = await busy
-    assert status == 200
-
-
 async def test_predictions_stay_on_the_fast_path_until_another_request_moves_the_connection(
     both: dict[str, Any],
 ) -> None:
     handler = both["handler"]
     host, port = both["fast"].removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
-    collected = _Responses()
+    collected = Responses()
 
     async def answer(request: bytes) -> Message:
         writer.write(request)

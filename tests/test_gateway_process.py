@@ -16,7 +16,7 @@ import pytest
 from gateway.records import Deployment, State
 from gateway.redis_store import RedisStore
 from tests.conftest import REDIS_URL, drop_namespace, new_namespace
-from tests.support import BIN, backend_app, child_env, eventually, free_port, serve_app, wait_port
+from tests.support import BIN, RawConnection, backend_app, child_env, eventually, free_port, post, serve_app, wait_port
 
 MB = 1024 * 1024
 
@@ -29,18 +29,22 @@ def peak_rss_mb(pid: int) -> float:
     raise AssertionError("no VmHWM")
 
 
-@pytest.fixture
-async def gateway_process() -> AsyncIterator[dict[str, Any]]:
-    """A gateway process on the real Redis (private namespace), routed to a local backend."""
+SHUTDOWN_TIMEOUT = 3.0
+
+
+@pytest.fixture(params=["fast", "aiohttp"])
+async def gateway_process(request: pytest.FixtureRequest) -> AsyncIterator[dict[str, Any]]:
+    """A gateway process on the real Redis (private namespace), routed to a local backend, on each request path."""
     namespace = new_namespace()
     store = RedisStore.from_url(REDIS_URL, namespace)
     port = free_port()
     async with serve_app(backend_app("blue")) as blue:
         await store.create_deployment(Deployment(name="blue", url=blue, state=State.READY, external=True))
         await store.set_route("blue", None)
-        env = child_env(TURNOUT_REDIS_URL=REDIS_URL, TURNOUT_NAMESPACE=namespace, TURNOUT_LOG_LEVEL="WARNING")
+        env = child_env(TURNOUT_REDIS_URL=REDIS_URL, TURNOUT_NAMESPACE=namespace, TURNOUT_LOG_LEVEL="WARNING",
+                        TURNOUT_FAST_PATH=str(request.param == "fast").lower())
         proc = subprocess.Popen(
-            [str(BIN / "turnout"), "gateway", "--port", str(port), "--shutdown-timeout", "10"],
+            [str(BIN / "turnout"), "gateway", "--port", str(port), "--shutdown-timeout", str(SHUTDOWN_TIMEOUT)],
             env=env,
             stderr=subprocess.PIPE,
         )
@@ -93,20 +97,45 @@ async def test_sigterm_drains_inflight_requests(gateway_process: dict[str, Any])
     async with aiohttp.ClientSession() as s:
         await eventually(lambda: _ready(s, url), timeout=10)
 
-        async def slow() -> int:
+        async def slow() -> tuple[int, str | None]:
             async with s.post(url + "/invocations?mode=slow&delay=1.0", json={}) as resp:
                 await resp.read()
-                return resp.status
+                return resp.status, resp.headers.get("Connection")
 
         task = asyncio.create_task(slow())
         await asyncio.sleep(0.3)
         proc.send_signal(signal.SIGTERM)
-        assert await task == 200, "a request in flight at SIGTERM must complete"
+        status, connection = await task
+        assert status == 200, "a request in flight at SIGTERM must complete"
+        assert connection == "close", "an answer finished during the drain closes its connection"
     code = await asyncio.get_running_loop().run_in_executor(None, proc.wait, 15)
     assert code == 0
     async with aiohttp.ClientSession() as s:
         with pytest.raises(aiohttp.ClientConnectionError):
             await s.post(url + "/invocations", json={})
+
+
+async def test_sigterm_ends_within_the_shutdown_timeout_whatever_is_in_flight(gateway_process: dict[str, Any]) -> None:
+    """Requests on both paths that would outlive the drain: the process still exits in time (one drain
+    for both paths, not one after the other)."""
+    url, proc = gateway_process["url"], gateway_process["proc"]
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession() as s:
+        await eventually(lambda: _ready(s, url), timeout=10)
+        small = RawConnection.open(url)
+        conns = [await small, await RawConnection.open(url)]
+        conns[0].send(post("/invocations?mode=slow&delay=60", b"{}"))  # the fast path when it is on
+        conns[1].send(b"POST /invocations?mode=slow&delay=60 HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+                      b"\r\n2\r\n{}\r\n0\r\n\r\n")  # always aiohttp's path
+        await asyncio.sleep(0.5)
+        started = loop.time()
+        proc.send_signal(signal.SIGTERM)
+        code = await loop.run_in_executor(None, proc.wait, 30)
+        took = loop.time() - started
+        for conn in conns:
+            conn.close()
+    assert code == 0
+    assert took < SHUTDOWN_TIMEOUT + 2.5, f"exit took {took:.1f} s with a shutdown timeout of {SHUTDOWN_TIMEOUT} s"
 
 
 def test_bad_setting_is_a_usage_error() -> None:

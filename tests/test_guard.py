@@ -207,8 +207,7 @@ async def test_leader_dies_another_replica_takes_over_real_redis(
 
     await eventually(lambda: _one_leader(leaders), timeout=10)
     first = (await leaders()).index(True)
-    runners = gateway_factory.runners
-    await runners[first].cleanup()
+    await gateway_factory.gateways[first].stop()
     survivor = urls[1 - first]
     urls[:] = [survivor]
     # The lease is 3 s (3 × the interval, at least 3 s): the survivor decides within it and a tick.

@@ -13,7 +13,7 @@ import pytest
 from gateway.records import Deployment, State
 from gateway.store import EmbeddedStore
 from tests.mlflow_support import Registry, model_server
-from tests.support import eventually
+from tests.support import RawConnection, eventually, exchange, post
 
 pytestmark = pytest.mark.slow
 
@@ -48,12 +48,13 @@ def served(mlflow_registry: Registry) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture
-async def through_gateway(served: str, gateway_factory: Any) -> AsyncIterator[str]:
+@pytest.fixture(params=["fast", "aiohttp"])
+async def through_gateway(served: str, gateway_factory: Any, request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """A gateway in front of the real model server, on each request path."""
     store = EmbeddedStore()
     await store.create_deployment(Deployment(name="blue", url=served, state=State.READY, external=True))
     await store.set_route("blue", None)
-    url = await gateway_factory(store)
+    url = await gateway_factory(store, fast_path=request.param == "fast")
 
     async def ready() -> bool:
         async with aiohttp.ClientSession() as s, s.get(url + "/health") as resp:
@@ -82,6 +83,69 @@ async def test_same_status_and_bytes_as_direct(
     else:
         assert direct[0] == 200 and json.loads(direct[1])["predictions"]
     assert proxied == direct
+
+
+async def test_expect_100_continue_with_a_large_body_as_curl_sends_it(through_gateway: str) -> None:
+    """curl sends Expect: 100-continue by itself for bodies over 1 MiB; uvicorn answers 100 when the model
+    server starts reading. The client gets one 100 (the gateway's) and its own predictions, and so does
+    the next client on the same pooled connection."""
+    body = json.dumps({"dataframe_split": {"columns": COLUMNS, "data": ROWS * 40_000}}).encode()
+    assert len(body) > 1024 * 1024
+    for _ in range(3):
+        conn = await RawConnection.open(through_gateway)
+        head = (f"POST /invocations HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n").encode()
+        conn.send(head)
+        (interim,) = await conn.responses(1)
+        assert interim[0] == 100
+        conn.send(body)
+        final = (await conn.responses(2, timeout=60))[1]
+        conn.close()
+        assert final[0] == 200 and len(json.loads(final[2])["predictions"]) == 80_000
+        small = post("/invocations", json.dumps({"dataframe_split": {"columns": COLUMNS, "data": ROWS}}).encode())
+        (after,) = await exchange(through_gateway, small, 1)
+        assert after[0] == 200 and len(json.loads(after[2])["predictions"]) == 2, after
+
+
+@pytest.mark.parametrize("path", ["fast", "aiohttp"])
+async def test_a_streamed_request_right_after_another_clients_mlflow_500_succeeds(
+    mlflow_registry: Registry, gateway_factory: Any, path: str
+) -> None:
+    """MLflow (uvicorn) answers an unhandled exception (here deeply nested JSON) with a 500 and then
+    closes the connection without saying so: the next request, streamed, must not be sent on it.
+    Its own server: MLflow 3.17 stops answering after about ten 500s."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    crash = post("/invocations", deep)
+    payload = json.dumps({"dataframe_split": {"columns": COLUMNS, "data": ROWS}}).encode()
+    chunked = (b"POST /invocations HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%b\r\n0\r\n\r\n" % (len(payload), payload))
+    with model_server(mlflow_registry, f"models:/{mlflow_registry.model_name}/1") as served:
+        store = EmbeddedStore()
+        await store.create_deployment(Deployment(name="blue", url=served, state=State.READY, external=True))
+        await store.set_route("blue", None)
+        url = await gateway_factory(store, fast_path=path == "fast")
+        await eventually(lambda: _healthy(url), timeout=5)
+        for _ in range(4):
+            (crashed,) = await exchange(url, crash, 1)
+            assert crashed[0] == 500
+            (got,) = await exchange(url, chunked, 1)
+            assert got[0] == 200 and len(json.loads(got[2])["predictions"]) == 2, got
+
+
+async def test_predictions_without_content_type_never_reach_mlflow(served: str, through_gateway: str) -> None:
+    """Without a Content-Type MLflow answers 500, and after about ten of them nothing at all: the
+    gateway answers 415 itself, and the model server stays well."""
+    untyped = b"POST /invocations HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\n\r\n{}"
+    for _ in range(20):
+        (refused,) = await exchange(through_gateway, untyped, 1)
+        assert refused[0] == 415
+    (direct,) = await exchange(served, post("/invocations", json.dumps({"inputs": {c: [1.0] for c in COLUMNS}}).encode()), 1)
+    assert direct[0] == 200
+
+
+async def _healthy(url: str) -> bool:
+    async with aiohttp.ClientSession() as s, s.get(url + "/health") as resp:
+        return resp.status == 200
 
 
 async def test_schema_violation_flood_never_rolls_back(served: str, gateway_factory: Any) -> None:

@@ -1,0 +1,342 @@
+"""The data plane's safety rules, over both request paths (fast path on, and aiohttp only), against
+clients and model servers that misbehave: no answer ever reaches the wrong client, every wait on a
+peer has a deadline, and hostile heads are bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.app import POOL
+from gateway.records import Deployment, State
+from gateway.store import EmbeddedStore
+from tests.support import (
+    RawConnection, answer, backend_app, eventually, exchange, post, scripted_backend, serve_app,
+)
+
+PATHS = ["fast", "aiohttp"]
+
+
+@pytest.fixture(params=PATHS)
+def path(request: pytest.FixtureRequest) -> str:
+    """Which request path the gateway under test relays on."""
+    return str(request.param)
+
+
+@pytest.fixture
+def gateway_to(gateway_factory: Any, path: str) -> Callable[..., Any]:
+    """``url = await gateway_to(backend_url, **settings)``: a gateway on ``path`` with one ready deployment."""
+
+    async def start(backend: str, **settings: Any) -> str:
+        store = EmbeddedStore()
+        await store.create_deployment(Deployment(name="blue", url=backend, state=State.READY, external=True))
+        await store.set_route("blue", None)
+        url = await gateway_factory(store, fast_path=path == "fast", **settings)
+
+        async def healthy() -> bool:
+            async with aiohttp.ClientSession() as s, s.get(url + "/health") as resp:
+                return resp.status == 200
+
+        await eventually(healthy, timeout=5)
+        start.gateway = gateway_factory.gateways[-1]  # type: ignore[attr-defined]
+        return url
+
+    return start
+
+
+@pytest.fixture
+async def echo_backend() -> AsyncIterator[str]:
+    """The test backend (modes: echo, slow, big, status, ...)."""
+    async with serve_app(backend_app("blue")) as url:
+        yield url
+
+
+def echo_id(request: Any, n: int) -> tuple[bytes, float | None]:
+    """Script: answer 200 with the client's X-Id as the body."""
+    return answer(200, request.id.encode(), "Content-Type: text/plain"), None
+
+
+async def metrics(url: str) -> str:
+    async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as resp:
+        return await resp.text()
+
+
+# --- 1xx and stale bytes: an answer never reaches the wrong client --------------------------------
+
+async def test_clients_with_expect_100_continue_each_get_their_own_answer(gateway_to: Any) -> None:
+    def interim_first(request: Any, n: int) -> tuple[bytes, float | None]:
+        interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </style.css>\r\n\r\n"
+        return answer(200, request.id.encode(), interim=interim), None
+
+    async with scripted_backend(interim_first) as (backend, seen):
+        # One upstream connection: every client below goes through the same pooled connection.
+        url = await gateway_to(backend, upstream_max_connections=1)
+        a = await RawConnection.open(url)
+        body = b'{"inputs": [[1, 2]]}'
+        a.send(post("/invocations", b"", "Expect: 100-continue", "X-Id: client-a").replace(
+            b"Content-Length: 0", b"Content-Length: %d" % len(body)))
+        (interim,) = await a.responses(1)
+        assert interim[0] == 100, "the gateway answers Expect itself"
+        a.send(body)
+        final = (await a.responses(2))[1]
+        assert (final[0], final[2]) == (200, b"client-a")
+        for client in ("client-b", "client-c"):
+            (got,) = await exchange(url, post("/invocations", b"{}", f"X-Id: {client}"), 1)
+            assert (got[0], got[2]) == (200, client.encode()), got
+        a.send(post("/invocations", b"{}", "X-Id: client-a-again"))
+        again = (await a.responses(3))[2]
+        assert again[2] == b"client-a-again"
+        a.close()
+    assert [r.id for r in seen] == ["client-a", "client-b", "client-c", "client-a-again"]
+    assert all("expect" not in r.headers for r in seen), "Expect is never forwarded"
+
+
+async def test_bytes_a_model_server_sends_unasked_never_reach_the_next_client(gateway_to: Any) -> None:
+    stale = answer(200, b"STALE")
+
+    def with_trailing_garbage(request: Any, n: int) -> tuple[bytes, float | None]:
+        # A broken server that answers twice: the second answer arrives while the connection is idle.
+        return answer(200, request.id.encode()) + (stale if n == 1 else b""), None
+
+    async with scripted_backend(with_trailing_garbage) as (backend, _):
+        url = await gateway_to(backend, upstream_max_connections=1)
+        (first,) = await exchange(url, post("/invocations", b"{}", "X-Id: one"), 1)
+        assert first[2] == b"one"
+        await asyncio.sleep(0.1)
+        for client in ("two", "three"):
+            (got,) = await exchange(url, post("/invocations", b"{}", f"X-Id: {client}"), 1)
+            assert (got[0], got[2]) == (200, client.encode()), got
+
+
+async def test_a_streamed_body_right_after_a_500_that_closed_the_connection_succeeds(gateway_to: Any) -> None:
+    def like_uvicorn(request: Any, n: int) -> tuple[bytes, float | None]:
+        if request.id == "crash":
+            # uvicorn's answer to an unhandled exception: a 500 without Connection: close, then it closes.
+            return answer(500, b"Internal Server Error", "content-type: text/plain; charset=utf-8"), 0.3
+        return answer(200, request.id.encode() + b":%d" % len(request.body)), None
+
+    async with scripted_backend(like_uvicorn) as (backend, _):
+        url = await gateway_to(backend)
+        for attempt in range(5):
+            (crashed,) = await exchange(url, post("/invocations", b"{}", "X-Id: crash"), 1)
+            assert crashed[0] == 500
+            chunked = (b"POST /invocations HTTP/1.1\r\nHost: gw\r\nX-Id: after\r\nContent-Type: text/csv\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+            (got,) = await exchange(url, chunked, 1)
+            assert (got[0], got[2]) == (200, b"after:11"), (attempt, got)
+            big = post("/invocations", b"x" * 100_000, "X-Id: big")
+            (got,) = await exchange(url, big, 1)
+            assert (got[0], got[2]) == (200, b"big:100000"), (attempt, got)
+
+
+async def test_a_prediction_without_content_type_is_refused_not_forwarded(gateway_to: Any) -> None:
+    async with scripted_backend(echo_id) as (backend, seen):
+        url = await gateway_to(backend)
+        untyped = b"POST /invocations HTTP/1.1\r\nHost: gw\r\nX-Id: untyped\r\nContent-Length: 2\r\n\r\n{}"
+        pinned = untyped.replace(b"/invocations", b"/deployments/blue/invocations")
+        answers = await exchange(url, untyped + pinned + post("/invocations", b"{}", "X-Id: typed"), 3)
+        assert [a[0] for a in answers] == [415, 415, 200]
+        assert "Content-Type" in json.loads(answers[0][2])["message"]
+        assert 'turnout_bad_requests_total{reason="missing_content_type"} 2.0' in await metrics(url)
+    assert [r.id for r in seen] == ["typed"]
+
+
+# --- deadlines on every wait ---------------------------------------------------------------------
+
+async def test_stalled_clients_cannot_starve_the_others(gateway_to: Any, echo_backend: str) -> None:
+    url = await gateway_to(echo_backend, upstream_max_connections=2, upstream_pool_timeout=0.3, client_timeout=1.5)
+    pool = gateway_to.gateway.app[POOL]
+    stalled = []
+    for _ in range(2):
+        conn = await RawConnection.open(url)
+        conn.send(b"POST /invocations HTTP/1.1\r\nHost: gw\r\nContent-Type: text/csv\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        stalled.append(conn)
+    await eventually(lambda: pool.open_connections() == 2, timeout=5)
+    (refused,) = await exchange(url, post("/invocations", b"{}"), 1)
+    assert refused[0] == 503, refused
+    assert json.loads(refused[2])["error_code"] == "TEMPORARILY_UNAVAILABLE"
+    assert "capacity" in json.loads(refused[2])["message"]
+    for conn in stalled:
+        # The stalled clients are dropped with a 408 once their body stops for the client timeout.
+        answers = await conn.until_closed(timeout=10)
+        assert [status for status, _, _ in answers] == [408]
+        conn.close()
+    (served,) = await exchange(url, post("/invocations", b"{}"), 1)
+    assert served[0] == 200
+    text = await metrics(url)
+    assert 'outcome="overloaded"' in text and 'code="503"' in text
+    assert 'turnout_bad_requests_total{reason="body_timeout"} 2.0' in text
+
+
+async def test_a_client_that_stops_reading_its_answer_releases_the_model_server(gateway_to: Any, echo_backend: str) -> None:
+    url = await gateway_to(echo_backend, upstream_max_connections=1, upstream_pool_timeout=0.2, client_timeout=1.0)
+    reader = await RawConnection.open(url)
+    reader.send(post("/invocations?mode=big&size=50000000", b"{}"))  # and never reads
+
+    async def others_served() -> bool:
+        (got,) = await exchange(url, post("/invocations", b"{}"), 1)
+        return got[0] == 200
+
+    await eventually(others_served, timeout=15, interval=0.3)
+    reader.close()
+
+
+async def test_a_trickling_head_is_refused_at_the_header_timeout(gateway_to: Any, echo_backend: str) -> None:
+    url = await gateway_to(echo_backend, header_timeout=0.5)
+    conn = await RawConnection.open(url)
+
+    async def trickle() -> None:
+        conn.send(b"POST /invocations HTTP/1.1\r\nHost: gw\r\n")
+        for _ in range(600):  # a minute of one byte every 0.1 s, never finishing the head
+            conn.send(b"X")
+            await asyncio.sleep(0.1)
+
+    task = asyncio.create_task(trickle())
+    try:
+        answers = await conn.until_closed(timeout=10)
+    finally:
+        task.cancel()
+    assert [status for status, _, _ in answers] == [408]
+    assert json.loads(answers[0][2])["error_code"] == "DEADLINE_EXCEEDED"
+    assert 'turnout_bad_requests_total{reason="header_timeout"} 1.0' in await metrics(url)
+
+
+async def test_a_connection_that_never_speaks_is_closed(gateway_to: Any, echo_backend: str) -> None:
+    url = await gateway_to(echo_backend, header_timeout=0.5)
+    conn = await RawConnection.open(url)
+    assert await conn.until_closed(timeout=10) == []
+
+
+async def test_a_small_body_that_stops_arriving_gets_408(gateway_to: Any, echo_backend: str) -> None:
+    url = await gateway_to(echo_backend, client_timeout=0.5)
+    conn = await RawConnection.open(url)
+    conn.send(post("/invocations", b"x" * 100)[:-90])  # the head and 10 of 100 bytes
+    answers = await conn.until_closed(timeout=10)
+    assert [status for status, _, _ in answers] == [408]
+
+
+async def test_idle_keep_alive_connections_are_closed_busy_ones_are_not(gateway_to: Any, echo_backend: str) -> None:
+    url = await gateway_to(echo_backend, keepalive_timeout=0.5)
+    idle = await RawConnection.open(url)
+    idle.send(post("/invocations", b"{}"))
+    await idle.responses(1)
+    busy = asyncio.create_task(exchange(url, post("/invocations?mode=slow&delay=3", b"{}"), 1))
+    assert await idle.until_closed(timeout=10)
+    assert not busy.done()
+    ((status, _, _),) = await busy
+    assert status == 200
+
+
+# --- bounded heads, malformed requests -----------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("extra", "status"),
+    [
+        ([f"X-Big-{i}: {'a' * 1000}" for i in range(100)], 431),  # 100 kB of headers
+        ([f"X-H-{i}: v" for i in range(129)], 431),  # more fields than max_headers (with Host, Content-*)
+        ([f"X-H-{i}: v" for i in range(120)], 200),
+        (["X-Long: " + "a" * 9000], 431),  # one line over 8190 bytes
+        ([f"X-Big-{i}: {'a' * 1000}" for i in range(60)], 200),  # 60 kB: under max_head_bytes
+    ],
+    ids=["100x1kB", "132-fields", "123-fields", "9kB-line", "60x1kB"],
+)
+async def test_head_limits(gateway_to: Any, echo_backend: str, extra: list[str], status: int) -> None:
+    url = await gateway_to(echo_backend)
+    answers = await exchange(url, post("/invocations", b"{}", *extra), 1, until_close=status != 200)
+    assert answers[0][0] == status, answers[0]
+    if status == 431:
+        assert json.loads(answers[0][2])["error_code"] == "RESOURCE_EXHAUSTED"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"POST /invocations HTTP/1.1\nHost: gw\nContent-Length: 2\n\n{}",
+        b"POST /invocations HTTP/1.1\rHost: gw\rContent-Length: 2\r\r{}",
+        b"POST /invocations HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+        b"POST /invocations HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n{}",
+        b"POST /invocations HTTP/1.1\r\nHost gw\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # a TLS ClientHello on the plain port
+    ],
+    ids=["bare-LF", "bare-CR", "two-lengths", "length-and-chunked", "no-colon", "tls"],
+)
+async def test_malformed_requests_get_400_at_once(gateway_to: Any, echo_backend: str, raw: bytes) -> None:
+    # A long header timeout: the answer must come from the parser, not from a deadline.
+    url = await gateway_to(echo_backend, header_timeout=60)
+    answers = await exchange(url, raw, 1, until_close=True, timeout=5)
+    assert [status for status, _, _ in answers] == [400], answers
+
+
+async def test_a_chunk_size_that_breaks_mid_body_ends_the_request(gateway_to: Any, echo_backend: str) -> None:
+    url = await gateway_to(echo_backend, upstream_max_connections=1, upstream_pool_timeout=0.3)
+    conn = await RawConnection.open(url)
+    conn.send(b"POST /invocations HTTP/1.1\r\nHost: gw\r\nContent-Type: text/csv\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    await eventually(lambda: gateway_to.gateway.app[POOL].open_connections() == 1, timeout=5)
+    conn.send(b"zz\r\nnot a chunk\r\n")
+    answers = await conn.until_closed(timeout=5)
+    assert [status for status, _, _ in answers] == [400]
+    # The model server's connection was given back: the next client is served.
+    (served,) = await exchange(url, post("/invocations", b"{}"), 1)
+    assert served[0] == 200
+
+
+async def test_bad_requests_are_counted_and_logged_in_one_rate_limited_line(
+    gateway_to: Any, echo_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = await gateway_to(echo_backend)
+    caplog.set_level(logging.DEBUG)
+    await asyncio.gather(*(exchange(url, b"POST /invocations HTTP/1.1\nHost: gw\n\n", 1, until_close=True)
+                           for _ in range(30)))
+    assert 'turnout_bad_requests_total{reason="malformed"} 30.0' in await metrics(url)
+    lines = [r for r in caplog.records if r.name == "gateway.bad_requests"]
+    assert 1 <= len(lines) <= 11 and all(r.levelno == logging.INFO and "\n" not in r.getMessage() for r in lines)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "no tracebacks for a client's mistake"
+
+
+async def test_upgrade_requests_are_answered_as_plain_requests(gateway_to: Any) -> None:
+    async with scripted_backend(echo_id) as (backend, seen):
+        url = await gateway_to(backend)
+        upgrade = post("/invocations", b"{}", "X-Id: up", "Connection: Upgrade", "Upgrade: websocket")
+        (got,) = await exchange(url, upgrade, 1)
+        assert (got[0], got[2]) == (200, b"up")
+        # Pipelined after a normal request, on one connection.
+        both = await exchange(url, post("/invocations", b"{}", "X-Id: first") + upgrade.replace(b"X-Id: up", b"X-Id: second"), 2)
+        assert [(s, b) for s, _, b in both] == [(200, b"first"), (200, b"second")]
+        h2c = post("/invocations", b"{}", "X-Id: h2c", "Connection: Upgrade, HTTP2-Settings", "Upgrade: h2c",
+                   "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA")
+        (got,) = await exchange(url, h2c, 1)
+        assert (got[0], got[2]) == (200, b"h2c")
+    assert all("upgrade" not in r.headers for r in seen)
+
+
+# --- HTTP/1.0, half-close, pipelining ------------------------------------------------------------
+
+async def test_an_http10_streamed_answer_ends_with_the_connection(gateway_to: Any, echo_backend: str) -> None:
+    url = await gateway_to(echo_backend)
+    request = post("/invocations?mode=big&size=300000", b"{}", "Connection: keep-alive", version="1.0")
+    answers = await exchange(url, request + post("/invocations", b"{}", version="1.0"), 1, until_close=True)
+    assert len(answers) == 1 and answers[0][0] == 200
+    assert len(answers[0][2]) == 300000 and set(answers[0][2]) == {ord("z")}
+
+
+async def test_a_half_closed_client_gets_its_answers(gateway_to: Any, echo_backend: str) -> None:
+    url = await gateway_to(echo_backend)
+    for requests in (1, 3):
+        conn = await RawConnection.open(url)
+        conn.send(b"".join(post("/invocations", b"{}" * (n + 1)) for n in range(requests)))
+        conn.half_close()
+        answers = await conn.until_closed(timeout=10)
+        assert [(s, json.loads(b)["length"]) for s, _, b in answers] == [(200, 2 * (n + 1)) for n in range(requests)]
+
+
+async def test_pipelined_requests_are_answered_in_order(gateway_to: Any, echo_backend: str) -> None:
+    url = await gateway_to(echo_backend)
+    bodies = [b"{}" * n for n in range(1, 6)] + [b"x" * 70_000]
+    answers = await exchange(url, b"".join(post("/invocations", b) for b in bodies), len(bodies))
+    assert [json.loads(body)["length"] for _, _, body in answers] == [len(b) for b in bodies]
