@@ -14,15 +14,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import memory, proxy_overhead, reaction, switching  # noqa: E402
+from bench import instructions, memory, proxy_overhead, reaction, switching  # noqa: E402
 from bench.common import HERE, machine, save  # noqa: E402
 
 SCENARIOS = {
     "proxy": proxy_overhead,
+    "instructions": instructions,
     "switching": switching,
     "reaction": reaction,
     "memory": memory,
 }
+
+
+def _sections(text: str) -> dict[str, str]:
+    """The scenario sections of RESULTS.md, each between its own markers."""
+    found = {}
+    for name in SCENARIOS:
+        start, end = f"<!-- scenario:{name} -->", f"<!-- /scenario:{name} -->"
+        if start in text and end in text:
+            found[name] = text[text.index(start): text.index(end) + len(end)]
+    return found
 
 
 def main() -> int:
@@ -32,16 +43,11 @@ def main() -> int:
     args = parser.parse_args()
     chosen = args.scenarios or list(SCENARIOS)
     info = machine()
-    sections = [
-        "# Benchmark results",
-        "",
-        f"Measured {info['date']} on {info['cores']} cores ({info['cpu']}), {info['memory_mb']} MB RAM, "
-        f"Linux {info['kernel']}, Python {info['python']}; load average before the run {info['load_before']:.2f}. "
-        "Every figure in a table was measured side by side in the same run; compare ratios, not absolute numbers.",
-        "",
-        f"Command: `./run bench{' --quick' if args.quick else ''}{' ' + ' '.join(args.scenarios) if args.scenarios else ''}`",
-        "",
-    ]
+    results = HERE / "RESULTS.md"
+    # Scenarios not run this time keep their last recorded section.
+    kept = _sections(results.read_text()) if results.exists() else {}
+    command = f"./run bench{' --quick' if args.quick else ''}{' ' + ' '.join(args.scenarios) if args.scenarios else ''}"
+    new: dict[str, str] = {}
     for name in chosen:
         module = SCENARIOS[name]
         started = time.monotonic()
@@ -52,8 +58,26 @@ def main() -> int:
         save(name, result)
         lines = module.table(result)
         print("\n".join(lines), flush=True)
-        sections += [*lines, "", f"_({name}: {result['seconds']} s)_", ""]
-    (HERE / "RESULTS.md").write_text("\n".join(sections) + "\n")
+        new[name] = "\n".join([
+            f"<!-- scenario:{name} -->", *lines, "",
+            f"_({name}: {result['seconds']} s; measured {info['date']} on {info['cores']} cores ({info['cpu']}), "
+            f"Linux {info['kernel']}, Python {info['python']}, load average before {info['load_before']:.2f}; "
+            f"`{command}`)_",
+            f"<!-- /scenario:{name} -->",
+        ])
+    sections = {**kept, **new}
+    body = [
+        "# Benchmark results",
+        "",
+        "Every figure in a table was measured side by side in the same run; compare ratios, not absolute numbers "
+        "(this machine is shared: absolute figures move by 2-3x between runs). Each section says when and how it "
+        "was measured.",
+        "",
+    ]
+    for name in SCENARIOS:
+        if name in sections:
+            body += [sections[name], ""]
+    results.write_text("\n".join(body))
     print(f"bench: wrote {HERE / 'RESULTS.md'}", file=sys.stderr)
     return 0
 

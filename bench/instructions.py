@@ -1,0 +1,141 @@
+"""Instructions per proxied request, counted by valgrind's callgrind: a figure that does not move with
+the load of a shared machine (CPU-seconds here swing by 2-3x between runs), so two revisions can be
+compared exactly. With ``TURNOUT_BENCH_BASELINE=REV`` the same requests are also counted through a
+checkout of git revision REV, side by side.
+
+One gateway process at a time runs under callgrind in front of the fast backend; a warm-up, then the
+counters are zeroed, N keep-alive requests are sent over 8 connections, and the counters are dumped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import glob
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import HERE, ROOT, env, free_port, process  # noqa: E402
+from bench.proxy_overhead import REDIS_URL, _route  # noqa: E402
+
+_BODY = b'{"dataframe_split": {"columns": ["a", "b", "c", "d"], "data": [[5.1, 3.5, 1.4, 0.2]]}}'
+_REQUEST = b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (
+    len(_BODY), _BODY)
+
+
+async def _load(port: int, requests: int, connections: int = 8) -> None:
+    async def one(count: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(count):
+            writer.write(_REQUEST)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"(?i)content-length: (\d+)", head)
+            assert length, head
+            await reader.readexactly(int(length.group(1)))
+        writer.close()
+
+    await asyncio.gather(*(one(requests // connections) for _ in range(connections)))
+
+
+def count(tree: Path, backend: str, fast_path: bool, requests: int) -> float:
+    """Instructions per request of the gateway in ``tree`` (a checkout of this project)."""
+    namespace = f"turnout-bench-{uuid.uuid4().hex[:8]}"
+    asyncio.run(_route(namespace, backend, "set"))
+    port = free_port()
+    out = Path(tempfile.gettempdir()) / f"turnout-callgrind-{uuid.uuid4().hex[:8]}"
+    # Background loops slowed to a crawl, so the count is the requests' own.
+    child_env = env(TURNOUT_REDIS_URL=REDIS_URL, TURNOUT_NAMESPACE=namespace, PYTHONPATH=str(tree),
+                    TURNOUT_FAST_PATH=str(fast_path).lower(), TURNOUT_POLL_INTERVAL="1000",
+                    TURNOUT_GUARD_INTERVAL="1000", TURNOUT_STATS_FLUSH_INTERVAL="1000")
+    proc = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-c",
+         "from gateway.cli import main; main()", "gateway", "--port", str(port), "--log-level", "WARNING"],
+        env=child_env, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                asyncio.run(_load(port, 80))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        asyncio.run(_load(port, 400))
+        subprocess.run(["callgrind_control", "--zero", str(proc.pid)], capture_output=True, check=True)
+        asyncio.run(_load(port, requests))
+        subprocess.run(["callgrind_control", "--dump", str(proc.pid)], capture_output=True, check=True)
+    finally:
+        proc.terminate()
+        proc.wait()
+        asyncio.run(_route(namespace, backend, "clear"))
+    dumps = sorted((p for p in glob.glob(f"{out}*") if p != str(out)), key=os.path.getmtime)
+    try:
+        total = int(re.search(r"^summary: (\d+)", Path(dumps[0]).read_text(), re.M).group(1))  # type: ignore[union-attr]
+    finally:
+        for path in glob.glob(f"{out}*"):
+            os.unlink(path)
+    return total / requests
+
+
+@contextlib.contextmanager
+def checkout(rev: str) -> Iterator[Path]:
+    """A throwaway worktree of ``rev``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(tree), rev], check=True)
+        try:
+            yield tree
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    """Count both request paths (and the baseline's, when asked for)."""
+    requests = 800 if quick else 2000
+    baseline = os.environ.get("TURNOUT_BENCH_BASELINE")
+    port = free_port()
+    backend = f"http://127.0.0.1:{port}"
+    result: dict[str, Any] = {"requests": requests, "baseline": baseline, "counts": {}}
+    with process([sys.executable, str(HERE / "fast_backend.py"), str(port)], backend + "/ping"), \
+            contextlib.ExitStack() as stack:
+        trees = {"this tree": ROOT}
+        if baseline:
+            trees[baseline] = stack.enter_context(checkout(baseline))
+        for path in ("fast", "aiohttp"):
+            for name, tree in trees.items():
+                result["counts"].setdefault(path, {})[name] = count(tree, backend, path == "fast", requests)
+    if baseline:
+        result["ratios"] = {path: c["this tree"] / c[baseline] for path, c in result["counts"].items()}
+    return result
+
+
+def table(result: dict[str, Any]) -> list[str]:
+    """Markdown for RESULTS.md."""
+    names = list(next(iter(result["counts"].values())))
+    lines = [
+        "### Instructions per proxied request (callgrind; exact, unaffected by the machine's load)",
+        "",
+        "| path | " + " | ".join(names) + (" | ratio |" if result.get("ratios") else " |"),
+        "|---|" + "---:|" * (len(names) + (1 if result.get("ratios") else 0)),
+    ]
+    for path, per in result["counts"].items():
+        cells = [f"{per[n]:,.0f}" for n in names]
+        if result.get("ratios"):
+            cells.append(f"{result['ratios'][path]:.3f}×")
+        lines.append(f"| {path} | " + " | ".join(cells) + " |")
+    lines += ["", f"{result['requests']} one-row JSON requests over 8 keep-alive connections, fast backend."]
+    if result.get("baseline"):
+        lines.append(f"Baseline: `{result['baseline']}` (`TURNOUT_BENCH_BASELINE`), counted in the same run.")
+    return lines
