@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from collections.abc import AsyncIterator, Iterator
@@ -148,17 +149,21 @@ async def _healthy(url: str) -> bool:
         return resp.status == 200
 
 
-async def test_schema_violation_flood_never_rolls_back(served: str, gateway_factory: Any) -> None:
-    """Clients sending schema-violating requests to a real model server (MLflow's 400
-    INVALID_PARAMETER_VALUE) are counted as client errors: the guard never blames the model."""
-    import asyncio
-
+async def _green_just_switched_to(served: str, gateway_factory: Any) -> tuple[EmbeddedStore, str]:
+    """A gateway whose route just moved blue → green (both the real model server): the guard is armed."""
     store = EmbeddedStore()
     for name in ("blue", "green"):
         await store.create_deployment(Deployment(name=name, url=served, state=State.READY, external=True))
     await store.set_route("blue", None)
     await store.set_route("green", "blue")
     url = await gateway_factory(store, guard_window=5.0, guard_interval=0.2, stats_flush_interval=0.1)
+    return store, url
+
+
+async def test_schema_violation_flood_never_rolls_back(served: str, gateway_factory: Any) -> None:
+    """Clients sending schema-violating requests to a real model server (MLflow's 400
+    INVALID_PARAMETER_VALUE) are counted as client errors: the guard never blames the model."""
+    store, url = await _green_just_switched_to(served, gateway_factory)
     wrong = json.dumps({"dataframe_split": {"columns": ["a", "b"], "data": [[1, 2]]}}).encode()
     codes = []
     async with aiohttp.ClientSession() as s:
@@ -172,3 +177,27 @@ async def test_schema_violation_flood_never_rolls_back(served: str, gateway_fact
     assert set(codes) == {(400, "INVALID_PARAMETER_VALUE")}
     assert (await store.read_snapshot()).route.active == "green", "never rolled back"
     assert 'turnout_requests_total{code="400",deployment="green",outcome="client_error"} 150.0' in metrics
+
+
+async def test_a_client_flooding_bad_csv_never_rolls_back_a_good_model(served: str, gateway_factory: Any) -> None:
+    """MLflow answers a CSV it cannot parse with a 400 that carries a stack trace; one such request in
+    ten during the bake period is the client's doing, and must never roll a good version back."""
+    store, url = await _green_just_switched_to(served, gateway_factory)
+    good = (",".join(COLUMNS) + "\n" + "\n".join(",".join(map(str, r)) for r in ROWS)).encode()
+    bad = (",".join(COLUMNS) + "\n5.1,3.5,not-a-number,0.2\n").encode()
+    statuses = []
+    async with aiohttp.ClientSession() as s:
+        for n in range(200):
+            body = bad if n % 10 == 0 else good
+            async with s.post(url + "/invocations", data=body, headers={"Content-Type": "text/csv"}) as resp:
+                statuses.append(resp.status)
+                answer = await resp.read()
+            if n == 0:
+                assert b"stack_trace" in answer, "MLflow sends a stack trace with this client error"
+        await asyncio.sleep(1.0)
+        async with s.get(url + "/metrics") as resp:
+            metrics = await resp.text()
+    assert statuses.count(400) == 20 and statuses.count(200) == 180
+    assert (await store.read_snapshot()).route.active == "green", "never rolled back"
+    assert 'turnout_requests_total{code="400",deployment="green",outcome="client_error"} 20.0' in metrics
+    assert 'outcome="model_error"' not in metrics
