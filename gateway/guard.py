@@ -3,7 +3,6 @@ threshold, judged on the traffic of every replica, decided by one leader replica
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import socket
@@ -12,12 +11,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from .loops import Loop, Loops
 from .metrics import GatewayMetrics
 from .records import Snapshot
 from .settings import Settings
 from .store import Store, StoreUnavailable
 from .switching import RouteControl, Who, now_iso
-from .traffic import Figures, Traffic, empty_row, figures_from_counts
+from .traffic import RELATIVE_ERROR, Figures, Traffic, figures_from_counts
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ def judge(settings: Settings, figures: Figures, baseline: Figures | None) -> Ver
         "error_rate_threshold": settings.guard_error_rate,
         "min_requests": settings.guard_min_requests,
         "p99_seconds": figures.p99,
+        # The p99 is read from a sketch: within this fraction of a latency a request really had.
+        "p99_relative_error": RELATIVE_ERROR,
         "p99_threshold_seconds": settings.guard_p99,
     }
     if baseline is not None:
@@ -62,7 +64,7 @@ def judge(settings: Settings, figures: Figures, baseline: Figures | None) -> Ver
     if figures.error_rate > limit:
         reasons.append(f"error rate {figures.error_rate:.1%} > {limit:.1%} over {judged} requests in {settings.guard_window:.0f} s")
     if settings.guard_p99 is not None and figures.p99 is not None and figures.p99 > settings.guard_p99:
-        reasons.append(f"p99 {figures.p99 * 1000:.0f} ms > {settings.guard_p99 * 1000:.0f} ms")
+        reasons.append(f"p99 {figures.p99 * 1000:.0f} ms (±{RELATIVE_ERROR:.0%}) > {settings.guard_p99 * 1000:.0f} ms")
     if reasons:
         return Verdict(True, "; ".join(reasons), figures, evidence)
     return Verdict(False, f"healthy: error rate {figures.error_rate:.1%}", figures, evidence)
@@ -72,7 +74,7 @@ class Guard:
     """Per replica: flushes traffic counters to the store; the leader replica also decides."""
 
     def __init__(self, settings: Settings, store: Store, traffic: Traffic, control: RouteControl,
-                 metrics: GatewayMetrics) -> None:
+                 metrics: GatewayMetrics, loops: Loops | None = None) -> None:
         self.settings = settings
         self.store = store
         self.traffic = traffic
@@ -82,20 +84,19 @@ class Guard:
         self.leader = False
         self.last: dict[str, Any] = {}
         self._held_generation: int | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self.loops = loops or Loops(metrics.count_background_error)
+        self._loops: list[Loop] = []
 
     async def start(self) -> None:
         """Start the flusher and the evaluator."""
-        self._tasks = [
-            asyncio.create_task(self._flush_forever(), name="guard-flush"),
-            asyncio.create_task(self._evaluate_forever(), name="guard-evaluate"),
+        self._loops = [
+            self.loops.every("guard-flush", self.settings.stats_flush_interval, self._flush_once),
+            self.loops.every("guard-evaluate", self.settings.guard_interval, self._evaluate_once),
         ]
 
     async def stop(self) -> None:
         """Stop both, flushing what is left."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.loops.cancel(*self._loops)
         try:
             await self.flush()
         except StoreUnavailable:
@@ -127,38 +128,33 @@ class Guard:
             self.traffic.restore_pending(pending)
             raise
 
-    async def _flush_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.stats_flush_interval)
-            try:
-                await self.flush()
-            except StoreUnavailable as exc:
-                log.debug("could not flush traffic counters: %s", exc)
+    async def _flush_once(self) -> None:
+        try:
+            await self.flush()
+        except StoreUnavailable as exc:
+            log.debug("could not flush traffic counters: %s", exc)
 
     async def figures(self, deployment: str, end: float | None = None) -> Figures:
         """Every replica's traffic of a deployment over the window ending at ``end`` (default: now)."""
         end_second = int(end if end is not None else time.time())
         first = end_second - int(self.settings.guard_window) + 1
-        counts = await self.store.read_stats(deployment, first, end_second)
-        return figures_from_counts(counts or empty_row())
+        return figures_from_counts(await self.store.read_stats(deployment, first, end_second))
 
     # --- decision -------------------------------------------------------------------------
-    async def _evaluate_forever(self) -> None:
+    async def _evaluate_once(self) -> None:
         interval = self.settings.guard_interval
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                self.leader = await self.store.hold_role(LEADER_ROLE, self.id, max(3.0, 3 * interval))
-                self.metrics.guard_leader.set(1 if self.leader else 0)
-                if self.leader:
-                    await self.evaluate()
-                else:
-                    state = await self.store.get_guard()
-                    self.metrics.guard_paused.set(1 if state.get("paused") else 0)
-                    self.metrics.guard_latched.set(1 if state.get("latched") else 0)
-            except StoreUnavailable as exc:
-                self.leader = False
-                log.debug("guard cannot reach the store: %s", exc)
+        try:
+            self.leader = await self.store.hold_role(LEADER_ROLE, self.id, max(3.0, 3 * interval))
+            self.metrics.guard_leader.set(1 if self.leader else 0)
+            if self.leader:
+                await self.evaluate()
+            else:
+                state = await self.store.get_guard()
+                self.metrics.guard_paused.set(1 if state.get("paused") else 0)
+                self.metrics.guard_latched.set(1 if state.get("latched") else 0)
+        except StoreUnavailable as exc:
+            self.leader = False
+            log.debug("guard cannot reach the store: %s", exc)
 
     async def evaluate(self) -> None:
         """One decision by the leader: judge the active deployment, roll back, hold or do nothing."""

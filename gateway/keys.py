@@ -43,8 +43,9 @@ class Keys:
         return f"{self.namespace}:history"
 
     def stats(self, deployment: str, second: int) -> str:
-        """Hash with a TTL: every replica's traffic counters of one deployment in one second."""
-        return f"{self.namespace}:stats:{deployment}:{second}"
+        """Hash with a TTL: every replica's traffic counters of one deployment in one second (columns as
+        in ``traffic``; 'stats2' since latency moved to a sketch, so older gateways' rows never mix in)."""
+        return f"{self.namespace}:stats2:{deployment}:{second}"
 
     @property
     def guard(self) -> str:

@@ -311,19 +311,19 @@ class RedisStore(Store):
                 raw, total = await pipe.execute()
         return [json.loads(item) for item in raw], int(total)
 
-    async def add_stats(self, pending: Mapping[str, Mapping[int, list[int]]], ttl: int = 180) -> None:
+    async def add_stats(self, pending: Mapping[str, Mapping[int, Mapping[int, int]]], ttl: int = 180) -> None:
         with _unavailable_on_connection_errors():
             async with self.client.pipeline(transaction=False) as pipe:
                 for deployment, per in pending.items():
                     for second, row in per.items():
                         key = self.keys.stats(deployment, second)
-                        for i, v in enumerate(row):
-                            if v:
-                                pipe.hincrby(key, str(i), v)
+                        for column, count in row.items():
+                            if count:
+                                pipe.hincrby(key, str(column), count)
                         pipe.expire(key, ttl)
                 await pipe.execute()
 
-    async def read_stats(self, deployment: str, first_second: int, last_second: int) -> list[int]:
+    async def read_stats(self, deployment: str, first_second: int, last_second: int) -> dict[int, int]:
         with _unavailable_on_connection_errors():
             async with self.client.pipeline(transaction=False) as pipe:
                 for second in range(first_second, last_second + 1):
@@ -331,14 +331,10 @@ class RedisStore(Store):
                 rows = await pipe.execute()
         total: dict[int, int] = {}
         for row in rows:
-            for k, v in row.items():
-                total[int(k)] = total.get(int(k), 0) + int(v)
-        if not total:
-            return []
-        out = [0] * (max(total) + 1)
-        for k, v in total.items():
-            out[k] = v
-        return out
+            for column, count in row.items():
+                if column.isdigit() and count.lstrip("-").isdigit():
+                    total[int(column)] = total.get(int(column), 0) + int(count)
+        return total
 
     async def hold_role(self, role: str, owner: str, ttl: float) -> bool:
         with _unavailable_on_connection_errors():

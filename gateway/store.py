@@ -15,6 +15,7 @@ from typing import Any
 from .keys import DEPLOYMENT_CHANGED, ROUTE_CHANGED, SUBSCRIBED
 from .records import Deployment, Route, Snapshot, encode_changes
 from .settings import Settings
+from .traffic import add_row
 
 DEFAULT_HISTORY_MAX = 10_000
 
@@ -93,12 +94,12 @@ class Store(abc.ABC):
         """A page of history entries, newest first, and the total held."""
 
     @abc.abstractmethod
-    async def add_stats(self, pending: Mapping[str, Mapping[int, list[int]]], ttl: int = 180) -> None:
-        """Add this replica's traffic counters (deployment → second → row) to the shared ones."""
+    async def add_stats(self, pending: Mapping[str, Mapping[int, Mapping[int, int]]], ttl: int = 180) -> None:
+        """Add this replica's traffic counters (deployment → second → sparse row) to the shared ones."""
 
     @abc.abstractmethod
-    async def read_stats(self, deployment: str, first_second: int, last_second: int) -> list[int]:
-        """Every replica's counters of a deployment summed over [first_second, last_second]."""
+    async def read_stats(self, deployment: str, first_second: int, last_second: int) -> dict[int, int]:
+        """Every replica's counters of a deployment summed over [first_second, last_second] (sparse row)."""
 
     @abc.abstractmethod
     async def hold_role(self, role: str, owner: str, ttl: float) -> bool:
@@ -151,7 +152,7 @@ class EmbeddedStore(Store):
         self._leases: dict[str, tuple[str, float]] = {}
         self._history: deque[dict[str, Any]] = deque(maxlen=history_max)
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
-        self._stats: dict[str, dict[int, list[int]]] = {}
+        self._stats: dict[str, dict[int, dict[int, int]]] = {}
         self._roles: dict[str, tuple[str, float]] = {}
         self._guard: dict[str, str] = {}
         self._seen: dict[str, float] = {}
@@ -262,25 +263,20 @@ class EmbeddedStore(Store):
         # Copies, so a caller cannot edit the record.
         return [json.loads(json.dumps(e)) for e in items[offset : offset + limit]], len(items)
 
-    async def add_stats(self, pending: Mapping[str, Mapping[int, list[int]]], ttl: int = 180) -> None:
+    async def add_stats(self, pending: Mapping[str, Mapping[int, Mapping[int, int]]], ttl: int = 180) -> None:
         oldest = int(time.time()) - ttl
         for deployment, per in pending.items():
             mine = self._stats.setdefault(deployment, {})
             for second, row in per.items():
-                current = mine.setdefault(second, [0] * len(row))
-                for i, v in enumerate(row):
-                    current[i] += v
+                add_row(mine.setdefault(second, {}), row)
             for second in [s for s in mine if s < oldest]:
                 del mine[second]
 
-    async def read_stats(self, deployment: str, first_second: int, last_second: int) -> list[int]:
-        total: list[int] = []
+    async def read_stats(self, deployment: str, first_second: int, last_second: int) -> dict[int, int]:
+        total: dict[int, int] = {}
         for second, row in self._stats.get(deployment, {}).items():
             if first_second <= second <= last_second:
-                if not total:
-                    total = [0] * len(row)
-                for i, v in enumerate(row):
-                    total[i] += v
+                add_row(total, row)
         return total
 
     async def hold_role(self, role: str, owner: str, ttl: float) -> bool:

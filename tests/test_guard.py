@@ -278,3 +278,49 @@ def test_judge_rules() -> None:
     noisy_before = fig(100, 8)
     assert not judge(s, fig(100, 10), noisy_before).breach, "an already-noisy model needs to get worse by the threshold"
     assert judge(s, fig(100, 20), noisy_before).breach
+
+
+def test_latency_sketch_quantiles_are_within_two_percent_of_a_real_latency() -> None:
+    """The guard's p99 is read from log-scale buckets: within 2% of a latency some request had, unlike
+    interpolation inside the Prometheus histogram's buckets (1.5 s used to read as 2.485 s)."""
+    import math
+    import random
+
+    from gateway.traffic import RELATIVE_ERROR, Traffic
+
+    rng = random.Random(11)
+    for distribution in ([1.5] * 500, [rng.lognormvariate(-3, 1.2) for _ in range(5000)], [0.00005, 0.0002, 12.0, 700.0]):
+        traffic = Traffic(clock=lambda: 1000.0)
+        for seconds in distribution:
+            traffic.record("blue", "ok", seconds)
+        figures = traffic.local("blue", 60)
+        ordered = sorted(distribution)
+        for q, estimate in ((0.5, figures.p50), (0.99, figures.p99)):
+            exact = ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+            assert estimate is not None
+            assert abs(estimate - exact) <= RELATIVE_ERROR * exact + 1e-4, (q, estimate, exact)
+
+
+@pytest.mark.parametrize(("threshold", "rolls_back"), [(2.0, False), (1.0, True)])
+async def test_a_steady_1_5_s_model_is_judged_on_its_real_p99(
+    backends: dict[str, Any], gateway_factory: Any, threshold: float, rolls_back: bool
+) -> None:
+    store = await blue_active_green_deployed(backends)
+    url = await gateway_factory(store, **{**FAST_GUARD, "guard_window": 10.0, "guard_min_requests": 10},
+                                guard_p99=threshold, read_timeout=5)
+    await switch(url, "green")
+    async with aiohttp.ClientSession() as s:
+
+        async def slow() -> None:
+            async with s.post(url + "/invocations?mode=slow&delay=1.5", json={}) as resp:
+                await resp.read()
+
+        for _ in range(2):
+            await asyncio.gather(*(slow() for _ in range(8)))
+        await asyncio.sleep(1.0)  # a few evaluations after the last request was counted
+    active = await route_active(store)
+    assert (active == "blue") is rolls_back, f"p99 threshold {threshold} s: active is {active}"
+    history, _ = await store.read_history()
+    if rolls_back:
+        evidence = next(e for e in history if e["action"] == "rollback")["evidence"]
+        assert 1.47 <= evidence["p99_seconds"] <= 1.53 and evidence["p99_relative_error"] == 0.02
