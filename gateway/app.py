@@ -13,6 +13,7 @@ from .aiohttp_handler import Drain, on_response_prepare
 from .fastpath import FastPath
 from .guard import Guard
 from .http1 import BadRequests, ServerLimits
+from .loops import Loops
 from .metrics import CONTENT_TYPE_LATEST, GatewayMetrics
 from .proxy import SMALL_BODY, Proxy
 from .registry_sync import RegistrySync
@@ -35,6 +36,7 @@ CONTROL = web.AppKey("control", RouteControl)
 ADMIN = web.AppKey("admin", Admin)
 GUARD = web.AppKey("guard", Guard)
 FAST = web.AppKey("fast", FastPath)
+LOOPS = web.AppKey("loops", Loops)
 LIMITS = web.AppKey("limits", ServerLimits)
 BAD_REQUESTS = web.AppKey("bad_requests", BadRequests)
 
@@ -61,21 +63,24 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     app[STORE] = store or create_store(settings)
     app[METRICS] = metrics = GatewayMetrics()
     app[TRAFFIC] = traffic = Traffic()
-    app[WATCHER] = watcher = RouteWatcher(app[STORE], metrics, poll_interval=settings.poll_interval)
+    app[LOOPS] = loops = Loops(metrics.count_background_error)
+    app[WATCHER] = watcher = RouteWatcher(app[STORE], metrics, poll_interval=settings.poll_interval, loops=loops)
     app[POOL] = pool = UpstreamPool(
         Timeouts(connect=settings.connect_timeout, read=settings.read_timeout, total=settings.total_timeout,
                  pool=settings.upstream_pool_timeout),
         keepalive=settings.upstream_keepalive,
         max_per_host=settings.upstream_max_connections,
+        loops=loops,
     )
     app[LIMITS] = limits = limits_from(settings)
     app[BAD_REQUESTS] = bad_requests = BadRequests(metrics.count_bad_request)
     app[DRAIN] = Drain()
     app.on_response_prepare.append(on_response_prepare)
     app[PROXY] = proxy = Proxy(watcher, pool, metrics, traffic, settings.max_body_bytes, limits, bad_requests)
-    app[REGISTRY] = registry = RegistrySync(settings.registry_alias, app[STORE].append_history, settings.registry_sync)
+    app[REGISTRY] = registry = RegistrySync(settings.registry_alias, app[STORE].append_history, settings.registry_sync,
+                                            loops=loops)
     app[CONTROL] = control = RouteControl(app[STORE], metrics, registry)
-    app[GUARD] = guard = Guard(settings, app[STORE], traffic, control, metrics)
+    app[GUARD] = guard = Guard(settings, app[STORE], traffic, control, metrics, loops=loops)
     app[ADMIN] = admin = Admin(settings, app[STORE], watcher, traffic, control, guard)
 
     # Started in this order, stopped in reverse.
@@ -153,7 +158,10 @@ async def ping(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    """Readiness: a route is known and its active deployment is ready."""
+    """Readiness: a route is known, its active deployment is ready, and no background task is stuck failing."""
+    failing = request.app[LOOPS].failing()
+    if failing:
+        return errors.error_response(503, errors.INTERNAL_ERROR, "; ".join(failing))
     snapshot = request.app[WATCHER].snapshot
     if snapshot is None:
         return errors.error_response(503, errors.TEMPORARILY_UNAVAILABLE, "no route read yet")

@@ -138,6 +138,10 @@ class GatewayMetrics:
             "turnout_bad_requests", "Client requests refused before routing (malformed, too large, too slow), by reason.",
             ["reason"], registry=r,
         )
+        self.background_errors = Counter(
+            "turnout_background_errors", "Unexpected failures of a background task (each logged with its traceback, "
+            "then retried), by task.", ["task"], registry=r,
+        )
         self.guard_leader = Gauge("turnout_guard_leader", "1 while this replica is the one whose guard decides.", registry=r)
         self.guard_paused = Gauge("turnout_guard_paused", "1 while an operator has paused the guard.", registry=r)
         self.guard_latched = Gauge(
@@ -149,6 +153,10 @@ class GatewayMetrics:
             self.rollbacks.labels(trigger)
         for reason in http1.REASONS:
             self.bad_requests.labels(reason)
+
+    def count_background_error(self, task: str) -> None:
+        """One unexpected failure of a background loop (see :mod:`gateway.loops`)."""
+        self.background_errors.labels(task).inc()
 
     def count_bad_request(self, reason: str) -> None:
         """One refused client request (see :class:`gateway.http1.BadRequests`)."""

@@ -46,6 +46,12 @@ class State(str, enum.Enum):
     UNHEALTHY = "unhealthy"
     STOPPED = "stopped"
     FAILED = "failed"
+    # A state this release does not know (written by a newer one): read safely as not ready.
+    UNKNOWN = "unknown"
+
+    @classmethod
+    def _missing_(cls, value: object) -> State:
+        return cls.UNKNOWN
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,9 +104,13 @@ class Deployment:
             elif f.name == "external":
                 kwargs[f.name] = raw == "1"
             elif f.name == "restarts":
-                kwargs[f.name] = int(raw)
+                kwargs[f.name] = int(raw) if raw.isdigit() else 0
             elif f.name in ("started_at", "ready_at", "created_at", "updated_at"):
-                kwargs[f.name] = float(raw)
+                # A value this release cannot read is left out rather than failing the whole snapshot.
+                try:
+                    kwargs[f.name] = float(raw)
+                except ValueError:
+                    continue
             else:
                 kwargs[f.name] = raw
         return cls(**kwargs)

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from .loops import Loop, Loops
 from .records import Deployment
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ class Job:
     active: Deployment | None
     previous: Deployment | None
     rolled_back: Deployment | None = None
+    # The former previous deployment, whose role this change ended (it stays deployed, in no role).
+    retired: Deployment | None = None
     reason: str = ""
     attempts: int = 0
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -70,28 +73,30 @@ def apply_job(job: Job, alias: str) -> None:
     tag(job.rolled_back, "rolled_back", job.reason or "rolled back")
     if job.previous is not None and (job.rolled_back is None or job.previous.name != job.rolled_back.name):
         tag(job.previous, "previous")
+    tag(job.retired, "inactive")
 
 
 class RegistrySync:
     """A background queue of registry jobs, applied in order on one thread, with retries."""
 
-    def __init__(self, alias: str, record: Callable[[dict[str, Any]], Awaitable[None]], enabled: bool = True) -> None:
+    def __init__(self, alias: str, record: Callable[[dict[str, Any]], Awaitable[None]], enabled: bool = True,
+                 loops: Loops | None = None) -> None:
         self.alias = alias
         self.enabled = enabled
         self._record = record
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="mlflow-registry-sync")
-        self._task: asyncio.Task[None] | None = None
+        self.loops = loops or Loops()
+        self._loop: Loop | None = None
 
     async def start(self) -> None:
         """Start the job runner."""
-        self._task = asyncio.create_task(self._run(), name="registry-sync")
+        self._loop = self.loops.every("registry-sync", 0, self._next_job)
 
     async def close(self) -> None:
         """Stop the runner (pending jobs are dropped; the next switch re-applies the whole state)."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        if self._loop is not None:
+            await self.loops.cancel(self._loop)
         self._thread.shutdown(wait=False, cancel_futures=True)
 
     def submit(self, job: Job) -> Job | None:
@@ -103,10 +108,11 @@ class RegistrySync:
         self._queue.put_nowait(job)
         return job
 
-    async def _run(self) -> None:
+    async def _next_job(self) -> None:
+        """Take one job and apply it, retrying MLflow's failures on a schedule."""
         loop = asyncio.get_running_loop()
-        while True:
-            job = await self._queue.get()
+        job = await self._queue.get()
+        try:
             while True:
                 job.attempts += 1
                 try:
@@ -125,6 +131,7 @@ class RegistrySync:
                     continue
                 log.info("registry synced: %s (alias %r)", job.describe(), self.alias)
                 break
+        finally:
             job.done.set()
 
     async def _record_safely(self, entry: dict[str, Any]) -> None:

@@ -93,10 +93,12 @@ class RouteControl:
             )
         outcome = await self._apply(snapshot, entry, target, route.active, who)
         if outcome.applied:
+            retired = route.previous if route.previous not in (target, route.active) else None
             outcome.job = self.registry.submit(Job(
                 outcome.route.generation,
                 active=snapshot.deployments.get(target),
                 previous=snapshot.deployments.get(route.active) if route.active else None,
+                retired=snapshot.deployments.get(retired) if retired else None,
                 reason=reason,
             ))
         return outcome

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import httptools
 
+from .loops import Loop, Loops
+
 log = logging.getLogger(__name__)
 
 Headers = Sequence[tuple[bytes, bytes]]
@@ -346,13 +348,15 @@ class UpstreamPool:
     and is retried once on a fresh one if the pooled one proves closed before any answer.
     """
 
-    def __init__(self, timeouts: Timeouts, keepalive: float = 2.0, max_per_host: int = 256) -> None:
+    def __init__(self, timeouts: Timeouts, keepalive: float = 2.0, max_per_host: int = 256,
+                 loops: Loops | None = None) -> None:
         self.timeouts = timeouts
         self.keepalive = keepalive
         self.max_per_host = max_per_host
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._slots: dict[tuple[str, int], asyncio.Semaphore] = {}
-        self._reaper: asyncio.Task[None] | None = None
+        self.loops = loops or Loops()
+        self._reaper: Loop | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
@@ -363,23 +367,20 @@ class UpstreamPool:
     async def start(self) -> None:
         """Start the idle-connection reaper."""
         self._loop = asyncio.get_running_loop()
-        self._reaper = asyncio.create_task(self._reap_forever(), name="upstream-reaper")
+        self._reaper = self.loops.every("upstream-reaper", self.keepalive / 2, self._reap_once)
 
     async def close(self) -> None:
         """Stop the reaper and close every idle connection (busy ones close when released)."""
         self._closed = True
         if self._reaper is not None:
-            self._reaper.cancel()
-            await asyncio.gather(self._reaper, return_exceptions=True)
+            await self.loops.cancel(self._reaper)
         for conns in self._idle.values():
             for conn in conns:
                 conn.close()
         self._idle.clear()
 
-    async def _reap_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.keepalive / 2)
-            self._reap()
+    async def _reap_once(self) -> None:
+        self._reap()
 
     def _reap(self) -> None:
         assert self._loop is not None

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 
 from .keys import SUBSCRIBED
+from .loops import Loop, Loops
 from .metrics import GatewayMetrics
 from .records import Snapshot
 from .store import Store, StoreUnavailable
@@ -31,34 +32,35 @@ class RouteWatcher:
         metrics: GatewayMetrics,
         poll_interval: float = 1.0,
         on_change: Callable[[Snapshot | None, Snapshot], None] | None = None,
+        loops: Loops | None = None,
     ) -> None:
         self.store = store
         self.metrics = metrics
         self.poll_interval = poll_interval
         self.on_change = on_change
+        self.loops = loops or Loops(metrics.count_background_error)
         # None until the first successful read: the gateway answers 503, never a default backend.
         self.snapshot: Snapshot | None = None
         self.store_up: bool | None = None
         self._dirty = asyncio.Event()
         self._pending_source = "initial"
         self._first = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._reconnect_delay = _RECONNECT_MIN
+        self._loops: list[Loop] = []
 
     async def start(self) -> None:
         """Start the refresher, the subscriber and the poller."""
         self._mark_dirty("initial")
-        self._tasks = [
-            asyncio.create_task(self._refresh_forever(), name="route-refresh"),
-            asyncio.create_task(self._listen_forever(), name="route-subscribe"),
-            asyncio.create_task(self._poll_forever(), name="route-poll"),
+        self._loops = [
+            self.loops.every("route-refresh", 0, self._refresh_once),
+            self.loops.every("route-subscribe", 0, self._listen_once),
+            self.loops.every("route-poll", self.poll_interval, self._poll_once),
         ]
 
     async def stop(self) -> None:
-        """Cancel the background tasks and wait for them."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
+        """Cancel the background loops and wait for them."""
+        await self.loops.cancel(*self._loops)
+        self._loops = []
 
     async def wait_ready(self, timeout: float | None = None) -> Snapshot:
         """Wait until a first snapshot has been read."""
@@ -112,30 +114,29 @@ class RouteWatcher:
         else:
             log.error("route store unreachable (%s); serving the last known route", error)
 
-    async def _refresh_forever(self) -> None:
-        while True:
-            await self._dirty.wait()
-            self._dirty.clear()
-            source = self._pending_source
-            try:
-                await self.refresh(source)
-            except StoreUnavailable as exc:
-                self._set_store_up(False, exc)
+    async def _refresh_once(self) -> None:
+        await self._dirty.wait()
+        self._dirty.clear()
+        source = self._pending_source
+        try:
+            await self.refresh(source)
+        except StoreUnavailable as exc:
+            self._set_store_up(False, exc)
+        except BaseException:
+            self._mark_dirty(source)  # read again once the loop's back-off is over
+            raise
 
-    async def _poll_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_interval)
-            self._mark_dirty("poll")
+    async def _poll_once(self) -> None:
+        self._mark_dirty("poll")
 
-    async def _listen_forever(self) -> None:
-        delay = _RECONNECT_MIN
-        while True:
-            try:
-                async for event in self.store.events():
-                    delay = _RECONNECT_MIN
-                    # A (re)subscription may have missed messages: re-read everything.
-                    self._mark_dirty("resubscribe" if event.get("kind") == SUBSCRIBED else "event")
-            except StoreUnavailable as exc:
-                self._set_store_up(False, exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _RECONNECT_MAX)
+    async def _listen_once(self) -> None:
+        """One subscription, until it breaks; then wait a little longer each time before the next."""
+        try:
+            async for event in self.store.events():
+                self._reconnect_delay = _RECONNECT_MIN
+                # A (re)subscription may have missed messages: re-read everything.
+                self._mark_dirty("resubscribe" if event.get("kind") == SUBSCRIBED else "event")
+        except StoreUnavailable as exc:
+            self._set_store_up(False, exc)
+        await asyncio.sleep(self._reconnect_delay)
+        self._reconnect_delay = min(self._reconnect_delay * 2, _RECONNECT_MAX)

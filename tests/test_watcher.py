@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import aiohttp
+import pytest
 
 from gateway.metrics import GatewayMetrics
 from gateway.records import Deployment, Route, Snapshot, State
@@ -147,3 +148,58 @@ async def test_gateway_started_while_redis_down_serves_503_until_it_reads_a_rout
             await admin.close()
         finally:
             server.stop()
+
+
+async def test_a_record_from_a_newer_release_reads_as_not_ready_and_breaks_nothing(redis_store: Any) -> None:
+    """A deployment state this release does not know (and a number it cannot read) must not stop the
+    route from being read: that deployment is simply not ready."""
+    await redis_store.create_deployment(Deployment(name="blue", url="http://127.0.0.1:9", state=State.READY, external=True))
+    await redis_store.set_route("blue", None)
+    await redis_store.client.hset(redis_store.keys.deployment("blue"), mapping={"state": "hibernating", "ready_at": "soon"})
+    snapshot = await redis_store.read_snapshot()
+    assert snapshot.deployments["blue"].state is State.UNKNOWN
+    assert not snapshot.is_ready("blue") and snapshot.route.active == "blue"
+
+
+async def test_a_loop_that_fails_unexpectedly_logs_counts_keeps_going_and_recovers(
+    gateway_factory: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store answers with an error that is not an outage (an ACL refusing the snapshot script):
+    the refresh loop logs it with its traceback, counts it, /health says so once it lasts, and the
+    loop picks up the route as soon as the permission is back."""
+    import logging
+
+    caplog.set_level(logging.ERROR, logger="gateway.loops")
+    with private_redis() as redis:
+        admin = RedisStore.from_url(redis.url, "acl")
+        await admin.create_deployment(Deployment(name="blue", url="http://127.0.0.1:9", state=State.READY, external=True))
+        await admin.create_deployment(Deployment(name="green", url="http://127.0.0.1:9", state=State.READY, external=True))
+        await admin.set_route("blue", None)
+        await admin.client.execute_command("ACL", "SETUSER", "gw", "on", ">pw", "~*", "&*", "+@all")
+        url = await gateway_factory(redis_url=f"redis://gw:pw@127.0.0.1:{redis.port}/0", namespace="acl", poll_interval=0.1)
+        gateway = gateway_factory.gateways[-1]
+        from gateway.app import LOOPS, WATCHER
+
+        watcher, loops = gateway.app[WATCHER], gateway.app[LOOPS]
+        await eventually(lambda: watcher.snapshot is not None and watcher.snapshot.route.active == "blue", timeout=5)
+        await admin.client.execute_command("ACL", "SETUSER", "gw", "-evalsha", "-eval")
+        await admin.set_route("green", "blue")
+        refresh = next(lp for lp in loops.loops if lp.name == "route-refresh")
+        await eventually(lambda: refresh.failures >= 2, timeout=10)
+        assert watcher.snapshot.route.active == "blue", "the last route keeps serving"
+        assert any("route-refresh" in r.getMessage() and r.exc_info for r in caplog.records)
+        async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as resp:
+            assert 'turnout_background_errors_total{task="route-refresh"}' in await resp.text()
+        import gateway.loops as loops_module
+
+        monkeypatch.setattr(loops_module, "MIN_UNHEALTHY_SECONDS", 0.0)  # no need to wait out the grace here
+
+        async def unhealthy() -> bool:
+            async with aiohttp.ClientSession() as s, s.get(url + "/health") as resp:
+                return resp.status == 503 and "route-refresh" in (await resp.json())["message"]
+
+        await eventually(unhealthy, timeout=10)
+        await admin.client.execute_command("ACL", "SETUSER", "gw", "+@all")
+        await eventually(lambda: watcher.snapshot.route.active == "green", timeout=15)
+        assert refresh.failing_since is None
+        await admin.close()

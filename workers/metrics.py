@@ -27,6 +27,14 @@ class WorkerMetrics:
             "turnout_model_server_startup_seconds", "Seconds from launch to ready (warm-up included) of the last start.",
             ["deployment"], registry=r,
         )
+        self.background_errors = Counter(
+            "turnout_background_errors", "Unexpected failures of a background task (each logged with its traceback, "
+            "then retried), by task.", ["task"], registry=r,
+        )
+
+    def count_background_error(self, task: str) -> None:
+        """One unexpected failure of a background loop (logged with its traceback, then retried)."""
+        self.background_errors.labels(task).inc()
 
     def set_state(self, deployment: str, state: State) -> None:
         """Mark ``state`` as the deployment's current one."""

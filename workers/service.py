@@ -36,7 +36,9 @@ async def _metrics(request: web.Request) -> web.Response:
 async def _health(request: web.Request) -> web.Response:
     worker = request.app[WORKER]
     states = {name: (h.state.value if h.state else "claimed") for name, h in worker.hosted.items()}
-    return web.Response(text=json.dumps({"worker": worker.id, "deployments": states}), content_type="application/json")
+    failing = worker.loops.failing()
+    body = {"worker": worker.id, "deployments": states, **({"failing": failing} if failing else {})}
+    return web.Response(text=json.dumps(body), status=503 if failing else 200, content_type="application/json")
 
 
 async def run_worker(settings: Settings, store: Store | None = None, stop: asyncio.Event | None = None) -> None:

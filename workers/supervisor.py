@@ -17,6 +17,7 @@ from typing import TypeVar
 
 import aiohttp
 
+from gateway.loops import Loops
 from gateway.records import Deployment, State, parse_specs
 from gateway.settings import Settings
 from gateway.store import Store, StoreUnavailable
@@ -225,7 +226,7 @@ class Worker:
         self._registry_thread = ThreadPoolExecutor(1, thread_name_prefix="mlflow-registry")
         self.session: aiohttp.ClientSession
         self._watchdog: asyncio.subprocess.Process | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self.loops = Loops(self.metrics.count_background_error)
 
     async def in_registry_thread(self, func: Callable[[str], T], arg: str) -> T:
         """Run a blocking MLflow call off the event loop, one at a time."""
@@ -263,15 +264,13 @@ class Worker:
             if not created:
                 await self.store.update_deployment(name, model_uri=uri)
         await self._claim_round()
-        self._tasks = [asyncio.create_task(self._heartbeat_forever(), name="worker-heartbeat")]
+        self.loops.every("worker-heartbeat", self.settings.lease_ttl / 3, self._heartbeat_once)
         log.info("worker %s hosting %s%s", self.id, sorted(self.hosted) or "nothing yet",
                  " and claiming unheld deployments" if self.settings.claim else "")
 
     async def stop(self) -> None:
         """Undo start in reverse: stop heartbeats, stop every server (in parallel), release leases, stop the watchdog."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.loops.cancel()
         hosted = list(self.hosted.values())
         await asyncio.gather(*(h.stop("worker stopped") for h in hosted), return_exceptions=True)
         for h in hosted:
@@ -330,15 +329,12 @@ class Worker:
             if await self.store.claim(name, self.id, self.settings.lease_ttl):
                 await self._host(name, snapshot.deployments[name].model_uri or uri)
 
-    async def _heartbeat_forever(self) -> None:
-        interval = self.settings.lease_ttl / 3
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self._heartbeat()
-                await self._claim_round()
-            except StoreUnavailable as exc:
-                log.warning("store unavailable (%s); leases may lapse until it is back", exc)
+    async def _heartbeat_once(self) -> None:
+        try:
+            await self._heartbeat()
+            await self._claim_round()
+        except StoreUnavailable as exc:
+            log.warning("store unavailable (%s); leases may lapse until it is back", exc)
 
     async def _heartbeat(self) -> None:
         """Renew every lease; stop what was deleted or taken by another worker."""
