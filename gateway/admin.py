@@ -3,6 +3,7 @@ browser-proof and strictly validated; every change and refusal goes into the his
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hmac
 import json
@@ -176,6 +177,13 @@ class Admin:
             )
             raise AdminError(400, errors.INVALID_PARAMETER_VALUE, problems) from None
 
+    async def _apply_here(self) -> None:
+        """Read the store once more before answering a change: this replica then serves what it just
+        answered (pub/sub would bring it a moment later; a prediction sent right after the answer must
+        not meet the old route). A failed read changes nothing: the watcher catches up."""
+        with contextlib.suppress(StoreUnavailable):
+            await self.watcher.refresh("admin")
+
     def _who(self, request: web.Request) -> Who:
         actor = request.headers.get(ACTOR_HEADER, "").strip()[:100] or "anonymous"
         return Who(actor=actor, client=self.client(request), trigger="api")
@@ -274,6 +282,7 @@ class Admin:
                  "detail": body.url or body.model_uri}
         if not await self.store.create_deployment(dep, history=entry):
             raise AdminError(409, errors.RESOURCE_ALREADY_EXISTS, f"a deployment named {body.name!r} already exists")
+        await self._apply_here()
         snapshot = await self.store.read_snapshot()
         return _json(self._deployment_view(snapshot, snapshot.deployments[body.name]) if body.name in snapshot.deployments else dep.to_fields(), 201)
 
@@ -297,6 +306,7 @@ class Admin:
                           else " (the rollback target); use force to delete it anyway"))
             await self.store.append_history({**entry, "result": "refused", "detail": message})
             raise AdminError(409, errors.INVALID_STATE, message)
+        await self._apply_here()
         return _json({"deleted": name})
 
     async def switch(self, request: web.Request) -> web.Response:
@@ -305,6 +315,8 @@ class Admin:
         outcome = await self.control.switch(
             body.target, self._who(request), reason=body.reason, expected_generation=body.expected_generation, force=body.force
         )
+        if outcome.applied:
+            await self._apply_here()
         return _json(outcome.body(), outcome.status)
 
     async def rollback(self, request: web.Request) -> web.Response:
@@ -313,6 +325,8 @@ class Admin:
         outcome = await self.control.rollback(
             self._who(request), reason=body.reason, expected_generation=body.expected_generation, force=body.force
         )
+        if outcome.applied:
+            await self._apply_here()
         return _json(outcome.body(), outcome.status)
 
     # --- guard and alerts ---------------------------------------------------------------------
@@ -367,6 +381,7 @@ class Admin:
                 evidence={"alert": name, "labels": labels, "startsAt": alert.startsAt},
             )
             if outcome.applied:
+                await self._apply_here()
                 await self.store.set_guard(
                     latched=f"rolled back by alert {name} at generation {outcome.route.generation}: {reason}",
                     latched_generation=str(outcome.route.generation),

@@ -343,3 +343,20 @@ async def test_cli_as_a_user_drives_it(admin: dict[str, Any]) -> None:
     assert bad.returncode == 1 and "refused (401)" in bad.stderr
     gone = await loop.run_in_executor(None, lambda: run_cli("http://127.0.0.1:9", "status"))
     assert gone.returncode == 1 and "cannot reach the gateway" in gone.stderr
+
+
+async def test_the_replica_that_answers_a_change_serves_it_at_once(redis_store_factory: Any, gateway_factory: Any) -> None:
+    """A prediction sent right after the admin API answered a switch goes to the new deployment on the
+    same gateway, and right after the very first switch of a fresh stack it is not a 503."""
+    store = redis_store_factory()
+    async with serve_app(backend_app("blue")) as blue, serve_app(backend_app("green")) as green:
+        await add(store, "blue", blue)
+        await add(store, "green", green)
+        url = await gateway_factory(store, admin_token=TOKEN, poll_interval=30.0)
+        async with aiohttp.ClientSession(headers=AUTH) as s:
+            for n, target in enumerate(["blue", "green"] * 15):
+                status, _ = await post(s, url + "/admin/switch", {"target": target})
+                assert status == 200
+                async with s.post(url + "/invocations", json={}) as resp:
+                    assert resp.status == 200, (n, await resp.text())
+                    assert resp.headers["X-Turnout-Deployment"] == target, n
