@@ -219,29 +219,53 @@ def _fmt_ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:.1f}"
 
 
-def _status_text(body: dict[str, Any]) -> str:
+class _Cutter:
+    """Shortens long cells for a terminal unless ``wide``, and remembers whether it did."""
+
+    HINT = "(long details were cut: --wide shows them whole, --json gives everything)"
+
+    def __init__(self, wide: bool) -> None:
+        self.wide = wide
+        self.cut = False
+
+    def __call__(self, text: str, width: int) -> str:
+        if self.wide or len(text) <= width:
+            return text
+        self.cut = True
+        return text[: width - 1] + "…"
+
+    def footer(self, text: str) -> str:
+        return text + ("\n" + self.HINT if self.cut else "")
+
+
+def _status_text(body: dict[str, Any], wide: bool = False) -> str:
     route = body["route"]
     lines = [f"route: active={route['active'] or '-'}  previous={route['previous'] or '-'}  generation={route['generation']}"]
     guard = body.get("guard") or {}
     if guard:
         lines.append("guard: " + ", ".join(f"{k}={v}" for k, v in guard.items() if not isinstance(v, dict | list)))
+    cut = _Cutter(wide)
     rows = [["NAME", "ROLE", "STATE", "MLFLOW", "URL", "REQ/60s", "ERR%", "P99 ms", "DETAIL"]]
     for d in body["deployments"]:
         m = d["mlflow"]
         mlflow = f"{m['name']}/{m['version']}" + (f"@{m['alias']}" if m.get("alias") else "") if m["name"] else "-"
         t = d["traffic"]
         rows.append([d["name"], d["role"] or "", d["state"] or "?", mlflow, d["url"] or "-", str(t["requests"]),
-                     f"{t['error_rate'] * 100:.1f}", _fmt_ms(t["p99_seconds"]), (d["state_detail"] or "")[:70]])
+                     f"{t['error_rate'] * 100:.1f}", _fmt_ms(t["p99_seconds"]), cut(d["state_detail"] or "", 70)])
     lines.append(_table(rows) if len(rows) > 1 else "no deployments yet: turnout deploy NAME MODEL_URI")
-    return "\n".join(lines)
+    return cut.footer("\n".join(lines))
+
+
+_WIDE = click.option("--wide", is_flag=True, help="Show long reasons and details whole.")
 
 
 @main.command()
+@_WIDE
 @_client_options
-def status(url: str, token: str | None, as_json: bool) -> None:
+def status(wide: bool, url: str, token: str | None, as_json: bool) -> None:
     """Show the route, every deployment with its state and recent traffic, and the guard."""
     code, body = _call(url, token, "GET", "/admin/state")
-    _finish(code, body, as_json, _status_text)
+    _finish(code, body, as_json, lambda b: _status_text(b, wide))
 
 
 @main.command()
@@ -249,8 +273,10 @@ def status(url: str, token: str | None, as_json: bool) -> None:
 @click.argument("source")
 @click.option("--mlflow-name", default=None, help="Registered model name of an external server (SOURCE is a URL).")
 @click.option("--mlflow-version", default=None, help="Its registered version.")
+@click.option("--wait", "wait_seconds", type=click.FloatRange(min=0), default=None, is_flag=False, flag_value=300.0,
+              metavar="[SECONDS]", help="Wait (up to SECONDS, default 300) until it is ready; exit 1 if it fails or time runs out.")
 @_client_options
-def deploy(name: str, source: str, mlflow_name: str | None, mlflow_version: str | None,
+def deploy(name: str, source: str, mlflow_name: str | None, mlflow_version: str | None, wait_seconds: float | None,
            url: str, token: str | None, as_json: bool) -> None:
     """Create deployment NAME from a model URI (a --claim worker serves it) or the http:// URL of a running server."""
     body: dict[str, Any] = {"name": name}
@@ -263,8 +289,34 @@ def deploy(name: str, source: str, mlflow_name: str | None, mlflow_version: str 
     else:
         body["model_uri"] = source
     code, answer = _call(url, token, "POST", "/admin/deployments", body)
-    _finish(code, answer, as_json, lambda d: f"created {d['name']} ({d['state_detail']}); "
-            f"watch it with `turnout status`, then `turnout switch {d['name']}`")
+    if wait_seconds is None or code >= 400:
+        _finish(code, answer, as_json, lambda d: f"created {d['name']} ({d['state_detail']}); "
+                f"watch it with `turnout status`, then `turnout switch {d['name']}`")
+        return
+    code, answer = _wait_ready(url, token, name, wait_seconds, as_json)
+    _finish(code, answer, as_json, lambda d: f"{d['name']} is ready; `turnout switch {d['name']}` sends traffic to it")
+
+
+def _wait_ready(url: str, token: str | None, name: str, seconds: float, quiet: bool) -> tuple[int, Any]:
+    """Poll a deployment until it is ready (its view, 200), failed or out of time (an error answer)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    shown = ""
+    while True:
+        code, answer = _call(url, token, "GET", f"/admin/deployments/{name}")
+        if code >= 400:
+            return code, answer
+        state = answer.get("state")
+        if state == "ready":
+            return code, answer
+        if state == "failed" or time.monotonic() > deadline:
+            why = "failed" if state == "failed" else f"not ready after {seconds:g} s"
+            return 504 if state != "failed" else 409, {"message": f"{name} {why}: {answer.get('state_detail')}"}
+        if not quiet and answer.get("state_detail") != shown:
+            shown = answer.get("state_detail") or ""
+            click.echo(f"{name}: {shown}", err=True)
+        time.sleep(0.5)
 
 
 @main.command()
@@ -309,25 +361,27 @@ def rollback(reason: str, expect_generation: int | None, force: bool, url: str, 
     _finish(code, answer, as_json, lambda d: "rolled back: " + d["message"])
 
 
-def _history_text(body: dict[str, Any]) -> str:
+def _history_text(body: dict[str, Any], wide: bool = False) -> str:
+    cut = _Cutter(wide)
     rows = [["TIME", "ACTION", "RESULT", "FROM", "TO", "GEN", "TRIGGER", "ACTOR", "REASON / DETAIL"]]
     for e in body["entries"]:
         detail = " — ".join(x for x in (e.get("reason"), e.get("detail")) if x)
         rows.append([str(e.get("time", "")), str(e.get("action", "")), str(e.get("result", "")) + (" (forced)" if e.get("forced") else ""),
                      str(e.get("from") or "-"), str(e.get("to") or "-"), str(e.get("generation", "-")),
-                     str(e.get("trigger", "")), str(e.get("actor", "")), detail[:90]])
+                     str(e.get("trigger", "")), str(e.get("actor", "")), cut(detail, 90)])
     more = f"\n({body['total']} entries; next page: --offset {body['next_offset']})" if body.get("next_offset") else ""
-    return (_table(rows) if len(rows) > 1 else "no history yet") + more
+    return cut.footer((_table(rows) if len(rows) > 1 else "no history yet") + more)
 
 
 @main.command()
 @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
 @click.option("--offset", type=click.IntRange(0), default=0, show_default=True)
+@_WIDE
 @_client_options
-def history(limit: int, offset: int, url: str, token: str | None, as_json: bool) -> None:
+def history(limit: int, offset: int, wide: bool, url: str, token: str | None, as_json: bool) -> None:
     """Every change and refused attempt, newest first."""
     code, body = _call(url, token, "GET", "/admin/history", query={"limit": limit, "offset": offset})
-    _finish(code, body, as_json, _history_text)
+    _finish(code, body, as_json, lambda b: _history_text(b, wide))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ import aiohttp
 
 from .client import AdminClient
 from .records import State
+from .app import CONTROL
 from .server import start_gateway, stop_on_signals
+from .switching import Who
 from .settings import Settings
 from .store import Store, create_store
 
@@ -469,9 +471,10 @@ async def run_up(workdir: Path, ready: Callable[[dict[str, Any]], None] | None =
             await wait_ready(store, names, 300, progress, stop)
             snapshot = await store.read_snapshot()
             if snapshot.route.active is None:
-                first = names[0]
-                await store.set_route(first, None, history={"action": "switch", "to": first, "trigger": "up", "result": "applied",
-                                                            "actor": "turnout up", "reason": "initial route"})
+                # Like any other change: checked, timed, recorded, mirrored in the registry.
+                await stack.gateway.app[CONTROL].switch(
+                    names[0], Who(actor="turnout up", client=None, trigger="up"), reason="initial route"
+                )
             url = f"http://{settings.host}:{settings.port}"
             info = {"url": url, "token": token, "deployments": names}
             _print_up(info, names)
@@ -494,22 +497,15 @@ async def _kept(store: Store) -> AsyncIterator[Store]:
 
 def _print_up(info: dict[str, Any], names: list[str]) -> None:
     url, token = info["url"], info["token"]
-    other = names[1] if len(names) > 1 else names[0]
     print(f"""
-Turnout is up.
-  gateway      {url}/invocations     (pinned: {url}/deployments/<name>/invocations)
+Turnout is up: {', '.join(names)} warm, {names[0]} active.
+  predictions  {url}/invocations     (pinned: {url}/deployments/<name>/invocations)
   metrics      {url}/metrics
   admin API    {url}/admin/state     token: {token}
 
-Try:
-  export TURNOUT_URL={url} TURNOUT_ADMIN_TOKEN={token}
-  curl -s -X POST $TURNOUT_URL/invocations -H 'Content-Type: application/json' \\
-       -d '{{"dataframe_split": {{"columns": ["sepal_length", "sepal_width", "petal_length", "petal_width"], "data": [[5.1, 3.5, 1.4, 0.2]]}}}}'
-  .venv/bin/turnout status
-  .venv/bin/turnout switch {other} --reason "trying it"
-  .venv/bin/turnout rollback
-  .venv/bin/turnout deploy broken models:/iris-demo/3     # the faulty version: switch to it and watch the guard
-  .venv/bin/turnout history
+In another terminal (the README's "Try it by hand" goes on from here):
+  export PATH="$PWD/.venv/bin:$PATH" TURNOUT_URL={url} TURNOUT_ADMIN_TOKEN={token}
+  turnout status
 
 Ctrl-C stops everything.
 """, flush=True)

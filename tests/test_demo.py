@@ -48,7 +48,7 @@ def test_up_serves_a_prediction_and_stops_on_sigint(tmp_path: Path) -> None:
         deadline = time.monotonic() + 300
         output = ""
         assert proc.stdout is not None
-        while "Turnout is up." not in output:
+        while "Turnout is up" not in output:
             line = proc.stdout.readline()
             assert line or proc.poll() is None, output
             output += line
