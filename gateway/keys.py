@@ -29,13 +29,23 @@ class Keys:
         """Set of deployment names."""
         return f"{self.namespace}:deployments"
 
+    @property
+    def deployment_prefix(self) -> str:
+        """What :meth:`deployment` puts before a name (the snapshot script builds the keys from it)."""
+        return f"{self.namespace}:deployment:"
+
     def deployment(self, name: str) -> str:
         """Hash: one deployment record (see ``records.Deployment``)."""
-        return f"{self.namespace}:deployment:{name}"
+        return self.deployment_prefix + name
+
+    @property
+    def lease_prefix(self) -> str:
+        """What :meth:`lease` puts before a name."""
+        return f"{self.namespace}:lease:"
 
     def lease(self, name: str) -> str:
         """String with a TTL: the id of the worker hosting ``name``; its expiry frees the deployment."""
-        return f"{self.namespace}:lease:{name}"
+        return self.lease_prefix + name
 
     @property
     def history(self) -> str:
@@ -74,6 +84,16 @@ class Keys:
 def encode_event(kind: str, **fields: Any) -> str:
     """A change notification: ``{"kind": "route", "generation": 7}`` or ``{"kind": "deployment", "name": "blue"}``."""
     return json.dumps({"kind": kind, **fields}, separators=(",", ":"))
+
+
+_GENERATION_MARK = 8_642_097_531
+
+
+def route_event_parts() -> tuple[str, str]:
+    """:func:`encode_event` of a route change split around its generation, for a script that knows the
+    generation only once it has written it: ``head + str(generation) + tail``."""
+    head, tail = encode_event(ROUTE_CHANGED, generation=_GENERATION_MARK).split(str(_GENERATION_MARK))
+    return head, tail
 
 
 def decode_event(raw: str | bytes) -> dict[str, Any]:

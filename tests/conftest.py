@@ -8,9 +8,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
-from gateway.redis_store import RedisStore
+from gateway.store import RedisStore, drop_namespace
 from gateway.settings import Settings
 from gateway.server import Gateway, start_gateway
 from gateway.store import EmbeddedStore, Store
@@ -23,16 +22,6 @@ REDIS_URL = os.environ.get("TURNOUT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 def new_namespace() -> str:
     """A namespace no other test (or run) uses."""
     return f"turnout-test-{uuid.uuid4().hex[:12]}"
-
-
-async def drop_namespace(url: str, namespace: str) -> None:
-    """Delete this namespace's keys (never FLUSHALL: the server is shared)."""
-    client = aioredis.Redis.from_url(url)
-    try:
-        async for key in client.scan_iter(match=f"{namespace}:*", count=500):
-            await client.delete(key)
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 
 from gateway.records import Deployment, State
-from gateway.redis_store import RedisStore
-from tests.conftest import REDIS_URL, drop_namespace, new_namespace
+from gateway.store import RedisStore, drop_namespace
+from tests.conftest import REDIS_URL, new_namespace
 from tests.support import BIN, RawConnection, backend_app, child_env, eventually, free_port, post, serve_app, wait_port
 
 MB = 1024 * 1024

@@ -15,8 +15,8 @@ import aiohttp
 import pytest
 
 from gateway.records import Deployment, Snapshot, State
-from gateway.redis_store import RedisStore
-from tests.conftest import REDIS_URL, drop_namespace, new_namespace
+from gateway.store import RedisStore, drop_namespace
+from tests.conftest import REDIS_URL, new_namespace
 from tests.mlflow_support import Registry
 from tests.support import BIN, eventually, processes_with_env
 

@@ -1,7 +1,8 @@
 """The production store: Redis, with every multi-key change done by one Lua script so it is never half-written.
 
-The scripts build key names from the namespace (passed as an argument) and so need a single Redis
-(or Sentinel-managed primary), not Redis Cluster.
+Every key name and message format comes from ``keys``; the scripts get them as KEYS and ARGV. The
+snapshot script builds deployment keys from a prefix (their names come from a set), so the store needs
+a single Redis (or a Sentinel-managed primary), not Redis Cluster.
 """
 
 from __future__ import annotations
@@ -19,26 +20,27 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from .keys import DEPLOYMENT_CHANGED, SUBSCRIBED, Keys, decode_event, encode_event
-from .records import Deployment, Route, Snapshot, encode_changes
-from .store import DEFAULT_HISTORY_MAX, RouteChange, Store, StoreUnavailable
+from ..keys import DEPLOYMENT_CHANGED, SUBSCRIBED, Keys, decode_event, encode_event, route_event_parts
+from ..records import Deployment, HistoryEntry, Route, Snapshot, encode_changes
+from .base import DEFAULT_HISTORY_MAX, RouteChange, Store, StoreUnavailable
 
-# ARGV: namespace. Returns {route hash, {{name, record hash, live}...}}.
+# KEYS: route, deployments. ARGV: deployment key prefix, lease key prefix (the names come from the set).
+# Returns {route hash, {{name, record hash, live}...}}.
 _SNAPSHOT = """
-local ns = ARGV[1]
-local route = redis.call('HGETALL', ns .. ':route')
-local names = redis.call('SMEMBERS', ns .. ':deployments')
+local route = redis.call('HGETALL', KEYS[1])
+local names = redis.call('SMEMBERS', KEYS[2])
 local deps = {}
 for i, name in ipairs(names) do
-  local record = redis.call('HGETALL', ns .. ':deployment:' .. name)
-  local live = redis.call('EXISTS', ns .. ':lease:' .. name)
+  local record = redis.call('HGETALL', ARGV[1] .. name)
+  local live = redis.call('EXISTS', ARGV[2] .. name)
   deps[i] = {name, record, live}
 end
 return {route, deps}
 """
 
 # KEYS: route, deployments, history. ARGV: expected generation or '', active, previous or '',
-# history entry JSON or '', history bound, events channel, now.
+# history entry JSON or '', history bound, events channel, now, route event head and tail (the
+# message is head .. generation .. tail, as keys.route_event_parts defines).
 # Returns {applied 0/1, generation, active, previous, refusal}.
 _SET_ROUTE = """
 local gen = tonumber(redis.call('HGET', KEYS[1], 'generation') or '0')
@@ -56,7 +58,7 @@ if ARGV[4] ~= '' then
   redis.call('LPUSH', KEYS[3], cjson.encode(entry))
   redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[5]) - 1)
 end
-redis.call('PUBLISH', ARGV[6], cjson.encode({kind = 'route', generation = gen}))
+redis.call('PUBLISH', ARGV[6], ARGV[8] .. gen .. ARGV[9])
 return {1, gen, ARGV[2], ARGV[3], ''}
 """
 
@@ -204,7 +206,9 @@ class RedisStore(Store):
 
     async def read_snapshot(self) -> Snapshot:
         with _unavailable_on_connection_errors():
-            raw_route, raw_deps = await self._snapshot(args=[self.keys.namespace])
+            raw_route, raw_deps = await self._snapshot(
+                keys=[self.keys.route, self.keys.deployments], args=[self.keys.deployment_prefix, self.keys.lease_prefix]
+            )
         route_fields = _pairs(raw_route)
         route = Route(
             active=route_fields.get("active") or None,
@@ -229,16 +233,17 @@ class RedisStore(Store):
         previous: str | None,
         *,
         expected_generation: int | None = None,
-        history: Mapping[str, Any] | None = None,
+        history: HistoryEntry | None = None,
     ) -> RouteChange:
         args = [
             "" if expected_generation is None else str(expected_generation),
             active,
             previous or "",
-            json.dumps(dict(history)) if history is not None else "",
+            json.dumps(history.to_json()) if history is not None else "",
             str(self.history_max),
             self.keys.events,
             repr(time.time()),
+            *route_event_parts(),
         ]
         with _unavailable_on_connection_errors():
             applied, gen, cur_active, cur_previous, refusal = await self._set_route(
@@ -248,10 +253,10 @@ class RedisStore(Store):
                       changed_at=float(args[6]) if applied else 0.0)
         return RouteChange(bool(applied), route, refusal or None)
 
-    def _history_args(self, history: Mapping[str, Any] | None) -> list[str]:
-        return [json.dumps(dict(history)) if history is not None else "", str(self.history_max)]
+    def _history_args(self, history: HistoryEntry | None) -> list[str]:
+        return [json.dumps(history.to_json()) if history is not None else "", str(self.history_max)]
 
-    async def create_deployment(self, deployment: Deployment, *, history: Mapping[str, Any] | None = None) -> bool:
+    async def create_deployment(self, deployment: Deployment, *, history: HistoryEntry | None = None) -> bool:
         name = deployment.name
         with _unavailable_on_connection_errors():
             created = await self._create(
@@ -271,7 +276,7 @@ class RedisStore(Store):
         return bool(updated)
 
     async def delete_deployment(
-        self, name: str, *, force: bool = False, history: Mapping[str, Any] | None = None
+        self, name: str, *, force: bool = False, history: HistoryEntry | None = None
     ) -> str | None:
         with _unavailable_on_connection_errors():
             refusal = await self._delete(
@@ -296,20 +301,20 @@ class RedisStore(Store):
                 keys=[self.keys.lease(name)], args=[owner, self.keys.events, self._deployment_event(name)]
             )
 
-    async def append_history(self, entry: Mapping[str, Any]) -> None:
+    async def append_history(self, entry: HistoryEntry) -> None:
         with _unavailable_on_connection_errors():
             async with self.client.pipeline(transaction=True) as pipe:
-                pipe.lpush(self.keys.history, json.dumps(dict(entry)))
+                pipe.lpush(self.keys.history, json.dumps(entry.to_json()))
                 pipe.ltrim(self.keys.history, 0, self.history_max - 1)
                 await pipe.execute()
 
-    async def read_history(self, offset: int = 0, limit: int = 50) -> tuple[list[dict[str, Any]], int]:
+    async def read_history(self, offset: int = 0, limit: int = 50) -> tuple[list[HistoryEntry], int]:
         with _unavailable_on_connection_errors():
             async with self.client.pipeline(transaction=True) as pipe:
                 pipe.lrange(self.keys.history, offset, offset + limit - 1)
                 pipe.llen(self.keys.history)
                 raw, total = await pipe.execute()
-        return [json.loads(item) for item in raw], int(total)
+        return [HistoryEntry.from_json(json.loads(item)) for item in raw], int(total)
 
     async def add_stats(self, pending: Mapping[str, Mapping[int, Mapping[int, int]]], ttl: int = 180) -> None:
         with _unavailable_on_connection_errors():
@@ -380,7 +385,22 @@ class RedisStore(Store):
             with contextlib.suppress(redis.exceptions.RedisError, OSError):
                 await pubsub.aclose()
 
+    async def drop_namespace(self) -> None:
+        """Delete every key of this store's namespace (never FLUSHALL: the server may be shared)."""
+        with _unavailable_on_connection_errors():
+            async for key in self.client.scan_iter(match=self.keys.pattern, count=500):
+                await self.client.delete(key)
+
     async def close(self) -> None:
         await self.client.aclose()
         await self.client.connection_pool.disconnect()
+
+
+async def drop_namespace(url: str, namespace: str) -> None:
+    """Delete every key of ``namespace`` on the Redis at ``url`` (tests, benchmarks and the demo clean up so)."""
+    store = RedisStore.from_url(url, namespace)
+    try:
+        await store.drop_namespace()
+    finally:
+        await store.close()
 

@@ -1,141 +1,19 @@
-"""The store interface (route, deployments, leases, history) and its embedded in-process implementation."""
+"""The embedded store: all state in this process, for one gateway process (``turnout up``/``demo`` without Redis)."""
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import json
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from .keys import DEPLOYMENT_CHANGED, ROUTE_CHANGED, SUBSCRIBED
-from .records import Deployment, Route, Snapshot, encode_changes
-from .settings import Settings
-from .traffic import add_row
-
-DEFAULT_HISTORY_MAX = 10_000
-
-
-class StoreUnavailable(ConnectionError):
-    """The backing store cannot be reached; callers keep their last known state."""
-
-
-@dataclass(frozen=True, slots=True)
-class RouteChange:
-    """Outcome of a compare-and-swap on the route."""
-
-    ok: bool
-    route: Route
-    # Why it did not apply: "conflict" (generation moved) or "unknown" (target not a deployment).
-    refusal: str | None = None
-
-
-class Store(abc.ABC):
-    """Where the route, deployment records, worker leases and the history live."""
-
-    history_max: int = DEFAULT_HISTORY_MAX
-
-    @abc.abstractmethod
-    async def read_snapshot(self) -> Snapshot:
-        """The route, every deployment and which are live, read atomically."""
-
-    async def get_route(self) -> Route:
-        """The current route."""
-        return (await self.read_snapshot()).route
-
-    @abc.abstractmethod
-    async def set_route(
-        self,
-        active: str,
-        previous: str | None,
-        *,
-        expected_generation: int | None = None,
-        history: Mapping[str, Any] | None = None,
-    ) -> RouteChange:
-        """Atomically point traffic at ``active``: applies only if the generation still equals
-        ``expected_generation`` (when given) and ``active`` is a known deployment; on success the
-        generation rises by one, ``history`` (with the new generation filled in) is appended and
-        the change is published, all in one step."""
-
-    @abc.abstractmethod
-    async def create_deployment(self, deployment: Deployment, *, history: Mapping[str, Any] | None = None) -> bool:
-        """Add a deployment record (and ``history``, in the same step); False if the name is taken."""
-
-    @abc.abstractmethod
-    async def update_deployment(self, name: str, *, owner: str | None = None, **changes: Any) -> bool:
-        """Change fields of an existing record; with ``owner``, only while that worker holds its lease."""
-
-    @abc.abstractmethod
-    async def delete_deployment(
-        self, name: str, *, force: bool = False, history: Mapping[str, Any] | None = None
-    ) -> str | None:
-        """Remove a record and its lease (and append ``history``, in the same step). Returns None on
-        success, else why not: "unknown", "active" or "previous" (the latter two only without
-        ``force``). A forced delete of the previous deployment clears ``previous``."""
-
-    @abc.abstractmethod
-    async def claim(self, name: str, owner: str, ttl: float) -> bool:
-        """Take or renew the hosting lease of ``name`` for ``owner``; False if another owner holds it."""
-
-    @abc.abstractmethod
-    async def release(self, name: str, owner: str) -> None:
-        """Drop ``owner``'s lease of ``name`` if it still holds it."""
-
-    @abc.abstractmethod
-    async def append_history(self, entry: Mapping[str, Any]) -> None:
-        """Record an event that changed nothing (a refused or failed attempt)."""
-
-    @abc.abstractmethod
-    async def read_history(self, offset: int = 0, limit: int = 50) -> tuple[list[dict[str, Any]], int]:
-        """A page of history entries, newest first, and the total held."""
-
-    @abc.abstractmethod
-    async def add_stats(self, pending: Mapping[str, Mapping[int, Mapping[int, int]]], ttl: int = 180) -> None:
-        """Add this replica's traffic counters (deployment → second → sparse row) to the shared ones."""
-
-    @abc.abstractmethod
-    async def read_stats(self, deployment: str, first_second: int, last_second: int) -> dict[int, int]:
-        """Every replica's counters of a deployment summed over [first_second, last_second] (sparse row)."""
-
-    @abc.abstractmethod
-    async def hold_role(self, role: str, owner: str, ttl: float) -> bool:
-        """Take or renew a singleton role (e.g. guard evaluator) for ``owner``; False if another holds it."""
-
-    @abc.abstractmethod
-    async def get_guard(self) -> dict[str, str]:
-        """The guard's shared state."""
-
-    @abc.abstractmethod
-    async def set_guard(self, **fields: str | None) -> None:
-        """Change guard state fields (None removes one)."""
-
-    @abc.abstractmethod
-    async def first_time(self, token: str, ttl: float) -> bool:
-        """True the first time ``token`` is seen within ``ttl`` seconds (deduplicates notifications)."""
-
-    @abc.abstractmethod
-    def events(self) -> AsyncIterator[dict[str, Any]]:
-        """Change notifications as they are published, starting with ``{"kind": "subscribed"}`` once
-        listening (anything before it was missed); raises :class:`StoreUnavailable` when the feed breaks."""
-
-    async def ping(self) -> None:
-        """Raise :class:`StoreUnavailable` if the store cannot be reached."""
-
-    async def close(self) -> None:
-        """Release connections."""
-
-
-def create_store(settings: Settings) -> Store:
-    """Redis when a URL is configured, the embedded store otherwise."""
-    if settings.redis_url:
-        from .redis_store import RedisStore
-
-        return RedisStore.from_url(settings.redis_url, settings.namespace, settings.history_max)
-    return EmbeddedStore(settings.history_max)
+from ..keys import DEPLOYMENT_CHANGED, ROUTE_CHANGED, SUBSCRIBED
+from ..records import Deployment, HistoryEntry, Route, Snapshot, encode_changes
+from ..traffic import add_row
+from .base import DEFAULT_HISTORY_MAX, RouteChange, Store
 
 
 class EmbeddedStore(Store):
@@ -183,7 +61,7 @@ class EmbeddedStore(Store):
         previous: str | None,
         *,
         expected_generation: int | None = None,
-        history: Mapping[str, Any] | None = None,
+        history: HistoryEntry | None = None,
     ) -> RouteChange:
         current = self._route
         if expected_generation is not None and expected_generation != current.generation:
@@ -192,16 +70,16 @@ class EmbeddedStore(Store):
             return RouteChange(False, current, "unknown")
         self._route = Route(active=active, previous=previous, generation=current.generation + 1, changed_at=time.time())
         if history is not None:
-            self._history.appendleft({**history, "generation": self._route.generation})
+            self._history.appendleft(history.but(generation=self._route.generation).to_json())
         self._publish(ROUTE_CHANGED, generation=self._route.generation)
         return RouteChange(True, self._route)
 
-    async def create_deployment(self, deployment: Deployment, *, history: Mapping[str, Any] | None = None) -> bool:
+    async def create_deployment(self, deployment: Deployment, *, history: HistoryEntry | None = None) -> bool:
         if deployment.name in self._deployments:
             return False
         self._deployments[deployment.name] = deployment
         if history is not None:
-            self._history.appendleft(dict(history))
+            self._history.appendleft(history.to_json())
         self._publish(DEPLOYMENT_CHANGED, name=deployment.name)
         return True
 
@@ -220,7 +98,7 @@ class EmbeddedStore(Store):
         return True
 
     async def delete_deployment(
-        self, name: str, *, force: bool = False, history: Mapping[str, Any] | None = None
+        self, name: str, *, force: bool = False, history: HistoryEntry | None = None
     ) -> str | None:
         if name not in self._deployments:
             return "unknown"
@@ -234,7 +112,7 @@ class EmbeddedStore(Store):
         del self._deployments[name]
         self._leases.pop(name, None)
         if history is not None:
-            self._history.appendleft(dict(history))
+            self._history.appendleft(history.to_json())
         self._publish(DEPLOYMENT_CHANGED, name=name)
         return None
 
@@ -255,13 +133,13 @@ class EmbeddedStore(Store):
             del self._leases[name]
             self._publish(DEPLOYMENT_CHANGED, name=name)
 
-    async def append_history(self, entry: Mapping[str, Any]) -> None:
-        self._history.appendleft(dict(entry))
+    async def append_history(self, entry: HistoryEntry) -> None:
+        self._history.appendleft(entry.to_json())
 
-    async def read_history(self, offset: int = 0, limit: int = 50) -> tuple[list[dict[str, Any]], int]:
+    async def read_history(self, offset: int = 0, limit: int = 50) -> tuple[list[HistoryEntry], int]:
         items = list(self._history)
-        # Copies, so a caller cannot edit the record.
-        return [json.loads(json.dumps(e)) for e in items[offset : offset + limit]], len(items)
+        # Through JSON, as the Redis store: what a caller gets is what was stored, never a shared object.
+        return [HistoryEntry.from_json(json.loads(json.dumps(e))) for e in items[offset : offset + limit]], len(items)
 
     async def add_stats(self, pending: Mapping[str, Mapping[int, Mapping[int, int]]], ttl: int = 180) -> None:
         oldest = int(time.time()) - ttl
