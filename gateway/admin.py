@@ -19,12 +19,12 @@ from . import errors
 from .admin_models import (
     AlertmanagerPayload, CreateDeployment, GuardRequest, RollbackRequest, SwitchRequest, openapi_document,
 )
-from .records import Deployment, Snapshot, State
+from .records import Deployment, HistoryEntry, Snapshot, State, Who
 from .settings import Settings
 from .store import Store, StoreUnavailable
 from .guard import Guard
 from .http1 import client_address, is_loopback
-from .switching import RouteControl, Who, describe_state, now_iso
+from .switching import RouteControl, describe_state
 from .traffic import Traffic
 from .watcher import RouteWatcher
 
@@ -245,7 +245,8 @@ class Admin:
         limit = self._int_query(request, "limit", 50, 1, 1000)
         entries, total = await self.store.read_history(offset, limit)
         next_offset = offset + len(entries) if offset + len(entries) < total else None
-        return _json({"entries": entries, "total": total, "offset": offset, "limit": limit, "next_offset": next_offset})
+        return _json({"entries": [e.to_json() for e in entries], "total": total, "offset": offset, "limit": limit,
+                      "next_offset": next_offset})
 
     @staticmethod
     def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
@@ -277,9 +278,7 @@ class Admin:
         else:
             dep = Deployment(name=body.name, model_uri=body.model_uri, state=State.STARTING,
                              reason="waiting for a worker to claim it", created_at=now)
-        entry = {"time": now_iso(), "actor": who.actor, "client": who.client, "trigger": who.trigger,
-                 "action": "deploy", "to": body.name, "result": "applied",
-                 "detail": body.url or body.model_uri}
+        entry = HistoryEntry("deploy", who, target=body.name, detail=body.url or body.model_uri or "")
         if not await self.store.create_deployment(dep, history=entry):
             raise AdminError(409, errors.RESOURCE_ALREADY_EXISTS, f"a deployment named {body.name!r} already exists")
         await self._apply_here()
@@ -295,8 +294,7 @@ class Admin:
         force = force_raw in ("true", "1")
         reason = request.query.get("reason", "")[:1000]
         who = self._who(request)
-        entry = {"time": now_iso(), "actor": who.actor, "client": who.client, "trigger": who.trigger,
-                 "action": "undeploy", "from": name, "reason": reason, "result": "applied", **({"forced": True} if force else {})}
+        entry = HistoryEntry("undeploy", who, source=name, reason=reason, forced=force)
         refusal = await self.store.delete_deployment(name, force=force, history=entry)
         if refusal == "unknown":
             raise AdminError(404, errors.RESOURCE_DOES_NOT_EXIST, f"no deployment named {name!r}")
@@ -304,7 +302,7 @@ class Admin:
             message = (f"{name} is the {refusal} deployment"
                        + ("; switch traffic elsewhere first, or use force" if refusal == "active"
                           else " (the rollback target); use force to delete it anyway"))
-            await self.store.append_history({**entry, "result": "refused", "detail": message})
+            await self.store.append_history(entry.but(result="refused", detail=message))
             raise AdminError(409, errors.INVALID_STATE, message)
         await self._apply_here()
         return _json({"deleted": name})
@@ -346,10 +344,7 @@ class Admin:
             await self.store.set_guard(paused=f"paused by {who.actor}" + (f": {body.reason}" if body.reason else ""))
         else:
             await self.store.set_guard(paused=None, latched=None, latched_generation=None)
-        await self.store.append_history({
-            "time": now_iso(), "actor": who.actor, "client": who.client, "trigger": who.trigger,
-            "action": "guard_pause" if body.paused else "guard_resume", "reason": body.reason, "result": "applied",
-        })
+        await self.store.append_history(HistoryEntry("guard_pause" if body.paused else "guard_resume", who, reason=body.reason))
         return _json(await self._guard_view())
 
     async def alerts(self, request: web.Request) -> web.Response:

@@ -15,9 +15,20 @@ from typing import Any, TypeVar, get_type_hints
 import click
 
 from . import __version__
-from .settings import ENV_PREFIX, Settings, SettingsError, base_type
+from .records import HistoryEntry
+from .settings import BOTH, ENV_PREFIX, GATEWAY, WORKER, Settings, SettingsError, base_type
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+# Settings whose flag a command defines itself (a repeatable --deployment NAME=URI for ``deployments``).
+OWN_FLAGS = {"deployments": "--deployment"}
+
+
+def settings_in(*scopes: str) -> list[str]:
+    """Names of the settings in any of the scopes (``both`` belongs to every command)."""
+    wanted = {*scopes, BOTH}
+    return [f.name for f in fields(Settings) if f.metadata.get("scope") in wanted and f.name not in OWN_FLAGS]
 
 
 def settings_options(names: list[str]) -> Callable[[F], F]:
@@ -54,12 +65,6 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-GATEWAY_SETTINGS = [
-    "redis_url", "namespace", "host", "port", "reuse_port", "fast_path", "admin_token", "admin_host", "admin_port",
-    "history_max", "registry_alias", "registry_sync",
-    "poll_interval", "connect_timeout", "read_timeout", "total_timeout", "upstream_keepalive",
-    "upstream_max_connections", "max_body_bytes", "shutdown_timeout", "log_level",
-]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -69,7 +74,7 @@ def main() -> None:
 
 
 @main.command()
-@settings_options(GATEWAY_SETTINGS)
+@settings_options(settings_in(GATEWAY))
 def gateway(**options: Any) -> None:
     """Run the data plane, admin API and metrics; any number of replicas against one Redis."""
     from .server import install_event_loop_policy, serve
@@ -80,19 +85,12 @@ def gateway(**options: Any) -> None:
     asyncio.run(serve(settings))
 
 
-WORKER_SETTINGS = [
-    "redis_url", "namespace", "claim", "model_host", "advertise_host", "model_ports", "health_interval",
-    "lease_ttl", "start_timeout", "max_start_attempts", "restart_backoff", "stop_timeout", "warmup_payload",
-    "worker_metrics_port", "log_level",
-]
-
-
 @main.command()
 @click.option(
     "--deployment", "-d", "deployment_specs", multiple=True, metavar="NAME=MODEL_URI",
     help="A deployment to host, e.g. blue=models:/iris/1 (repeatable; adds to TURNOUT_DEPLOYMENTS).",
 )
-@settings_options(WORKER_SETTINGS)
+@settings_options(settings_in(WORKER))
 def worker(deployment_specs: tuple[str, ...], **options: Any) -> None:
     """Launch and supervise warm `mlflow models serve` processes; report their health to Redis."""
     from gateway.records import parse_specs
@@ -144,20 +142,17 @@ def demo(workdir: Path, quick: bool, json_path: Path | None) -> None:
 @main.command()
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path(".turnout/up"),
               show_default=True, help="Where the sample MLflow registry goes when MLFLOW_TRACKING_URI is unset.")
-@settings_options(["redis_url", "namespace", "host", "port", "admin_token", "log_level"])
+@settings_options(settings_in(GATEWAY, WORKER))
 def up(workdir: Path, **options: Any) -> None:
     """Gateway + worker + model servers on this machine until Ctrl-C (embedded store unless --redis-url)."""
     from .demo import DemoFailed, run_up
     from .server import install_event_loop_policy
 
     settings = load_settings(options)
-    for key, value in options.items():
-        if value is not None:
-            os.environ["TURNOUT_" + key.upper()] = str(value)
     setup_logging(settings.log_level if options.get("log_level") else "WARNING")
     install_event_loop_policy()
     try:
-        asyncio.run(run_up(workdir.resolve()))
+        asyncio.run(run_up(workdir.resolve(), settings))
     except DemoFailed as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -364,11 +359,10 @@ def rollback(reason: str, expect_generation: int | None, force: bool, url: str, 
 def _history_text(body: dict[str, Any], wide: bool = False) -> str:
     cut = _Cutter(wide)
     rows = [["TIME", "ACTION", "RESULT", "FROM", "TO", "GEN", "TRIGGER", "ACTOR", "REASON / DETAIL"]]
-    for e in body["entries"]:
-        detail = " — ".join(x for x in (e.get("reason"), e.get("detail")) if x)
-        rows.append([str(e.get("time", "")), str(e.get("action", "")), str(e.get("result", "")) + (" (forced)" if e.get("forced") else ""),
-                     str(e.get("from") or "-"), str(e.get("to") or "-"), str(e.get("generation", "-")),
-                     str(e.get("trigger", "")), str(e.get("actor", "")), cut(detail, 90)])
+    for e in map(HistoryEntry.from_json, body["entries"]):
+        detail = " — ".join(x for x in (e.reason, e.detail) if x)
+        rows.append([e.time, e.action, e.result + (" (forced)" if e.forced else ""), e.source or "-", e.target or "-",
+                     "-" if e.generation is None else str(e.generation), e.who.trigger, e.who.actor, cut(detail, 90)])
     more = f"\n({body['total']} entries; next page: --offset {body['next_offset']})" if body.get("next_offset") else ""
     return cut.footer((_table(rows) if len(rows) > 1 else "no history yet") + more)
 

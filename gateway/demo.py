@@ -15,31 +15,24 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from .client import AdminClient
+from .loadgen import IRIS_COLUMNS, LoadGenerator, Phase, Result
+from .local import free_port, processes_with_env
 from .records import State
 from .app import CONTROL
 from .server import start_gateway, stop_on_signals
 from .switching import Who
 from .settings import Settings
-from .store import Store, create_store
+from .store import RedisStore, Store, create_store
 
 
 class DemoFailed(Exception):
     """A step of the demo did not do what it should; the message says which."""
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Progress:
@@ -69,89 +62,6 @@ class Progress:
         if self._live and self.tty:
             print("\r" + " " * 100 + "\r", end="", flush=True)
             self._live = ""
-
-
-@dataclass
-class Phase:
-    """Requests sent while one phase of the story ran."""
-
-    name: str
-    served: dict[str, int] = field(default_factory=dict)
-    failed: int = 0
-    failures: list[str] = field(default_factory=list)
-
-
-class LoadGenerator:
-    """Steady prediction traffic through the gateway, counted per phase and per deployment."""
-
-    def __init__(self, url: str, rows: list[list[float]], rate: float, progress: Progress) -> None:
-        self.url = url
-        self.rows = rows
-        self.rate = rate
-        self.progress = progress
-        self.phases: list[Phase] = []
-        self.phase = self.begin("warm-up")
-        self.generation_seen: dict[int, float] = {}
-        self.deployment_seen: list[tuple[float, str]] = []
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def begin(self, name: str) -> Phase:
-        """Start counting a new phase."""
-        self.phase = Phase(name)
-        self.phases.append(self.phase)
-        return self.phase
-
-    async def start(self) -> None:
-        """Start sending."""
-        self._task = asyncio.create_task(self._run(), name="demo-load")
-
-    async def stop(self) -> None:
-        """Stop sending and wait for the last requests."""
-        self._stop.set()
-        if self._task is not None:
-            await self._task
-
-    async def _run(self) -> None:
-        rng = random.Random(7)
-        interval = 1 / self.rate
-        columns = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-            in_flight: set[asyncio.Task[None]] = set()
-            next_at = time.monotonic()
-            while not self._stop.is_set():
-                row = rng.choice(self.rows)
-                body = json.dumps({"dataframe_split": {"columns": columns, "data": [row]}})
-                task = asyncio.create_task(self._one(session, body, self.phase))
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
-                next_at += interval
-                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-            await asyncio.gather(*in_flight)
-
-    async def _one(self, session: aiohttp.ClientSession, body: str, phase: Phase) -> None:
-        try:
-            async with session.post(self.url + "/invocations", data=body, headers={"Content-Type": "application/json"}) as resp:
-                await resp.read()
-                status = resp.status
-                dep = resp.headers.get("X-Turnout-Deployment", "?")
-                gen = int(resp.headers.get("X-Turnout-Generation", "0") or 0)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            phase.failed += 1
-            phase.failures.append(repr(exc))
-            return
-        now = time.monotonic()
-        self.generation_seen.setdefault(gen, now)
-        if not self.deployment_seen or self.deployment_seen[-1][1] != dep:
-            self.deployment_seen.append((now, dep))
-        if status == 200:
-            phase.served[dep] = phase.served.get(dep, 0) + 1
-        else:
-            phase.failed += 1
-            if len(phase.failures) < 5:
-                phase.failures.append(f"{status} from {dep}")
-        total = sum(sum(p.served.values()) + p.failed for p in self.phases)
-        self.progress.live(f"  requests: {total}  phase {phase.name}: ok {sum(phase.served.values())}, failed {phase.failed}")
 
 
 class Stack:
@@ -227,12 +137,8 @@ async def demo_store(settings: Settings) -> AsyncIterator[Store]:
     try:
         yield store
     finally:
-        if settings.redis_url:
-            from .redis_store import RedisStore
-
-            assert isinstance(store, RedisStore)
-            async for key in store.client.scan_iter(match=f"{settings.namespace}:*"):
-                await store.client.delete(key)
+        if isinstance(store, RedisStore):
+            await store.drop_namespace()
         await store.close()
 
 
@@ -272,7 +178,7 @@ async def run_demo(workdir: Path, quick: bool, summary_path: Path | None, quiet:
     progress = Progress(quiet)
     base = Settings.load()
     namespace = f"turnout-demo-{uuid.uuid4().hex[:8]}"
-    port = _free_port()
+    port = free_port()
     token = secrets.token_urlsafe(16)
     phase_seconds = 2.0 if quick else 5.0
     settings = base.replace(
@@ -292,7 +198,16 @@ async def run_demo(workdir: Path, quick: bool, summary_path: Path | None, quiet:
     stop_on_signals(stop)
     async with demo_store(settings) as store:
         stack = Stack(settings, store)
-        load = LoadGenerator(url, rows, rate=40.0, progress=progress)
+        rng = random.Random(7)
+
+        def iris_row(n: int) -> bytes:
+            return json.dumps({"dataframe_split": {"columns": IRIS_COLUMNS, "data": [rng.choice(rows)]}}).encode()
+
+        def show(load: LoadGenerator, result: Result) -> None:
+            phase = load.phase
+            progress.live(f"  requests: {load.total()}  phase {phase.name}: ok {sum(phase.served.values())}, failed {phase.failed}")
+
+        load = LoadGenerator([url], rate=40.0, body=iris_row, on_result=show)
         try:
             progress.step(f"starting a gateway on {url} and a worker ({summary['store']} store)")
             await stack.start()
@@ -347,12 +262,12 @@ async def run_demo(workdir: Path, quick: bool, summary_path: Path | None, quiet:
         summary["client_errors_during_v1_to_v2_switch"] = switch_phase.failed
         summary["client_errors_during_fault"] = fault_phase.failed
         summary["history"] = [
-            {k: e.get(k) for k in ("time", "action", "result", "from", "to", "generation", "trigger", "actor", "reason")}
-            for e in history if e.get("action") in ("switch", "rollback", "deploy")
+            {k: e.to_json()[k] for k in ("time", "action", "result", "from", "to", "generation", "trigger", "actor", "reason")}
+            for e in history if e.action in ("switch", "rollback", "deploy")
         ]
         summary["registry"] = await asyncio.to_thread(_registry_state, registry.model_name)
-        rollback = next((e for e in history if e.get("action") == "rollback" and e.get("result") == "applied"), None)
-        summary["guard_rolled_back"] = bool(rollback and rollback.get("trigger") == "guard" and rollback.get("from") == "v3")
+        rollback = next((e for e in history if e.action == "rollback" and e.result == "applied"), None)
+        summary["guard_rolled_back"] = bool(rollback and rollback.who.trigger == "guard" and rollback.source == "v3")
         summary["ok"] = summary["guard_rolled_back"] and switch_phase.failed == 0
     summary["leftover_processes"] = _leftovers(stack.worker.id if stack.worker is not None else None)
     if summary_path is not None:
@@ -404,20 +319,7 @@ def _leftovers(worker_id: str | None) -> list[str]:
     """PIDs of processes the demo's worker started that are still alive: must be none."""
     if worker_id is None:
         return []
-    marker = f"TURNOUT_WORKER_ID={worker_id}".encode()
-    found = []
-    me = os.getpid()
-    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-            state = (entry / "stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != b"Z" and marker in environ:
-            found.append(entry.name)
-    return found
+    return [str(pid) for pid, _ in processes_with_env(f"TURNOUT_WORKER_ID={worker_id}")]
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -444,9 +346,8 @@ def print_summary(summary: dict[str, Any]) -> None:
                           else "FAILED (see above)"))
 
 
-async def run_up(workdir: Path, ready: Callable[[dict[str, Any]], None] | None = None) -> None:
+async def run_up(workdir: Path, base: Settings, ready: Callable[[dict[str, Any]], None] | None = None) -> None:
     """Gateway + worker + model servers until Ctrl-C; prints how to use them."""
-    base = Settings.load()
     token = base.admin_token or secrets.token_urlsafe(16)
     settings = base.replace(
         admin_token=token, claim=True,

@@ -13,10 +13,10 @@ from typing import Any
 
 from .loops import Loop, Loops
 from .metrics import GatewayMetrics
-from .records import Snapshot
 from .settings import Settings
 from .store import Store, StoreUnavailable
-from .switching import RouteControl, Who, now_iso
+from .records import HistoryEntry, Snapshot, Who
+from .switching import RouteControl
 from .traffic import RELATIVE_ERROR, Figures, Traffic, figures_from_counts
 
 log = logging.getLogger(__name__)
@@ -200,11 +200,11 @@ class Guard:
             if self._held_generation != route.generation:
                 # Recorded once per route generation; counting goes on.
                 self._held_generation = route.generation
-                await self.store.append_history({
-                    "time": now_iso(), "actor": GUARD_WHO.actor, "client": None, "trigger": "guard", "action": "rollback",
-                    "from": route.active, "to": previous, "result": "held", "generation": route.generation,
-                    "reason": verdict.why, "detail": f"not rolling back: {why}", "evidence": verdict.evidence,
-                })
+                await self.store.append_history(HistoryEntry(
+                    "rollback", GUARD_WHO, result="held", source=route.active, target=previous,
+                    generation=route.generation, reason=verdict.why, detail=f"not rolling back: {why}",
+                    evidence=verdict.evidence,
+                ))
             return
         outcome = await self.control.rollback(
             GUARD_WHO, reason=f"guard: {verdict.why}", expected_generation=route.generation,

@@ -104,6 +104,14 @@ class _ProxyCollector(Collector):
         return [requests, duration, inflight]
 
 
+def background_errors_counter(registry: CollectorRegistry) -> Counter:
+    """``turnout_background_errors_total{task}``, the same series in gateways and workers (see ``loops``)."""
+    return Counter(
+        "turnout_background_errors", "Unexpected failures of a background task (each logged with its traceback, "
+        "then retried), by task.", ["task"], registry=registry,
+    )
+
+
 class GatewayMetrics:
     """Every metric the gateway exposes on ``/metrics``."""
 
@@ -138,10 +146,7 @@ class GatewayMetrics:
             "turnout_bad_requests", "Client requests refused before routing (malformed, too large, too slow), by reason.",
             ["reason"], registry=r,
         )
-        self.background_errors = Counter(
-            "turnout_background_errors", "Unexpected failures of a background task (each logged with its traceback, "
-            "then retried), by task.", ["task"], registry=r,
-        )
+        self.background_errors = background_errors_counter(r)
         self.guard_leader = Gauge("turnout_guard_leader", "1 while this replica is the one whose guard decides.", registry=r)
         self.guard_paused = Gauge("turnout_guard_paused", "1 while an operator has paused the guard.", registry=r)
         self.guard_latched = Gauge(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import re
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
@@ -164,3 +165,80 @@ class Snapshot:
         if dep.state is State.READY and name not in self.live:
             return State.UNHEALTHY
         return dep.state
+
+
+def now_iso() -> str:
+    """UTC timestamp for history entries, to the millisecond."""
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+
+
+@dataclass(frozen=True, slots=True)
+class Who:
+    """Who asked, from where, through what (``api``, ``guard``, ``alertmanager``, ``up``, ``registry``)."""
+
+    actor: str
+    client: str | None
+    trigger: str
+
+
+# JSON keys of a history entry that are fields of :class:`HistoryEntry` (the rest go to ``extra``).
+_ENTRY_KEYS = frozenset({"time", "actor", "client", "trigger", "action", "result", "from", "to", "generation",
+                         "reason", "detail", "forced", "evidence"})
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One line of the audit history: a change, or an attempt that changed nothing (and why)."""
+
+    action: str  # deploy, undeploy, switch, rollback, guard_pause, guard_resume, registry_sync
+    who: Who
+    result: str = "applied"  # applied, refused, held, failed
+    source: str | None = None
+    target: str | None = None
+    generation: int | None = None
+    reason: str = ""
+    detail: str = ""
+    forced: bool = False
+    evidence: Mapping[str, Any] | None = None
+    # Fields particular to one action (a refused switch's target state, a registry retry's delay, ...).
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    time: str = field(default_factory=now_iso)
+
+    def but(self, **changes: Any) -> HistoryEntry:
+        """A copy with some fields changed (an attempt that turned out refused, a generation now known)."""
+        return replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        """The stored and served form."""
+        out: dict[str, Any] = {
+            "time": self.time, "actor": self.who.actor, "client": self.who.client, "trigger": self.who.trigger,
+            "action": self.action, "result": self.result, "from": self.source, "to": self.target,
+            "generation": self.generation, "reason": self.reason, "detail": self.detail,
+        }
+        if self.forced:
+            out["forced"] = True
+        if self.evidence:
+            out["evidence"] = dict(self.evidence)
+        out.update({k: v for k, v in self.extra.items() if k not in _ENTRY_KEYS})
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> HistoryEntry:
+        """Inverse of :meth:`to_json`; tolerant of entries older releases wrote (missing fields)."""
+        generation = data.get("generation")
+        evidence = data.get("evidence")
+        return cls(
+            action=str(data.get("action") or ""),
+            who=Who(str(data.get("actor") or ""), data.get("client"), str(data.get("trigger") or "")),
+            result=str(data.get("result") or ""),
+            source=data.get("from"),
+            target=data.get("to"),
+            generation=generation if isinstance(generation, int) else None,
+            reason=str(data.get("reason") or ""),
+            detail=str(data.get("detail") or ""),
+            forced=bool(data.get("forced")),
+            evidence=evidence if isinstance(evidence, Mapping) else None,
+            extra={k: v for k, v in data.items() if k not in _ENTRY_KEYS},
+            time=str(data.get("time") or ""),
+        )

@@ -10,10 +10,9 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 from .loops import Loop, Loops
-from .records import Deployment
+from .records import Deployment, HistoryEntry, Who
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +22,7 @@ GENERATION_TAG = "turnout.generation"
 CHANGED_TAG = "turnout.changed_at"
 
 _RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
+REGISTRY_WHO = Who(actor="turnout-registry-sync", client=None, trigger="registry")
 
 
 @dataclass
@@ -79,7 +79,7 @@ def apply_job(job: Job, alias: str) -> None:
 class RegistrySync:
     """A background queue of registry jobs, applied in order on one thread, with retries."""
 
-    def __init__(self, alias: str, record: Callable[[dict[str, Any]], Awaitable[None]], enabled: bool = True,
+    def __init__(self, alias: str, record: Callable[[HistoryEntry], Awaitable[None]], enabled: bool = True,
                  loops: Loops | None = None) -> None:
         self.alias = alias
         self.enabled = enabled
@@ -120,11 +120,11 @@ class RegistrySync:
                 except Exception as exc:  # MLflow raises many types (HTTP, sqlite, ...): all are retried
                     final = job.attempts > len(_RETRY_DELAYS)
                     log.warning("registry sync failed (%s), attempt %d: %s", job.describe(), job.attempts, exc)
-                    await self._record_safely({
-                        "action": "registry_sync", "result": "failed", "generation": job.generation,
-                        "detail": f"{job.describe()}: {exc}",
-                        "retry": None if final else f"in {_RETRY_DELAYS[job.attempts - 1]:.0f} s",
-                    })
+                    await self._record_safely(HistoryEntry(
+                        "registry_sync", REGISTRY_WHO, result="failed", generation=job.generation,
+                        detail=f"{job.describe()}: {exc}",
+                        extra={"retry": None if final else f"in {_RETRY_DELAYS[job.attempts - 1]:.0f} s"},
+                    ))
                     if final:
                         break
                     await asyncio.sleep(_RETRY_DELAYS[job.attempts - 1])
@@ -134,7 +134,7 @@ class RegistrySync:
         finally:
             job.done.set()
 
-    async def _record_safely(self, entry: dict[str, Any]) -> None:
+    async def _record_safely(self, entry: HistoryEntry) -> None:
         try:
             await self._record(entry)
         except ConnectionError as exc:

@@ -16,9 +16,15 @@ class SettingsError(ValueError):
     """A setting has a value that cannot be used."""
 
 
-def _doc(text: str, **kwargs: Any) -> Any:
-    """A dataclass field whose help text lives next to its default."""
-    return field(metadata={"doc": text}, **kwargs)
+# Which commands a setting concerns: its flag is generated for those (``turnout up`` takes all).
+GATEWAY = "gateway"
+WORKER = "worker"
+BOTH = "both"
+
+
+def _doc(text: str, *, scope: str = GATEWAY, **kwargs: Any) -> Any:
+    """A dataclass field whose help text and scope live next to its default."""
+    return field(metadata={"doc": text, "scope": scope}, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -27,9 +33,9 @@ class Settings:
 
     redis_url: str | None = _doc(
         "Redis URL holding the route, deployments and history; unset = embedded in-process store.",
-        default=None,
+        scope=BOTH, default=None,
     )
-    namespace: str = _doc("Key prefix in Redis, so several Turnout installations share one server.", default="turnout")
+    namespace: str = _doc("Key prefix in Redis, so several Turnout installations share one server.", scope=BOTH, default="turnout")
     host: str = _doc("Address the gateway's data plane listens on.", default="127.0.0.1")
     port: int = _doc("Port of the data plane.", default=8080)
     reuse_port: bool = _doc("Bind with SO_REUSEPORT so several gateway processes share the port.", default=False)
@@ -97,27 +103,27 @@ class Settings:
     )
     max_body_bytes: int = _doc("Largest request body accepted, counted as it streams (413 above).", default=100 * 1024 * 1024)
     shutdown_timeout: float = _doc("Seconds SIGTERM waits for in-flight requests before closing them.", default=30.0)
-    log_level: str = _doc("Python logging level.", default="INFO")
+    log_level: str = _doc("Python logging level.", scope=BOTH, default="INFO")
     # --- worker -------------------------------------------------------------------------------
     deployments: str = _doc(
-        "Deployments a worker hosts: NAME=MODEL_URI, comma-separated (or --deployment, repeatable).", default=""
+        "Deployments a worker hosts: NAME=MODEL_URI, comma-separated (or --deployment, repeatable).", scope=WORKER, default=""
     )
-    claim: bool = _doc("Worker also hosts deployments created through the store that no live worker holds.", default=False)
-    model_host: str = _doc("Address the worker's model servers listen on.", default="127.0.0.1")
-    advertise_host: str | None = _doc("Host the gateway uses to reach model servers (default: model_host).", default=None)
-    model_ports: str = _doc("Port range for model servers; ports already taken are skipped.", default="5001-5999")
-    health_interval: float = _doc("Seconds between health checks of a ready model server.", default=2.0)
+    claim: bool = _doc("Worker also hosts deployments created through the store that no live worker holds.", scope=WORKER, default=False)
+    model_host: str = _doc("Address the worker's model servers listen on.", scope=WORKER, default="127.0.0.1")
+    advertise_host: str | None = _doc("Host the gateway uses to reach model servers (default: model_host).", scope=WORKER, default=None)
+    model_ports: str = _doc("Port range for model servers; ports already taken are skipped.", scope=WORKER, default="5001-5999")
+    health_interval: float = _doc("Seconds between health checks of a ready model server.", scope=WORKER, default=2.0)
     lease_ttl: float = _doc(
         "Seconds a worker's claim on a deployment outlives its last heartbeat (gateways then see it not ready).",
-        default=5.0,
+        scope=WORKER, default=5.0,
     )
-    start_timeout: float = _doc("Seconds a model server may take from launch to a successful warm-up.", default=120.0)
-    max_start_attempts: int = _doc("Failed starts in a row before a deployment is marked failed.", default=3)
-    restart_backoff: float = _doc("First delay before restarting a crashed server; doubles per crash, up to 30 s.", default=1.0)
-    stop_timeout: float = _doc("Seconds a model server may drain on stop before it is killed.", default=10.0)
-    worker_metrics_port: int | None = _doc("Port of the worker's /metrics and /health; unset = not served.", default=None)
+    start_timeout: float = _doc("Seconds a model server may take from launch to a successful warm-up.", scope=WORKER, default=120.0)
+    max_start_attempts: int = _doc("Failed starts in a row before a deployment is marked failed.", scope=WORKER, default=3)
+    restart_backoff: float = _doc("First delay before restarting a crashed server; doubles per crash, up to 30 s.", scope=WORKER, default=1.0)
+    stop_timeout: float = _doc("Seconds a model server may drain on stop before it is killed.", scope=WORKER, default=10.0)
+    worker_metrics_port: int | None = _doc("Port of the worker's /metrics and /health; unset = not served.", scope=WORKER, default=None)
     warmup_payload: str | None = _doc(
-        "JSON file used as the warm-up request for models logged without an input example.", default=None
+        "JSON file used as the warm-up request for models logged without an input example.", scope=WORKER, default=None
     )
 
     def __post_init__(self) -> None:

@@ -5,23 +5,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from . import errors
 from .metrics import GatewayMetrics
-from .records import Route, Snapshot, State
+from .records import HistoryEntry, Route, Snapshot, State, Who
 from .registry_sync import Job, RegistrySync
 from .store import Store
-
-
-@dataclass(frozen=True)
-class Who:
-    """Who asked, from where, through what (``api``, ``guard``, ``alertmanager``, ...)."""
-
-    actor: str
-    client: str | None
-    trigger: str
 
 
 @dataclass
@@ -33,7 +24,7 @@ class Outcome:
     message: str
     route: Route
     error_code: str | None = None
-    entry: dict[str, Any] = field(default_factory=dict)
+    entry: HistoryEntry | None = None
     job: Job | None = None
 
     def body(self) -> dict[str, Any]:
@@ -42,11 +33,6 @@ class Outcome:
         if self.error_code is not None:
             return {"error_code": self.error_code, "message": self.message, "route": route}
         return {"applied": self.applied, "message": self.message, "route": route}
-
-
-def now_iso() -> str:
-    """UTC timestamp for history entries."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
 
 
 def describe_state(snapshot: Snapshot, name: str) -> str:
@@ -151,39 +137,25 @@ class RouteControl:
             ))
         return outcome
 
-    async def record_refusal(self, who: Who, action: str, message: str, **fields: Any) -> None:
-        """Record an attempt that was refused before it reached the route (e.g. a bad webhook payload)."""
-        await self.store.append_history({
-            **self._entry(who, action, fields.pop("from_", None), fields.pop("to", None), fields.pop("reason", "")),
-            "result": "refused", "detail": message, **fields,
-        })
-
     def _entry(
         self, who: Who, action: str, source: str | None, target: str | None, reason: str,
         *, force: bool = False, evidence: Mapping[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        entry: dict[str, Any] = {
-            "time": now_iso(), "actor": who.actor, "client": who.client, "trigger": who.trigger,
-            "action": action, "from": source, "to": target, "reason": reason,
-        }
-        if force:
-            entry["forced"] = True
-        if evidence:
-            entry["evidence"] = dict(evidence)
-        return entry
+    ) -> HistoryEntry:
+        return HistoryEntry(action, who, source=source, target=target, reason=reason, forced=force,
+                            evidence=dict(evidence) if evidence else None)
 
     async def _refuse(
-        self, entry: dict[str, Any], route: Route, status: int, code: str, message: str, **extra: Any
+        self, entry: HistoryEntry, route: Route, status: int, code: str, message: str, **extra: Any
     ) -> Outcome:
-        record = {**entry, "result": "refused", "detail": message, "generation": route.generation, **extra}
+        record = entry.but(result="refused", detail=message, generation=route.generation, extra=extra)
         await self.store.append_history(record)
         return Outcome(False, status, message, route, error_code=code, entry=record)
 
     async def _apply(
-        self, snapshot: Snapshot, entry: dict[str, Any], active: str, previous: str | None, who: Who
+        self, snapshot: Snapshot, entry: HistoryEntry, active: str, previous: str | None, who: Who
     ) -> Outcome:
         route = snapshot.route
-        record = {**entry, "result": "applied"}
+        record = entry.but(result="applied")
         change = await self.store.set_route(active, previous, expected_generation=route.generation, history=record)
         if not change.ok:
             why = (
@@ -193,4 +165,4 @@ class RouteControl:
             return await self._refuse(entry, change.route, 409, errors.INVALID_STATE, why)
         self.metrics.switches.labels(who.trigger).inc()
         message = f"{active} is active (generation {change.route.generation})"
-        return Outcome(True, 200, message, change.route, entry={**record, "generation": change.route.generation})
+        return Outcome(True, 200, message, change.route, entry=record.but(generation=change.route.generation))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -16,15 +17,11 @@ from typing import Any
 import httptools
 from aiohttp import web
 
+from gateway.loadgen import LoadGenerator
+from gateway.local import free_port, processes_with_env  # noqa: F401 - shared with the demo and bench
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.asynccontextmanager
@@ -131,7 +128,6 @@ def backend_app(name: str, fail_ratio: float = 0.0) -> web.Application:
     """
     import gzip
     import hashlib
-    import json
 
     app = web.Application(client_max_size=1024**3)
     app[SEEN] = []
@@ -205,26 +201,6 @@ async def raw_request(url: str, request: bytes) -> tuple[bytes, bytes]:
     writer.close()
     head, _, body = data.partition(b"\r\n\r\n")
     return head, body
-
-
-def processes_with_env(marker: str) -> list[tuple[int, str]]:
-    """(pid, command line) of every live process whose environment contains ``marker`` (e.g. ``K=V``)."""
-    found = []
-    needle = marker.encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if needle not in (entry / "environ").read_bytes().split(b"\0"):
-                continue
-            state = (entry / "stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-            if state == b"Z":
-                continue
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        found.append((int(entry.name), cmdline))
-    return found
 
 
 Message = tuple[int, dict[str, str], bytes]
@@ -438,3 +414,15 @@ def answer(status: int, body: bytes, *headers: str, interim: bytes = b"") -> byt
     """A raw response with a Content-Length (``interim``: 1xx responses sent before it)."""
     lines = [f"HTTP/1.1 {status} X", *headers, f"Content-Length: {len(body)}"]
     return interim + ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def history(store: Any, limit: int = 100) -> list[dict[str, Any]]:
+    """The store's history entries, newest first, in their JSON form (as the admin API serves them)."""
+    entries, _ = await store.read_history(0, limit)
+    return [entry.to_json() for entry in entries]
+
+
+def Load(urls: list[str], rate: float, body: Any = None) -> LoadGenerator:  # noqa: N802 - reads as the class it builds
+    """Steady JSON traffic (``async with Load([url], rate=100) as load:``), every answer in ``load.results``."""
+    payload = json.dumps(body if body is not None else {"inputs": [[1, 2, 3, 4]]}).encode()
+    return LoadGenerator(urls, rate, body=lambda n: payload)

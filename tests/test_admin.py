@@ -12,9 +12,9 @@ import aiohttp
 import pytest
 
 from gateway.records import Deployment, State
-from gateway.redis_store import RedisStore
+from gateway.store import RedisStore
 from gateway.store import EmbeddedStore, Store
-from tests.support import BIN, backend_app, child_env, eventually, exchange, serve_app
+from tests.support import backend_app, BIN, child_env, eventually, exchange, history, serve_app
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -239,7 +239,7 @@ async def test_switch_to_starting_refused_then_accepted_forced_recorded(admin: d
     await store.update_deployment("blue", state=State.FAILED, reason="oom")
     status, body = await post(s, url + "/admin/switch", {"target": "blue", "force": True, "reason": "drill"})
     assert status == 200 and body["route"]["active"] == "blue"
-    entries = (await store.read_history())[0]
+    entries = await history(store)
     assert entries[0]["forced"] is True and entries[0]["result"] == "applied"
     assert entries[2]["result"] == "refused" and entries[2]["state"] == "starting"
 
@@ -295,7 +295,8 @@ async def test_twenty_concurrent_switches_one_wins_real_redis(redis_store_factor
     statuses = sorted(status for status, _ in results)
     assert statuses.count(200) == 1 and statuses.count(409) == 19, statuses
     assert [b["applied"] for st, b in results if st == 200] == [True]
-    entries, total = await store.read_history(0, 100)
+    entries = await history(store)
+    total = len(entries)
     assert total == 20, "one applied switch and nineteen refused attempts, each recorded"
     assert sum(e["result"] == "applied" for e in entries) == 1
     refused_reasons = sorted(e["reason"] for e in entries if e["result"] == "refused")

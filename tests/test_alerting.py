@@ -14,8 +14,8 @@ import yaml
 
 from gateway.records import Deployment, State
 from gateway.store import EmbeddedStore
-from tests.support import ROOT, backend_app, eventually, free_port, serve_app, wait_port
-from tests.test_guard import Load
+from tests.support import backend_app, eventually, free_port, history, ROOT, serve_app, wait_port
+from tests.support import Load
 
 DEPLOY = ROOT / "deploy"
 RULES = DEPLOY / "prometheus" / "rules" / "turnout.yml"
@@ -102,7 +102,7 @@ async def test_prometheus_alert_rolls_back_through_alertmanager(alerting: Any, g
 
         async with Load([url], rate=30):
             await eventually(back_on_blue, timeout=120, interval=0.5)
-    entries, _ = await store.read_history()
+    entries = await history(store)
     rollback = next(e for e in entries if e["action"] == "rollback" and e["result"] == "applied")
     assert rollback["trigger"] == "alertmanager" and rollback["from"] == "green"
     assert rollback["actor"] == "alertmanager:TurnoutActiveDeploymentFailing"

@@ -22,7 +22,8 @@ from gateway.store import EmbeddedStore
 from tests.mlflow_support import Registry
 from tests.support import FAILURES, ROOT, backend_app, eventually, free_port, serve_app, wait_port
 from tests.test_alerting import tool
-from tests.test_guard import FAST_GUARD, Load
+from tests.support import Load
+from tests.test_guard import FAST_GUARD
 from workers.metrics import WorkerMetrics
 
 GRAFANA = ROOT / "deploy" / "grafana"

@@ -14,45 +14,13 @@ from gateway.records import Deployment, State
 from gateway.settings import Settings
 from gateway.store import EmbeddedStore, Store
 from gateway.traffic import Figures
-from tests.support import FAILURES, backend_app, eventually, serve_app
+from tests.support import FAILURES, Load, backend_app, eventually, history, serve_app
 
 FAST_GUARD = {"guard_window": 5.0, "guard_interval": 0.2, "guard_min_requests": 20, "stats_flush_interval": 0.1}
 
 
 async def add(store: Store, name: str, url: str, state: State = State.READY) -> None:
     await store.create_deployment(Deployment(name=name, url=url, state=state, external=True))
-
-
-class Load:
-    """Steady client traffic through a gateway, recording (deployment, status) per request."""
-
-    def __init__(self, urls: list[str], rate: float, body: Any = None) -> None:
-        self.urls = urls
-        self.rate = rate
-        self.body = body if body is not None else {"inputs": [[1, 2, 3, 4]]}
-        self.results: list[tuple[str | None, int]] = []
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Load:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._stop.set()
-        assert self._task is not None
-        await self._task
-
-    async def _run(self) -> None:
-        i = 0
-        async with aiohttp.ClientSession() as s:
-            while not self._stop.is_set():
-                url = self.urls[i % len(self.urls)]
-                i += 1
-                async with s.post(url + "/invocations", json=self.body) as resp:
-                    await resp.read()
-                    self.results.append((resp.headers.get("X-Turnout-Deployment"), resp.status))
-                await asyncio.sleep(1 / self.rate)
 
 
 async def switch(url: str, target: str) -> None:
@@ -91,10 +59,10 @@ async def test_rolls_back_a_deployment_failing_30_percent(backends: dict[str, An
         await eventually(lambda: _is_active(store, "blue"), timeout=10)
         await asyncio.sleep(0.5)
     after_switch = load.results[switched_at:]
-    failures = [r for r in after_switch if r[1] != 200]
-    assert failures and all(dep == "green" for dep, _ in failures), "clients see errors only from green, only until the rollback"
-    assert load.results[-1] == ("blue", 200)
-    entries, _ = await store.read_history()
+    failures = [r for r in after_switch if r.status != 200]
+    assert failures and all(r.deployment == "green" for r in failures), "clients see errors only from green, only until the rollback"
+    assert (load.results[-1].deployment, load.results[-1].status) == ("blue", 200)
+    entries = await history(store)
     rollback = next(e for e in entries if e["action"] == "rollback" and e["result"] == "applied")
     assert rollback["trigger"] == "guard" and rollback["from"] == "green" and rollback["to"] == "blue"
     evidence = rollback["evidence"]
@@ -112,7 +80,7 @@ async def _is_active(store: Store, name: str) -> bool:
 
 async def _no_rollback_during(store: Store, seconds: float) -> None:
     for _ in range(int(seconds / 0.1)):
-        assert await route_active(store) == "green", (await store.read_history())[0][:3]
+        assert await route_active(store) == "green", (await history(store))[:3]
         await asyncio.sleep(0.1)
 
 
@@ -128,7 +96,7 @@ async def test_no_rollback_on_low_traffic_or_low_error_rate(
     backends["green_app"][FAILURES]["ratio"] = ratio
     async with Load([url], rate=rate) as load:
         await _no_rollback_during(store, 3.0)
-    assert any(status != 200 for _, status in load.results), f"the backend did fail ({why})"
+    assert any(r.status != 200 for r in load.results), f"the backend did fail ({why})"
 
 
 async def test_client_errors_never_roll_back(backends: dict[str, Any], gateway_factory: Any) -> None:
@@ -157,12 +125,12 @@ async def test_previous_not_ready_holds_and_records_why(backends: dict[str, Any]
     async with Load([url], rate=100):
 
         async def held() -> bool:
-            entries, _ = await store.read_history()
+            entries = await history(store)
             return any(e["result"] == "held" for e in entries)
 
         await eventually(held, timeout=10)
         await _no_rollback_during(store, 1.0)
-    entries, _ = await store.read_history()
+    entries = await history(store)
     hold = next(e for e in entries if e["result"] == "held")
     assert "previous deployment blue is not ready" in hold["detail"] and hold["evidence"]["error_rate"] > 0.05
     assert sum(e["result"] == "held" for e in entries) == 1, "a hold is recorded once per route generation"
@@ -183,7 +151,7 @@ async def test_two_replicas_aggregate_and_roll_back_once_real_redis(
     async with Load(urls, rate=5):
         await eventually(lambda: _is_active(store, "blue"), timeout=20)
         await asyncio.sleep(1.0)
-    entries, _ = await store.read_history(0, 100)
+    entries = await history(store)
     applied = [e for e in entries if e["action"] == "rollback" and e["result"] == "applied"]
     assert len(applied) == 1 and applied[0]["trigger"] == "guard"
     assert applied[0]["evidence"]["judged_requests"] >= 20
@@ -243,7 +211,7 @@ async def test_alertmanager_webhook_rolls_back_once(backends: dict[str, Any], ga
                 assert (await resp.json())["results"][0]["action"] == "ignored"
         async with s.post(url + "/admin/alerts", json={"version": "3", "alerts": []}) as resp:
             assert resp.status == 400
-    entries, _ = await store.read_history()
+    entries = await history(store)
     applied = [e for e in entries if e["action"] == "rollback" and e["result"] == "applied"]
     assert len(applied) == 1 and applied[0]["trigger"] == "alertmanager" and applied[0]["reason"] == "green error ratio 31%"
     assert (await store.get_guard())["latched"]
@@ -320,7 +288,7 @@ async def test_a_steady_1_5_s_model_is_judged_on_its_real_p99(
         await asyncio.sleep(1.0)  # a few evaluations after the last request was counted
     active = await route_active(store)
     assert (active == "blue") is rolls_back, f"p99 threshold {threshold} s: active is {active}"
-    history, _ = await store.read_history()
+    entries = await history(store)
     if rolls_back:
-        evidence = next(e for e in history if e["action"] == "rollback")["evidence"]
+        evidence = next(e for e in entries if e["action"] == "rollback")["evidence"]
         assert 1.47 <= evidence["p99_seconds"] <= 1.53 and evidence["p99_relative_error"] == 0.02

@@ -13,7 +13,16 @@ import pytest
 
 from gateway.records import Deployment, State
 from gateway.store import EmbeddedStore
-from tests.support import SEEN, answer, backend_app, free_port, raw_request, scripted_backend, serve_app
+from tests.support import (
+    SEEN,
+    answer,
+    backend_app,
+    eventually,
+    free_port,
+    raw_request,
+    scripted_backend,
+    serve_app,
+)
 
 
 async def add(store: EmbeddedStore, name: str, url: str, state: State = State.READY) -> None:
@@ -236,10 +245,12 @@ async def test_503_when_active_not_ready_or_no_route(gw: Any, backends: dict[str
             assert resp.status == 503
         await add(store, "blue", backends["blue"], state=State.STARTING)
         await store.set_route("blue", None)
-        await asyncio.sleep(0.1)
-        async with s.post(url + "/invocations", json={}) as resp:
-            assert resp.status == 503
-            assert "is starting" in (await resp.json())["message"]
+
+        async def starting() -> bool:
+            async with s.post(url + "/invocations", json={}) as resp:
+                return resp.status == 503 and "is starting" in (await resp.json())["message"]
+
+        await eventually(starting, timeout=5)
         await store.update_deployment("blue", state=State.READY)
         await _wait_health(s, url)
         async with s.post(url + "/invocations", json={}) as resp:

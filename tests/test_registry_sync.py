@@ -11,7 +11,7 @@ import pytest
 from gateway.records import Deployment, State
 from gateway.store import EmbeddedStore
 from tests.mlflow_support import Registry, model_server
-from tests.support import eventually
+from tests.support import eventually, history
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +84,7 @@ async def test_registry_failure_never_blocks_a_switch_and_is_recorded(
             assert resp.status == 200 and (await resp.json())["route"]["active"] == "green"
 
     async def failure_recorded() -> bool:
-        entries, _ = await store.read_history()
+        entries = await history(store)
         return any(e["action"] == "registry_sync" and e["result"] == "failed" and e.get("retry") for e in entries)
 
     try:

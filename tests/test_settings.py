@@ -52,3 +52,20 @@ def test_readme_documents_every_setting() -> None:
     readme = (ROOT / "README.md").read_text()
     missing = [env for env, _, _ in Settings.reference() if f"`{env}`" not in readme]
     assert missing == []
+
+
+def test_every_setting_has_a_flag_on_each_command_of_its_scope() -> None:
+    """Flags are generated from the settings' own metadata, so none can drift out of the CLI."""
+    from dataclasses import fields
+
+    from gateway.cli import OWN_FLAGS, main
+
+    commands = {"gateway": {"gateway", "both"}, "worker": {"worker", "both"}, "up": {"gateway", "worker", "both"}}
+    for command, scopes in commands.items():
+        flags = {opt for param in main.commands[command].params for opt in param.opts}
+        for f in fields(Settings):
+            assert f.metadata["scope"] in ("gateway", "worker", "both"), f.name
+            if f.metadata["scope"] not in scopes or (command == "up" and f.name in OWN_FLAGS):
+                continue
+            flag = OWN_FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
+            assert flag in flags, f"turnout {command} has no {flag} for the setting {f.name}"

@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from gateway.records import Deployment, Route, State
-from gateway.redis_store import RedisStore
-from gateway.store import EmbeddedStore, Store
+from gateway.records import Deployment, HistoryEntry, Route, State, Who
+from gateway.store import EmbeddedStore, RedisStore, Store
+from tests.support import eventually
 
 
 def dep(name: str, **kw: object) -> Deployment:
@@ -56,23 +56,34 @@ async def test_set_route_generation_and_cas(any_store: Store) -> None:
 
 async def test_route_change_and_history_are_one_step(any_store: Store) -> None:
     await any_store.create_deployment(dep("blue"))
-    await any_store.set_route("blue", None, history={"action": "switch", "to": "blue"})
-    refused = await any_store.set_route("blue", None, expected_generation=0, history={"action": "switch"})
+    who = Who("alice", "127.0.0.1", "api")
+    await any_store.set_route("blue", None, history=HistoryEntry("switch", who, target="blue", time="t0"))
+    refused = await any_store.set_route("blue", None, expected_generation=0, history=HistoryEntry("switch", who))
     assert not refused.ok
     entries, total = await any_store.read_history()
     assert total == 1, "a refused CAS must not write its history entry"
-    assert entries[0] == {"action": "switch", "to": "blue", "generation": 1}
+    assert entries[0] == HistoryEntry("switch", who, target="blue", generation=1, time="t0")
 
 
 async def test_history_newest_first_paginated_and_bounded(any_store: Store) -> None:
     any_store.history_max = 5
     if isinstance(any_store, EmbeddedStore):
         any_store.__init__(history_max=5)  # type: ignore[misc]
+    who = Who("bob", None, "api")
     for i in range(8):
-        await any_store.append_history({"i": i})
+        await any_store.append_history(HistoryEntry("switch", who, reason=str(i)))
     page, total = await any_store.read_history(offset=1, limit=2)
     assert total == 5
-    assert page == [{"i": 6}, {"i": 5}]
+    assert [e.reason for e in page] == ["6", "5"]
+
+
+def test_history_entries_round_trip_and_read_what_older_releases_wrote() -> None:
+    entry = HistoryEntry("rollback", Who("turnout-guard", None, "guard"), result="applied", source="v3", target="v2",
+                         generation=7, reason="error rate", forced=True, evidence={"requests": 40},
+                         extra={"state": "starting"})
+    assert HistoryEntry.from_json(entry.to_json()) == entry
+    old = HistoryEntry.from_json({"action": "registry_sync", "result": "failed", "generation": 3, "retry": "in 1 s"})
+    assert old.who.actor == "" and old.time == "" and old.extra == {"retry": "in 1 s"}
 
 
 async def test_delete_refuses_active_and_previous_unless_forced(any_store: Store) -> None:
@@ -108,8 +119,11 @@ async def test_leases_make_deployments_live(any_store: Store) -> None:
 async def test_lease_expires(any_store: Store) -> None:
     await any_store.create_deployment(Deployment(name="w", url="http://127.0.0.1:1", state=State.READY))
     assert await any_store.claim("w", "worker-a", ttl=0.2)
-    await asyncio.sleep(0.35)
-    assert not (await any_store.read_snapshot()).is_ready("w")
+
+    async def expired() -> bool:
+        return not (await any_store.read_snapshot()).is_ready("w")
+
+    await eventually(expired, timeout=5)
     assert await any_store.claim("w", "worker-b", ttl=5), "an expired lease is claimable"
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from gateway.metrics import GatewayMetrics
 from gateway.records import Deployment, Route, Snapshot, State
-from gateway.redis_store import RedisStore
+from gateway.store import RedisStore
 from gateway.store import EmbeddedStore
 from gateway.watcher import RouteWatcher
 from tests.support import backend_app, eventually, free_port, private_redis, serve_app

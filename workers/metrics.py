@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 from prometheus_client.exposition import generate_latest
 
+from gateway.metrics import background_errors_counter
 from gateway.records import State
 
 
@@ -27,10 +28,7 @@ class WorkerMetrics:
             "turnout_model_server_startup_seconds", "Seconds from launch to ready (warm-up included) of the last start.",
             ["deployment"], registry=r,
         )
-        self.background_errors = Counter(
-            "turnout_background_errors", "Unexpected failures of a background task (each logged with its traceback, "
-            "then retried), by task.", ["task"], registry=r,
-        )
+        self.background_errors = background_errors_counter(r)
 
     def count_background_error(self, task: str) -> None:
         """One unexpected failure of a background loop (logged with its traceback, then retried)."""
