@@ -26,6 +26,7 @@ import httptools
 
 from . import errors
 from .classify import classify
+from .flow import FlowControl
 from .http1 import BODY_TIMEOUT, HEADER_TIMEOUT, MAX_LINE_BYTES, BadRequests, DateHeader, ServerLimits, refusal, response_head
 from .metrics import CLIENT_ERROR, OVERLOADED, UPSTREAM_ERROR
 from .proxy import (
@@ -116,10 +117,11 @@ class FastPath:
             conn.abort()
 
 
-class _ServerConnection(asyncio.Protocol):
+class _ServerConnection(FlowControl):
     """One client connection, until it closes or is handed to aiohttp."""
 
     def __init__(self, fast: FastPath, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
         self.fast = fast
         self.loop = loop
         self.transport: asyncio.Transport | None = None
@@ -129,8 +131,6 @@ class _ServerConnection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._eof = False
         self._reading_paused = False
-        self._can_write = asyncio.Event()
-        self._can_write.set()
         # Loop time of the first byte of the request being received (None while idle or busy).
         self._head_started: float | None = None
         self._awaiting_body = False
@@ -173,18 +173,12 @@ class _ServerConnection(asyncio.Protocol):
         return self.busy
 
     def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
         self.fast.connections.discard(self)
         self._disarm()
-        self._can_write.set()
         if self._task is not None and not self._task.done():
             # The client went away: stop waiting for its answer (recorded as 499).
             self._task.cancel()
-
-    def pause_writing(self) -> None:
-        self._can_write.clear()
-
-    def resume_writing(self) -> None:
-        self._can_write.set()
 
     # --- lifecycle --------------------------------------------------------------------------
     def close(self) -> None:
@@ -452,19 +446,13 @@ class _ServerConnection(asyncio.Protocol):
         transport.write(response_head(status, headers, length, keep_alive))
         async for chunk in upstream.iter_chunks():
             transport.write(chunk if length is not None else b"%x\r\n%b\r\n" % (len(chunk), chunk))
-            if not self._can_write.is_set():
-                await self._writable(deadline)
+            if not self.writable:
+                timeout = min(self.fast.limits.client_timeout, deadline - self.loop.time())
+                if not await self.drained(timeout):
+                    raise _ClientStalled()
         if length is None:
             transport.write(b"0\r\n\r\n")
         return status, classify(status, None)
-
-    async def _writable(self, deadline: float) -> None:
-        """Wait for the client to take what was written, at most the client timeout."""
-        timeout = min(self.fast.limits.client_timeout, deadline - self.loop.time())
-        try:
-            await asyncio.wait_for(self._can_write.wait(), max(timeout, 0.0))
-        except TimeoutError:
-            raise _ClientStalled() from None
 
     def _write_own(self, status: int, body: bytes, tags: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
         """A response the gateway makes itself (MLflow's JSON error shape)."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import httptools
 
+from .flow import FlowControl
 from .loops import Loop, Loops
 
 log = logging.getLogger(__name__)
@@ -56,10 +57,11 @@ class Timeouts:
     pool: float = 1.0
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(FlowControl):
     """One keep-alive connection; carries at most one request at a time."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
         self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
@@ -69,8 +71,6 @@ class _Connection(asyncio.Protocol):
         self.idle = False
         self._reading_paused = False
         self._reset_message()
-        self._can_write = asyncio.Event()
-        self._can_write.set()
         self._lost = False
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
@@ -121,9 +121,9 @@ class _Connection(asyncio.Protocol):
             self._fail(UpstreamError("protocol", f"malformed response from upstream: {exc}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
         self._lost = True
         self._disarm()
-        self._can_write.set()
         if not self.complete and self.error is None:
             if self.headers_done and self._until_close:
                 # A body delimited by the connection's end is complete when the connection ends.
@@ -131,12 +131,6 @@ class _Connection(asyncio.Protocol):
                 self._wake()
             else:
                 self._fail(UpstreamError("reset", "upstream closed the connection", sent=not self.reused or self.got_bytes))
-
-    def pause_writing(self) -> None:
-        self._can_write.clear()
-
-    def resume_writing(self) -> None:
-        self._can_write.set()
 
     # --- httptools callbacks ----------------------------------------------------------------
     # Bytes after the end of the response (a second answer nobody asked for) are parsed by llhttp in
@@ -254,12 +248,10 @@ class _Connection(asyncio.Protocol):
             raise self.error or UpstreamError("reset", "upstream closed the connection", sent=not self.reused)
         assert self.transport is not None
         self.transport.write(data)
-        if not self._can_write.is_set():
-            try:
-                await asyncio.wait_for(self._can_write.wait(), timeout)
-            except TimeoutError:
+        if not self.writable:
+            if not await self.drained(timeout):
                 self.close()
-                raise UpstreamError("write_timeout", f"upstream did not take the request body within {timeout:.3g} s") from None
+                raise UpstreamError("write_timeout", f"upstream did not take the request body within {timeout:.3g} s")
             if self.error is not None:
                 raise self.error
 
