@@ -9,7 +9,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,9 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+# The helpers tests and benchmarks share (free ports, children's environment, a private Redis).
+from tests.support import child_env, free_port, private_redis  # noqa: F401 - re-exported to the scenarios
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -35,12 +37,6 @@ IRIS_ROW = json.dumps(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_http(url: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -52,18 +48,10 @@ def wait_http(url: str, timeout: float = 60) -> None:
     raise RuntimeError(f"{url} did not answer 200 within {timeout} s")
 
 
-def env(**extra: str) -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("TURNOUT_")}
-    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
-    e.update({"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"})
-    e.update(extra)
-    return e
-
-
 @contextlib.contextmanager
 def process(args: list[str], ready_url: str | None = None, **extra_env: str) -> Iterator[subprocess.Popen[bytes]]:
     """Run a child in its own process group; stop the whole group afterwards."""
-    proc = subprocess.Popen(args, env=env(**extra_env), start_new_session=True,
+    proc = subprocess.Popen(args, env=child_env(**extra_env), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         if ready_url:
@@ -210,19 +198,6 @@ def save(name: str, data: dict[str, object]) -> Path:
     path = OUT / f"{name}.json"
     path.write_text(json.dumps(data, indent=2))
     return path
-
-
-@contextlib.contextmanager
-def private_redis() -> Iterator[str]:
-    """A throwaway redis-server (benchmarks may add ACL users and must not touch the shared one)."""
-    port = free_port()
-    with process(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]):
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
 
 
 def gateway_args(port: int) -> list[str]:

@@ -23,10 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import HERE, ROOT, env, free_port, process  # noqa: E402
-from bench.proxy_overhead import REDIS_URL, _route  # noqa: E402
+from bench import targets
+from bench.common import HERE, ROOT, child_env, free_port, process
+from bench.proxy_overhead import REDIS_URL, _route
 
 _BODY = b'{"dataframe_split": {"columns": ["a", "b", "c", "d"], "data": [[5.1, 3.5, 1.4, 0.2]]}}'
 _REQUEST = b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (
@@ -54,13 +53,13 @@ def count(tree: Path, backend: str, fast_path: bool, requests: int) -> float:
     port = free_port()
     out = Path(tempfile.gettempdir()) / f"turnout-callgrind-{uuid.uuid4().hex[:8]}"
     # Background loops slowed to a crawl, so the count is the requests' own.
-    child_env = env(TURNOUT_REDIS_URL=REDIS_URL, TURNOUT_NAMESPACE=namespace, PYTHONPATH=str(tree),
+    environment = child_env(TURNOUT_REDIS_URL=REDIS_URL, TURNOUT_NAMESPACE=namespace, PYTHONPATH=str(tree),
                     TURNOUT_FAST_PATH=str(fast_path).lower(), TURNOUT_POLL_INTERVAL="1000",
                     TURNOUT_GUARD_INTERVAL="1000", TURNOUT_STATS_FLUSH_INTERVAL="1000")
     proc = subprocess.Popen(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-c",
          "from gateway.cli import main; main()", "gateway", "--port", str(port), "--log-level", "WARNING"],
-        env=child_env, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=environment, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 300
@@ -118,6 +117,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                 result["counts"].setdefault(path, {})[name] = count(tree, backend, path == "fast", requests)
     if baseline:
         result["ratios"] = {path: c["this tree"] / c[baseline] for path, c in result["counts"].items()}
+        result["target_met"] = all(r <= targets.INSTRUCTIONS_VS_BASELINE for r in result["ratios"].values())
     return result
 
 
@@ -137,5 +137,7 @@ def table(result: dict[str, Any]) -> list[str]:
         lines.append(f"| {path} | " + " | ".join(cells) + " |")
     lines += ["", f"{result['requests']} one-row JSON requests over 8 keep-alive connections, fast backend."]
     if result.get("baseline"):
-        lines.append(f"Baseline: `{result['baseline']}` (`TURNOUT_BENCH_BASELINE`), counted in the same run.")
+        lines.append(f"Baseline: `{result['baseline']}` (`TURNOUT_BENCH_BASELINE`), counted in the same run. "
+                     f"Target ≤ {targets.INSTRUCTIONS_VS_BASELINE}× on both paths: "
+                     f"{'met' if result['target_met'] else 'NOT met'}.")
     return lines

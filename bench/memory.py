@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import rss_mb  # noqa: E402
-from bench.switching import AUTH, stack  # noqa: E402
+from bench import targets
+from bench.common import rss_mb
+from bench.switching import AUTH, stack
 
 
 def open_sockets(pid: int) -> int:
@@ -92,7 +89,8 @@ def run(quick: bool = False) -> dict[str, Any]:
     return {
         "idle_rss_mb": idle, **loaded, "growth_mb": growth,
         # Sockets: 16 clients + a pool of up to 16 per upstream (two, blue and green) + Redis and listeners.
-        "target_met": loaded["rss_max_mb"] <= 80 and growth <= 2.0 and loaded["sockets_max"] <= 16 + 2 * 16 + 12,
+        "target_met": (loaded["rss_max_mb"] <= targets.MEMORY_MAX_RSS_MB and growth <= targets.MEMORY_MAX_GROWTH_MB
+                       and loaded["sockets_max"] <= 16 + 2 * 16 + 12),
     }
 
 
@@ -108,5 +106,5 @@ def table(result: dict[str, Any]) -> list[str]:
         "",
         "RSS at each minute (MB): " + ", ".join(f"{v:.1f}" for v in r.get("rss_by_minute_mb", [])) + ".",
         "",
-        f"Target ≤ 80 MB, no growth between minute 1 and the end, bounded sockets: {'met' if r['target_met'] else 'NOT met'}.",
+        f"Target ≤ {targets.MEMORY_MAX_RSS_MB:g} MB, no growth between minute 1 and the end, bounded sockets: {'met' if r['target_met'] else 'NOT met'}.",
     ]

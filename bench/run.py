@@ -1,8 +1,10 @@
 """Run the benchmark scenarios side by side and record them in bench/RESULTS.md (plus JSON in bench/out/).
 
-    ./run bench                  every scenario
+    ./run bench                  every scenario (python -m bench.run, from the repository's root)
     ./run bench proxy            one scenario
     ./run bench --quick          shorter measurements (smoke run)
+
+Exits 1 when a scenario misses one of its targets (bench/targets.py).
 """
 
 from __future__ import annotations
@@ -10,12 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench import instructions, memory, proxy_overhead, reaction, switching  # noqa: E402
-from bench.common import HERE, machine, save  # noqa: E402
+from bench import instructions, memory, proxy_overhead, reaction, switching
+from bench.common import HERE, machine, save
 
 SCENARIOS = {
     "proxy": proxy_overhead,
@@ -36,6 +35,16 @@ def _sections(text: str) -> dict[str, str]:
     return found
 
 
+def _met(result: dict[str, object]) -> bool:
+    """Whether every ``target_met`` in a scenario's result (at any depth) is true."""
+    def walk(value: object) -> list[bool]:
+        if isinstance(value, dict):
+            own = [bool(value["target_met"])] if "target_met" in value else []
+            return own + [flag for v in value.values() for flag in walk(v)]
+        return []
+    return all(walk(result))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("scenarios", nargs="*", help="scenarios to run (default: all)")
@@ -48,6 +57,7 @@ def main() -> int:
     kept = _sections(results.read_text()) if results.exists() else {}
     command = f"./run bench{' --quick' if args.quick else ''}{' ' + ' '.join(args.scenarios) if args.scenarios else ''}"
     new: dict[str, str] = {}
+    missed = []
     for name in chosen:
         module = SCENARIOS[name]
         started = time.monotonic()
@@ -56,6 +66,8 @@ def main() -> int:
         result["seconds"] = round(time.monotonic() - started, 1)
         result["machine"] = info
         save(name, result)
+        if not _met(result):
+            missed.append(name)
         lines = module.table(result)
         print("\n".join(lines), flush=True)
         new[name] = "\n".join([
@@ -79,6 +91,9 @@ def main() -> int:
             body += [sections[name], ""]
     results.write_text("\n".join(body))
     print(f"bench: wrote {HERE / 'RESULTS.md'}", file=sys.stderr)
+    if missed:
+        print(f"bench: targets missed in {', '.join(missed)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,0 +1,20 @@
+"""Every target a benchmark is held to, in one place (``python -m bench.run`` exits 1 when one is missed)."""
+
+# proxy: fast backend, side by side with nginx in the same run.
+GATEWAY_VS_NGINX_RPS = 0.65
+# proxy: in front of a real mlflow models serve (medians of per-round paired differences).
+MLFLOW_ADDED_P50_MS = 0.25
+MLFLOW_THROUGHPUT_VS_DIRECT = 0.98
+# instructions: with a baseline revision, the current tree may cost this much more per request.
+INSTRUCTIONS_VS_BASELINE = 1.10
+# switching: admin answer → every replica on the new generation, with pub/sub.
+PROPAGATION_P99_MS = 10.0
+# switching: without pub/sub, bounded by the poll interval (1 s) plus a little.
+PROPAGATION_POLL_ONLY_MAX_MS = 1250.0
+# switching: flips under load drop nothing, over at least this many requests.
+ZERO_DROP_MIN_REQUESTS = 20_000
+# reaction: fault onset → route on previous, default guard at 200 req/s.
+REACTION_P50_SECONDS = 2.0
+# memory: gateway under load with switches.
+MEMORY_MAX_RSS_MB = 80.0
+MEMORY_MAX_GROWTH_MB = 2.0
