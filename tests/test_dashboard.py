@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from gateway.metrics import GatewayMetrics
-from gateway.records import Deployment, State
+from gateway.records import Deployment, ServiceConfig, State
 from gateway.settings import Settings
 from gateway.store import EmbeddedStore
 from tests.mlflow_support import Registry
@@ -41,7 +41,7 @@ def queries() -> list[tuple[str, str]]:
 def substitute(expr: str) -> str:
     """Grafana's variables as the dashboard would send them."""
     for var, value in (("$__rate_interval", "15s"), ("$__range", "5m"), ("$__interval", "5s"),
-                       ("$namespace", NAMESPACE), ("$deployment", ".*")):
+                       ("$namespace", NAMESPACE), ("$service", ".*"), ("$deployment", ".*")):
         expr = expr.replace(var, value)
     return expr
 
@@ -55,7 +55,7 @@ def test_dashboard_json_is_sane() -> None:
     refs += [v["datasource"] for v in DASHBOARD["templating"]["list"]] + [a["datasource"] for a in DASHBOARD["annotations"]["list"]]
     assert all(r == {"type": "prometheus", "uid": datasource["uid"]} for r in refs), "every query uses the provisioned datasource"
     variables = {v["name"] for v in DASHBOARD["templating"]["list"]}
-    assert variables == {"namespace", "deployment"}
+    assert variables == {"namespace", "service", "deployment"}
     for where, expr in queries():
         used = set(re.findall(r"\$(\w+)", expr)) - {"__rate_interval", "__range", "__interval"}
         assert used <= variables, (where, used)
@@ -99,6 +99,11 @@ async def test_every_dashboard_query_returns_data(
         for name, url in (("blue", blue_url), ("green", green_url), ("gone", f"http://127.0.0.1:{free_port()}")):
             await store.create_deployment(Deployment(name=name, url=url, state=State.READY, external=True))
         await store.set_route("blue", None)
+        # A second service, so every panel is seen split by service.
+        assert await store.create_service("loans", ServiceConfig())
+        await store.create_deployment(Deployment(name="blue", url=green_url, state=State.READY, external=True),
+                                      service="loans")
+        await store.set_route("blue", None, service="loans")
         url = await gateway_factory(store, **FAST_GUARD)
         worker_port = free_port()
         worker = Worker(Settings(deployments="served=models:/iris/1", lease_ttl=5.0, health_interval=1.0), store)
@@ -125,7 +130,7 @@ async def test_every_dashboard_query_returns_data(
                 return (await store.read_snapshot()).is_ready("served")
 
             await eventually(served_ready, timeout=120)
-            async with Load([url], rate=40):
+            async with Load([url, url + "/models/loans"], rate=40):
                 await asyncio.sleep(4)
 
                 async def generation_on_two_steps() -> bool:
@@ -178,6 +183,14 @@ async def test_every_dashboard_query_returns_data(
                 await asyncio.sleep(1)
                 empty = await empty_queries()
             assert empty == [], f"queries that returned no data: {empty}"
+            # Per-service panels tell the services apart: both appear in the request rate and generation.
+            for title in ("Request rate", "Route generation"):
+                panel = next(p for p in DASHBOARD["panels"] if p["title"] == title)
+                async with aiohttp.ClientSession() as s, s.get(
+                    f"http://127.0.0.1:{prom_port}/api/v1/query", params={"query": substitute(panel["targets"][0]["expr"])}
+                ) as resp:
+                    services = {r["metric"]["service"] for r in (await resp.json())["data"]["result"]}
+                assert services == {"default", "loans"}, (title, services)
         finally:
             prom.terminate()
             prom.wait(10)
