@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +28,19 @@ from bench.common import HERE, ROOT, child_env, free_port, process
 from bench.proxy_overhead import REDIS_URL, _route
 
 _BODY = b'{"dataframe_split": {"columns": ["a", "b", "c", "d"], "data": [[5.1, 3.5, 1.4, 0.2]]}}'
-_REQUEST = b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (
-    len(_BODY), _BODY)
 
 
-async def _load(port: int, requests: int, connections: int = 8) -> None:
+def scoring_request(path: str = "/invocations") -> bytes:
+    """The one-row JSON request every count sends, to ``path``."""
+    return b"POST %b HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (
+        path.encode(), len(_BODY), _BODY)
+
+
+async def _load(port: int, requests: int, request: bytes, connections: int = 8) -> None:
     async def one(count: int) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         for _ in range(count):
-            writer.write(_REQUEST)
+            writer.write(request)
             head = await reader.readuntil(b"\r\n\r\n")
             length = re.search(rb"(?i)content-length: (\d+)", head)
             assert length, head
@@ -46,10 +50,16 @@ async def _load(port: int, requests: int, connections: int = 8) -> None:
     await asyncio.gather(*(one(requests // connections) for _ in range(connections)))
 
 
-def count(tree: Path, backend: str, fast_path: bool, requests: int) -> float:
-    """Instructions per request of the gateway in ``tree`` (a checkout of this project)."""
+Setup = Callable[[str, str, str], Awaitable[None]]
+
+
+def count(tree: Path, backend: str, fast_path: bool, requests: int, *, setup: Setup = _route,
+          path: str = "/invocations") -> float:
+    """Instructions per request of the gateway in ``tree`` (a checkout of this project), sending to
+    ``path`` after ``setup(namespace, backend, "set")`` wrote its routes (``"clear"`` removes them)."""
+    request = scoring_request(path)
     namespace = f"turnout-bench-{uuid.uuid4().hex[:8]}"
-    asyncio.run(_route(namespace, backend, "set"))
+    asyncio.run(setup(namespace, backend, "set"))
     port = free_port()
     out = Path(tempfile.gettempdir()) / f"turnout-callgrind-{uuid.uuid4().hex[:8]}"
     # Background loops slowed to a crawl, so the count is the requests' own.
@@ -65,26 +75,26 @@ def count(tree: Path, backend: str, fast_path: bool, requests: int) -> float:
         deadline = time.monotonic() + 300
         while True:
             try:
-                asyncio.run(_load(port, 80))
+                asyncio.run(_load(port, 80, request=request))
                 break
             except OSError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1)
-        asyncio.run(_load(port, 400))
+        asyncio.run(_load(port, 400, request=request))
         subprocess.run(["callgrind_control", "--zero", str(proc.pid)], capture_output=True, check=True)
-        asyncio.run(_load(port, requests))
+        asyncio.run(_load(port, requests, request=request))
         subprocess.run(["callgrind_control", "--dump", str(proc.pid)], capture_output=True, check=True)
     finally:
         proc.terminate()
         proc.wait()
-        asyncio.run(_route(namespace, backend, "clear"))
+        asyncio.run(setup(namespace, backend, "clear"))
     dumps = sorted((p for p in glob.glob(f"{out}*") if p != str(out)), key=os.path.getmtime)
     try:
         total = int(re.search(r"^summary: (\d+)", Path(dumps[0]).read_text(), re.M).group(1))  # type: ignore[union-attr]
     finally:
-        for path in glob.glob(f"{out}*"):
-            os.unlink(path)
+        for leftover in glob.glob(f"{out}*"):
+            os.unlink(leftover)
     return total / requests
 
 

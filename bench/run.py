@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from bench import instructions, memory, proxy_overhead, reaction, switching
+from bench import instructions, memory, proxy_overhead, reaction, services, switching
 from bench.common import HERE, machine, save
 
 SCENARIOS = {
@@ -22,6 +22,7 @@ SCENARIOS = {
     "switching": switching,
     "reaction": reaction,
     "memory": memory,
+    "services": services,
 }
 
 

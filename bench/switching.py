@@ -20,19 +20,29 @@ TOKEN = "bench-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-async def _setup_route(redis_url: str, backends: dict[str, str]) -> None:
-    from gateway.records import Deployment, State
+def service_names(count: int) -> list[str]:
+    """The extra services a stack holds: ``s000``, ``s001``, ..."""
+    return [f"s{i:03d}" for i in range(count)]
+
+
+async def _setup_route(redis_url: str, backends: dict[str, str], services: int = 0, namespace: str = "turnout") -> None:
+    """blue (active) and green in the default service, and in each of ``services`` more."""
+    from gateway.records import Deployment, ServiceConfig, State
     from gateway.store import RedisStore
 
-    store = RedisStore.from_url(redis_url, "turnout")
-    for name, url in backends.items():
-        await store.create_deployment(Deployment(name=name, url=url, state=State.READY, external=True))
-    await store.set_route("blue", None)
+    store = RedisStore.from_url(redis_url, namespace)
+    for service in ["default", *service_names(services)]:
+        if service != "default":
+            await store.create_service(service, ServiceConfig())
+        for name, url in backends.items():
+            await store.create_deployment(Deployment(name=name, url=url, state=State.READY, external=True), service=service)
+        await store.set_route("blue", None, service=service)
     await store.close()
 
 
 @contextlib.contextmanager
-def stack(replicas: int, cut: int = 0, reuse_port: bool = False, extra_env: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
+def stack(replicas: int, cut: int = 0, reuse_port: bool = False, extra_env: dict[str, str] | None = None,
+          services: int = 0) -> Iterator[dict[str, Any]]:
     """A private Redis, blue and green fast backends, and gateway replicas; ``cut`` of them cannot subscribe."""
     with contextlib.ExitStack() as stack_:
         redis_url = stack_.enter_context(private_redis()).url
@@ -41,7 +51,7 @@ def stack(replicas: int, cut: int = 0, reuse_port: bool = False, extra_env: dict
             port = free_port()
             stack_.enter_context(process([sys.executable, str(HERE / "fast_backend.py"), str(port)], f"http://127.0.0.1:{port}/ping"))
             backends[name] = f"http://127.0.0.1:{port}"
-        asyncio.run(_setup_route(redis_url, backends))
+        asyncio.run(_setup_route(redis_url, backends, services))
         if cut:
             import redis
 
@@ -64,19 +74,26 @@ def stack(replicas: int, cut: int = 0, reuse_port: bool = False, extra_env: dict
         yield {"urls": urls, "procs": procs, "redis": redis_url, "backends": backends}
 
 
-async def _propagation(urls: list[str], switches: int, jitter: float) -> list[float]:
-    """Seconds from the admin call's response until every replica reports the new generation."""
+async def _propagation(urls: list[str], switches: int, jitter: float, services: list[str] | None = None) -> list[float]:
+    """Seconds from the admin call's response until every replica reports the new generation; with
+    ``services``, each switch flips one of them chosen at random (``/admin/services/{s}/switch``, seen
+    on ``/models/{s}/health``), else the default service."""
     async with aiohttp.ClientSession(headers=AUTH) as admin, aiohttp.ClientSession() as probe:
         delays = []
-        for i in range(switches):
-            target = "green" if i % 2 == 0 else "blue"
-            async with admin.post(urls[0] + "/admin/switch", json={"target": target}) as resp:
+        flips: dict[str | None, int] = {}
+        for _ in range(switches):
+            service = random.choice(services) if services else None
+            flips[service] = flips.get(service, 0) + 1
+            target = "green" if flips[service] % 2 == 1 else "blue"
+            admin_path = f"/admin/services/{service}/switch" if service else "/admin/switch"
+            health_path = f"/models/{service}/health" if service else "/health"
+            async with admin.post(urls[0] + admin_path, json={"target": target}) as resp:
                 generation = (await resp.json())["route"]["generation"]
             answered = time.perf_counter()
 
             async def until_seen(url: str) -> float:
                 while True:
-                    async with probe.get(url + "/health") as r:
+                    async with probe.get(url + health_path) as r:
                         if (await r.json()).get("generation") == generation:
                             return time.perf_counter() - answered
 

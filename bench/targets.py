@@ -18,3 +18,7 @@ REACTION_P50_SECONDS = 2.0
 # memory: gateway under load with switches.
 MEMORY_MAX_RSS_MB = 80.0
 MEMORY_MAX_GROWTH_MB = 2.0
+# services: 200 services × 2 deployments on one gateway.
+SERVICES_CPU_VS_ONE = 1.05
+SERVICES_IDLE_RSS_MB = 100.0
+SERVICES_POLL_LOOP_MS_PER_S = 5.0
