@@ -1,5 +1,6 @@
-"""The admin API under ``/admin/``: state, deployments, switch, rollback, history — authenticated,
-browser-proof and strictly validated; every change and refusal goes into the history."""
+"""The admin API under ``/admin/``: services, and per service its state, deployments, switch, rollback,
+guard and history — authenticated, browser-proof and strictly validated; every change and refusal goes
+into the service's history."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 import pydantic
@@ -17,10 +19,11 @@ from aiohttp import web
 
 from . import errors
 from .admin_models import (
-    AlertmanagerPayload, CreateDeployment, GuardRequest, RollbackRequest, SwitchRequest, openapi_document,
+    AlertmanagerPayload, CreateDeployment, CreateService, GuardRequest, GuardThresholds, RollbackRequest,
+    SwitchRequest, openapi_document,
 )
-from .records import Deployment, HistoryEntry, Snapshot, State, Who
-from .settings import Settings
+from .records import GUARD_FIELDS, Deployment, HistoryEntry, ServiceConfig, Snapshot, State, Who, check_service_name
+from .settings import Settings, SettingsError
 from .store import Store, StoreUnavailable
 from .guard import Guard
 from .http1 import client_address, is_loopback
@@ -85,21 +88,30 @@ class Admin:
         self._openapi = json.dumps(openapi_document())
 
     def routes(self) -> list[web.AbstractRouteDef]:
-        """Every admin route (mounted on the data-plane app or a separate listener)."""
-        return [
-            web.get("/admin/state", self._wrap(self.state)),
-            web.get("/admin/deployments", self._wrap(self.list_deployments)),
-            web.post("/admin/deployments", self._wrap(self.create_deployment, mutation=True)),
-            web.get("/admin/deployments/{name}", self._wrap(self.get_deployment)),
-            web.delete("/admin/deployments/{name}", self._wrap(self.delete_deployment, mutation=True, body=False)),
-            web.post("/admin/switch", self._wrap(self.switch, mutation=True)),
-            web.post("/admin/rollback", self._wrap(self.rollback, mutation=True)),
-            web.get("/admin/history", self._wrap(self.history)),
-            web.get("/admin/guard", self._wrap(self.guard_state)),
-            web.post("/admin/guard", self._wrap(self.guard_pause, mutation=True)),
+        """Every admin route (mounted on the data-plane app or a separate listener). Each per-service
+        resource answers under ``/admin/services/{service}/``, and under ``/admin/`` for the default service."""
+        out = [
+            web.get("/admin/services", self._wrap(self.list_services)),
+            web.post("/admin/services", self._wrap(self.create_service, mutation=True)),
+            web.get("/admin/services/{service:[^/]+}", self._wrap(self.get_service)),
+            web.delete("/admin/services/{service:[^/]+}", self._wrap(self.delete_service, mutation=True, body=False)),
             web.post("/admin/alerts", self._wrap(self.alerts, mutation=True)),
             web.get("/admin/openapi.json", self._wrap(self.openapi)),
         ]
+        for prefix in ("/admin", "/admin/services/{service:[^/]+}"):
+            out += [
+                web.get(prefix + "/state", self._wrap(self.state)),
+                web.get(prefix + "/deployments", self._wrap(self.list_deployments)),
+                web.post(prefix + "/deployments", self._wrap(self.create_deployment, mutation=True)),
+                web.get(prefix + "/deployments/{name}", self._wrap(self.get_deployment)),
+                web.delete(prefix + "/deployments/{name}", self._wrap(self.delete_deployment, mutation=True, body=False)),
+                web.post(prefix + "/switch", self._wrap(self.switch, mutation=True)),
+                web.post(prefix + "/rollback", self._wrap(self.rollback, mutation=True)),
+                web.get(prefix + "/history", self._wrap(self.history)),
+                web.get(prefix + "/guard", self._wrap(self.guard_state)),
+                web.post(prefix + "/guard", self._wrap(self.guard_change, mutation=True)),
+            ]
+        return out
 
     # --- checks every admin request passes ---------------------------------------------------
     def _wrap(self, handler: Handler, *, mutation: bool = False, body: bool = True) -> Handler:
@@ -173,16 +185,29 @@ class Admin:
             return model.model_validate(data)
         except pydantic.ValidationError as exc:
             problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()
+                f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg'].removeprefix('Value error, ')}"
+                for err in exc.errors()
             )
             raise AdminError(400, errors.INVALID_PARAMETER_VALUE, problems) from None
 
-    async def _apply_here(self) -> None:
+    async def _apply_here(self, service: str | None = None) -> None:
         """Read the store once more before answering a change: this replica then serves what it just
         answered (pub/sub would bring it a moment later; a prediction sent right after the answer must
         not meet the old route). A failed read changes nothing: the watcher catches up."""
         with contextlib.suppress(StoreUnavailable):
-            await self.watcher.refresh("admin")
+            await self.watcher.refresh("admin", service)
+
+    async def _service(self, request: web.Request) -> str:
+        """The service a request is about: named in its path, else the default one; 404 if unknown."""
+        name = request.match_info.get("service", self.settings.default_service)
+        try:
+            check_service_name(name)
+        except ValueError as exc:
+            raise AdminError(400, errors.INVALID_PARAMETER_VALUE, str(exc)) from None
+        if not await self.store.service_exists(name):
+            raise AdminError(404, errors.RESOURCE_DOES_NOT_EXIST,
+                             f"no service named {name!r}; create it with POST /admin/services (turnout services create)")
+        return name
 
     def _who(self, request: web.Request) -> Who:
         actor = request.headers.get(ACTOR_HEADER, "").strip()[:100] or "anonymous"
@@ -209,41 +234,47 @@ class Admin:
             "started_at": dep.started_at,
             "ready_at": dep.ready_at,
             "traffic": {"window_seconds": TRAFFIC_WINDOW, "scope": "this gateway replica",
-                        **self.traffic.local(dep.name, TRAFFIC_WINDOW).as_dict()},
+                        **self.traffic.local((snapshot.service, dep.name), TRAFFIC_WINDOW).as_dict()},
         }
 
     async def state(self, request: web.Request) -> web.Response:
-        """``GET /admin/state``."""
-        snapshot = await self.store.read_snapshot()
+        """``GET /admin/[services/{service}/]state``."""
+        service = await self._service(request)
+        snapshot = await self.store.read_snapshot(service=service)
         route = snapshot.route
+        applied = self.watcher.snapshots.get(service)
         return _json({
+            "service": service,
             "route": {"active": route.active, "previous": route.previous, "generation": route.generation},
             "deployments": [self._deployment_view(snapshot, d) for d in sorted(snapshot.deployments.values(), key=lambda d: d.name)],
-            "guard": await self._guard_view(),
+            "guard": await self._guard_view(snapshot),
             "gateway": {
-                "applied_generation": self.watcher.snapshot.route.generation if self.watcher.snapshot else None,
+                "applied_generation": applied.route.generation if applied else None,
                 "store_up": self.watcher.store_up,
             },
         })
 
     async def list_deployments(self, request: web.Request) -> web.Response:
-        """``GET /admin/deployments``."""
-        snapshot = await self.store.read_snapshot()
+        """``GET /admin/[services/{service}/]deployments``."""
+        snapshot = await self.store.read_snapshot(service=await self._service(request))
         return _json([self._deployment_view(snapshot, d) for d in sorted(snapshot.deployments.values(), key=lambda d: d.name)])
 
     async def get_deployment(self, request: web.Request) -> web.Response:
-        """``GET /admin/deployments/{name}``."""
-        snapshot = await self.store.read_snapshot()
+        """``GET /admin/[services/{service}/]deployments/{name}``."""
+        service = await self._service(request)
+        snapshot = await self.store.read_snapshot(service=service)
         dep = snapshot.deployments.get(request.match_info["name"])
         if dep is None:
-            raise AdminError(404, errors.RESOURCE_DOES_NOT_EXIST, f"no deployment named {request.match_info['name']!r}")
+            raise AdminError(404, errors.RESOURCE_DOES_NOT_EXIST,
+                             f"service {service!r} has no deployment named {request.match_info['name']!r}")
         return _json(self._deployment_view(snapshot, dep))
 
     async def history(self, request: web.Request) -> web.Response:
-        """``GET /admin/history?offset=&limit=``, newest first."""
+        """``GET /admin/[services/{service}/]history?offset=&limit=``, newest first."""
+        service = await self._service(request)
         offset = self._int_query(request, "offset", 0, 0, 10**9)
         limit = self._int_query(request, "limit", 50, 1, 1000)
-        entries, total = await self.store.read_history(offset, limit)
+        entries, total = await self.store.read_history(offset, limit, service=service)
         next_offset = offset + len(entries) if offset + len(entries) < total else None
         return _json({"entries": [e.to_json() for e in entries], "total": total, "offset": offset, "limit": limit,
                       "next_offset": next_offset})
@@ -262,9 +293,80 @@ class Admin:
         """``GET /admin/openapi.json``."""
         return web.Response(text=self._openapi, content_type="application/json")
 
+    # --- services -----------------------------------------------------------------------------
+    def _service_view(self, snapshot: Snapshot, guard: dict[str, str]) -> dict[str, Any]:
+        route = snapshot.route
+        active = route.active
+        return {
+            "name": snapshot.service,
+            "default": snapshot.service == self.settings.default_service,
+            "route": {"active": active, "previous": route.previous, "generation": route.generation},
+            "health": "ready" if snapshot.is_ready(active) else ("no route" if active is None else "active not ready"),
+            "deployments": len(snapshot.deployments),
+            "guard": {"paused": guard.get("paused") or None, "latched": guard.get("latched") or None,
+                      "overrides": snapshot.config.thresholds()},
+        }
+
+    async def list_services(self, request: web.Request) -> web.Response:
+        """``GET /admin/services``: every service with its route, health and guard."""
+        views = []
+        for name in await self.store.list_services():
+            snapshot = await self.store.read_snapshot(service=name)
+            views.append(self._service_view(snapshot, await self.store.get_guard(service=name)))
+        return _json({"services": views})
+
+    async def get_service(self, request: web.Request) -> web.Response:
+        """``GET /admin/services/{service}``."""
+        service = await self._service(request)
+        snapshot = await self.store.read_snapshot(service=service)
+        return _json(self._service_view(snapshot, await self.store.get_guard(service=service)))
+
+    async def create_service(self, request: web.Request) -> web.Response:
+        """``POST /admin/services``: ``{"name": ..., "guard": {...thresholds}}``."""
+        body = await self._parse(request, CreateService)
+        overrides = self._overrides(body.guard)
+        config = ServiceConfig(MappingProxyType({k: v for k, v in overrides.items() if v is not None}), time.time())
+        entry = HistoryEntry("service_create", self._who(request), extra={"service": body.name})
+        if not await self.store.create_service(body.name, config, history=entry):
+            raise AdminError(409, errors.RESOURCE_ALREADY_EXISTS, f"a service named {body.name!r} already exists")
+        await self._apply_here()
+        snapshot = await self.store.read_snapshot(service=body.name)
+        return _json(self._service_view(snapshot, {}), 201)
+
+    async def delete_service(self, request: web.Request) -> web.Response:
+        """``DELETE /admin/services/{service}?force=true``: refused while it has deployments unless forced."""
+        service = await self._service(request)
+        force = self._bool_query(request, "force")
+        if service == self.settings.default_service:
+            refusal: str | None = "default"
+        else:
+            # The service's own history goes with it: the default service's history keeps the record.
+            entry = HistoryEntry("service_delete", self._who(request), forced=force, extra={"service": service},
+                                 reason=request.query.get("reason", "")[:1000])
+            refusal = await self.store.delete_service(service, force=force, history=entry,
+                                                      history_service=self.settings.default_service)
+        if refusal == "default":
+            raise AdminError(409, errors.INVALID_STATE, f"{service!r} is the default service; it cannot be deleted")
+        if refusal == "not_empty":
+            raise AdminError(409, errors.INVALID_STATE,
+                             f"service {service!r} still has deployments; delete them first, or use force")
+        if refusal == "unknown":
+            raise AdminError(404, errors.RESOURCE_DOES_NOT_EXIST, f"no service named {service!r}")
+        await self._apply_here()
+        return _json({"deleted": service})
+
+    @staticmethod
+    def _bool_query(request: web.Request, name: str) -> bool:
+        raw = request.query.get(name, "false").lower()
+        if raw not in ("true", "false", "1", "0"):
+            raise AdminError(400, errors.INVALID_PARAMETER_VALUE, f"{name} must be true or false")
+        return raw in ("true", "1")
+
     # --- changes ------------------------------------------------------------------------------
     async def create_deployment(self, request: web.Request) -> web.Response:
-        """``POST /admin/deployments``: a model URI for a worker to serve, or the URL of an external server."""
+        """``POST /admin/[services/{service}/]deployments``: a model URI for a worker to serve, or the URL
+        of an external server."""
+        service = await self._service(request)
         body = await self._parse(request, CreateDeployment)
         who = self._who(request)
         now = time.time()
@@ -279,78 +381,112 @@ class Admin:
             dep = Deployment(name=body.name, model_uri=body.model_uri, state=State.STARTING,
                              reason="waiting for a worker to claim it", created_at=now)
         entry = HistoryEntry("deploy", who, target=body.name, detail=body.url or body.model_uri or "")
-        if not await self.store.create_deployment(dep, history=entry):
-            raise AdminError(409, errors.RESOURCE_ALREADY_EXISTS, f"a deployment named {body.name!r} already exists")
-        await self._apply_here()
-        snapshot = await self.store.read_snapshot()
-        return _json(self._deployment_view(snapshot, snapshot.deployments[body.name]) if body.name in snapshot.deployments else dep.to_fields(), 201)
+        if not await self.store.create_deployment(dep, service=service, history=entry):
+            raise AdminError(409, errors.RESOURCE_ALREADY_EXISTS,
+                             f"service {service!r} already has a deployment named {body.name!r}")
+        await self._apply_here(service)
+        snapshot = await self.store.read_snapshot(service=service)
+        view = self._deployment_view(snapshot, snapshot.deployments[body.name]) if body.name in snapshot.deployments else dep.to_fields()
+        return _json(view, 201)
 
     async def delete_deployment(self, request: web.Request) -> web.Response:
-        """``DELETE /admin/deployments/{name}?force=true&reason=``: refused while active or previous unless forced."""
+        """``DELETE /admin/[services/{service}/]deployments/{name}?force=true&reason=``: refused while
+        active or previous unless forced."""
+        service = await self._service(request)
         name = request.match_info["name"]
-        force_raw = request.query.get("force", "false").lower()
-        if force_raw not in ("true", "false", "1", "0"):
-            raise AdminError(400, errors.INVALID_PARAMETER_VALUE, "force must be true or false")
-        force = force_raw in ("true", "1")
+        force = self._bool_query(request, "force")
         reason = request.query.get("reason", "")[:1000]
         who = self._who(request)
         entry = HistoryEntry("undeploy", who, source=name, reason=reason, forced=force)
-        refusal = await self.store.delete_deployment(name, force=force, history=entry)
+        refusal = await self.store.delete_deployment(name, service=service, force=force, history=entry)
         if refusal == "unknown":
-            raise AdminError(404, errors.RESOURCE_DOES_NOT_EXIST, f"no deployment named {name!r}")
+            raise AdminError(404, errors.RESOURCE_DOES_NOT_EXIST, f"service {service!r} has no deployment named {name!r}")
         if refusal is not None:
             message = (f"{name} is the {refusal} deployment"
                        + ("; switch traffic elsewhere first, or use force" if refusal == "active"
                           else " (the rollback target); use force to delete it anyway"))
-            await self.store.append_history(entry.but(result="refused", detail=message))
+            await self.store.append_history(entry.but(result="refused", detail=message), service=service)
             raise AdminError(409, errors.INVALID_STATE, message)
-        await self._apply_here()
-        return _json({"deleted": name})
+        await self._apply_here(service)
+        return _json({"deleted": name, "service": service})
 
     async def switch(self, request: web.Request) -> web.Response:
-        """``POST /admin/switch``."""
+        """``POST /admin/[services/{service}/]switch``."""
+        service = await self._service(request)
         body = await self._parse(request, SwitchRequest)
         outcome = await self.control.switch(
-            body.target, self._who(request), reason=body.reason, expected_generation=body.expected_generation, force=body.force
+            body.target, self._who(request), service=service, reason=body.reason,
+            expected_generation=body.expected_generation, force=body.force,
         )
         if outcome.applied:
-            await self._apply_here()
-        return _json(outcome.body(), outcome.status)
+            await self._apply_here(service)
+        return _json({**outcome.body(), "service": service}, outcome.status)
 
     async def rollback(self, request: web.Request) -> web.Response:
-        """``POST /admin/rollback``."""
+        """``POST /admin/[services/{service}/]rollback``."""
+        service = await self._service(request)
         body = await self._parse(request, RollbackRequest)
         outcome = await self.control.rollback(
-            self._who(request), reason=body.reason, expected_generation=body.expected_generation, force=body.force
+            self._who(request), service=service, reason=body.reason, expected_generation=body.expected_generation,
+            force=body.force,
         )
         if outcome.applied:
-            await self._apply_here()
-        return _json(outcome.body(), outcome.status)
+            await self._apply_here(service)
+        return _json({**outcome.body(), "service": service}, outcome.status)
 
     # --- guard and alerts ---------------------------------------------------------------------
-    async def _guard_view(self) -> dict[str, Any]:
-        shared = await self.store.get_guard()
-        return {**self.guard.status(), "paused": shared.get("paused") or None, "latched": shared.get("latched") or None}
+    async def _guard_view(self, snapshot: Snapshot) -> dict[str, Any]:
+        shared = await self.store.get_guard(service=snapshot.service)
+        return {**self.guard.status(snapshot.service, snapshot.config),
+                "paused": shared.get("paused") or None, "latched": shared.get("latched") or None}
 
     async def guard_state(self, request: web.Request) -> web.Response:
-        """``GET /admin/guard``."""
-        return _json(await self._guard_view())
+        """``GET /admin/[services/{service}/]guard``."""
+        snapshot = await self.store.read_snapshot(service=await self._service(request))
+        return _json(await self._guard_view(snapshot))
 
-    async def guard_pause(self, request: web.Request) -> web.Response:
-        """``POST /admin/guard``: ``{"paused": true|false, "reason": ...}``; resuming also lifts the latch."""
+    def _overrides(self, thresholds: GuardThresholds) -> dict[str, Any]:
+        """The guard settings a request sets (None: back to the gateway's own), proven valid."""
+        changes = {GUARD_FIELDS[name]: getattr(thresholds, name) for name in thresholds.model_fields_set}
+        try:
+            self.settings.replace(**{k: v for k, v in changes.items() if v is not None})
+        except SettingsError as exc:
+            raise AdminError(400, errors.INVALID_PARAMETER_VALUE, str(exc)) from None
+        return changes
+
+    async def guard_change(self, request: web.Request) -> web.Response:
+        """``POST /admin/[services/{service}/]guard``: ``{"paused": true|false, "reason": ..., "thresholds":
+        {...}}``; resuming also lifts the latch; a threshold set to null goes back to the gateway's own."""
+        service = await self._service(request)
         body = await self._parse(request, GuardRequest)
         who = self._who(request)
-        if body.paused:
-            await self.store.set_guard(paused=f"paused by {who.actor}" + (f": {body.reason}" if body.reason else ""))
-        else:
-            await self.store.set_guard(paused=None, latched=None, latched_generation=None)
-        await self.store.append_history(HistoryEntry("guard_pause" if body.paused else "guard_resume", who, reason=body.reason))
-        return _json(await self._guard_view())
+        if body.thresholds.model_fields_set:
+            changes = self._overrides(body.thresholds)
+            entry = HistoryEntry("guard_configure", who, reason=body.reason,
+                                 extra={"thresholds": {name: getattr(body.thresholds, name) for name in body.thresholds.model_fields_set}})
+            if not await self.store.set_service_config(service, changes, history=entry):
+                raise AdminError(404, errors.RESOURCE_DOES_NOT_EXIST, f"no service named {service!r}")
+        if body.paused is True:
+            await self.store.set_guard(service=service,
+                                       paused=f"paused by {who.actor}" + (f": {body.reason}" if body.reason else ""))
+        elif body.paused is False:
+            await self.store.set_guard(service=service, paused=None, latched=None, latched_generation=None)
+        if body.paused is not None:
+            await self.store.append_history(
+                HistoryEntry("guard_pause" if body.paused else "guard_resume", who, reason=body.reason), service=service,
+            )
+            self.guard.metrics.guard_paused.labels(service).set(1 if body.paused else 0)
+            if not body.paused:
+                self.guard.metrics.guard_latched.labels(service).set(0)
+        await self._apply_here(service)
+        snapshot = await self.store.read_snapshot(service=service)
+        return _json(await self._guard_view(snapshot))
 
     async def alerts(self, request: web.Request) -> web.Response:
         """``POST /admin/alerts``: Alertmanager's webhook. A firing alert labelled
-        ``turnout_action="rollback"`` rolls back the deployment in its ``deployment`` label if that is
-        active (else the active one when it names none); repeats and resolved alerts act at most once."""
+        ``turnout_action="rollback"`` rolls back, in the service of its ``service`` label (the default
+        service without one), the deployment in its ``deployment`` label if that is active (else the
+        active one when it names none); repeats and resolved alerts act at most once."""
         # Alertmanager's model ignores fields Turnout does not use (it is not ``Strict``).
         body = await self._parse(request, AlertmanagerPayload)
         if body.version != "4":
@@ -365,6 +501,10 @@ class Admin:
             if alert.status != "firing":
                 results.append({"alert": name, "action": "ignored", "detail": f"alert is {alert.status}"})
                 continue
+            service = labels.get("service") or self.settings.default_service
+            if not await self.store.service_exists(service):
+                results.append({"alert": name, "action": "refused", "detail": f"no service named {service!r}"})
+                continue
             identity = alert.fingerprint or json.dumps(labels, sort_keys=True)
             if not await self.store.first_time(f"alert:{identity}:{alert.startsAt}", ttl=24 * 3600):
                 results.append({"alert": name, "action": "ignored", "detail": "already acted on this alert"})
@@ -372,15 +512,17 @@ class Admin:
             who = Who(actor=f"alertmanager:{name}", client=self.client(request), trigger="alertmanager")
             reason = alert.annotations.get("summary") or alert.annotations.get("description") or f"alert {name} fired"
             outcome = await self.control.rollback(
-                who, reason=reason, only_if_active=labels.get("deployment") or None,
+                who, service=service, reason=reason, only_if_active=labels.get("deployment") or None,
                 evidence={"alert": name, "labels": labels, "startsAt": alert.startsAt},
             )
             if outcome.applied:
-                await self._apply_here()
+                await self._apply_here(service)
                 await self.store.set_guard(
+                    service=service,
                     latched=f"rolled back by alert {name} at generation {outcome.route.generation}: {reason}",
                     latched_generation=str(outcome.route.generation),
                 )
-            results.append({"alert": name, "action": "rolled_back" if outcome.applied else "refused", "detail": outcome.message})
+            results.append({"alert": name, "service": service,
+                            "action": "rolled_back" if outcome.applied else "refused", "detail": outcome.message})
         # 200 even when nothing was done: Alertmanager would otherwise resend a notification we judged.
         return _json({"processed": len(body.alerts), "results": results})

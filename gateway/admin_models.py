@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from . import __version__
-from .records import NAME_PATTERN
+from .records import NAME_PATTERN, check_name, check_service_name
 
-_NAME = Field(pattern=NAME_PATTERN.pattern, description="Deployment name: 1-63 letters, digits, '.', '_' or '-'.")
+# Names are checked by the records' own rules (a message that says what is allowed); the pattern stays in
+# the OpenAPI document for clients.
+DeploymentName = Annotated[str, AfterValidator(check_name)]
+ServiceName = Annotated[str, AfterValidator(check_service_name)]
+_NAME = Field(json_schema_extra={"pattern": NAME_PATTERN.pattern},
+              description="Deployment name: 1-63 letters, digits, '.', '_' or '-'.")
 _REASON = Field(default="", max_length=1000, description="Why: goes into the history and the registry tags.")
 _GENERATION = Field(
     default=None, ge=0, le=2**53, description="Apply only if the route still has this generation (else 409)."
@@ -25,7 +30,7 @@ class Strict(BaseModel):
 class CreateDeployment(Strict):
     """A deployment served by a worker (``model_uri``) or by someone else (``url``)."""
 
-    name: str = _NAME
+    name: DeploymentName = _NAME
     model_uri: str | None = Field(
         default=None, min_length=1, max_length=2000, pattern=r"^(runs|models):/\S+$",
         description="runs:/<run_id>/<path>, models:/<name>/<version>, models:/<name>@<alias> or models:/m-<id>: a worker with --claim serves it.",
@@ -49,7 +54,7 @@ class CreateDeployment(Strict):
 class SwitchRequest(Strict):
     """Make ``target`` active; the current active becomes ``previous`` and stays warm."""
 
-    target: str = _NAME
+    target: DeploymentName = _NAME
     expected_generation: int | None = _GENERATION
     reason: str = _REASON
     force: bool = Field(default=False, description="Switch even if the target is not ready.")
@@ -63,11 +68,39 @@ class RollbackRequest(Strict):
     force: bool = Field(default=False, description="Roll back even if previous is not ready.")
 
 
-class GuardRequest(Strict):
-    """Pause or resume the guard; resuming also lifts a latch left by an automatic rollback."""
+class GuardThresholds(Strict):
+    """A service's own guard thresholds; each one given overrides the gateway's, null goes back to it."""
 
-    paused: bool
+    enabled: bool | None = Field(default=None, description="Roll back automatically at all.")
+    window_seconds: float | None = Field(default=None, gt=0, le=3600, description="Seconds of traffic judged.")
+    error_rate: float | None = Field(default=None, gt=0, le=1, description="Model-failure rate that is a breach.")
+    min_requests: int | None = Field(default=None, ge=1, le=10**9, description="Judged requests needed to judge.")
+    p99_seconds: float | None = Field(default=None, gt=0, le=3600, description="p99 latency that is a breach.")
+    bake_seconds: float | None = Field(default=None, gt=0, le=10**7, description="Seconds armed after a switch.")
+    always: bool | None = Field(default=None, description="Armed at all times.")
+
+
+class GuardRequest(Strict):
+    """Pause or resume a service's guard (resuming also lifts a latch left by an automatic rollback),
+    and/or set its own thresholds."""
+
+    paused: bool | None = None
     reason: str = _REASON
+    thresholds: GuardThresholds = Field(default_factory=GuardThresholds)
+
+    @model_validator(mode="after")
+    def _something(self) -> GuardRequest:
+        if self.paused is None and not self.thresholds.model_fields_set:
+            raise ValueError("give paused and/or thresholds")
+        return self
+
+
+class CreateService(Strict):
+    """A new service: one stable endpoint (``/models/{name}/invocations``) for one model."""
+
+    name: ServiceName = Field(json_schema_extra={"pattern": NAME_PATTERN.pattern},
+                              description="Service name: 1-63 letters, digits, '.', '_' or '-'; not a reserved word.")
+    guard: GuardThresholds = Field(default_factory=GuardThresholds)
 
 
 class Alert(BaseModel):
@@ -108,7 +141,7 @@ def _responses(*codes: int) -> dict[str, Any]:
     text = {
         200: "Done.", 201: "Created.", 400: "Malformed JSON, unknown field or wrong type.", 401: "Missing or wrong bearer token.",
         403: "Browser request (Origin header) or non-loopback client without a configured token.",
-        404: "Unknown deployment.", 409: "Refused: generation moved, target not ready, no previous, in use.",
+        404: "Unknown service or deployment.", 409: "Refused: generation moved, target not ready, no previous, in use.",
         413: "Body too large.", 415: "Content-Type is not application/json.", 503: "The store (Redis) is unreachable.",
     }
     out: dict[str, Any] = {}
@@ -122,13 +155,92 @@ _READ = (200, 401, 403, 503)
 _WRITE = (400, 401, 403, 404, 409, 413, 415, 503)
 
 
+def _per_service(service_param: dict[str, Any] | None, suffix: str) -> dict[str, Any]:
+    """The paths of one service's resources (the default service's without a parameter)."""
+    def op(method: dict[str, Any]) -> dict[str, Any]:
+        return {**method, "operationId": method["operationId"] + suffix}
+
+    params = [service_param] if service_param else []
+    name_param = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "pattern": NAME_PATTERN.pattern}}
+    not_found = (404,) if service_param else ()
+    return {
+        "/state": {"parameters": params, "get": op({"summary": "Route, deployments, guard", "operationId": "state",
+                                                    "responses": _responses(*_READ, *not_found)})},
+        "/deployments": {
+            "parameters": params,
+            "get": op({"summary": "Deployments", "operationId": "listDeployments", "responses": _responses(*_READ, *not_found)}),
+            "post": op({"summary": "Create a deployment", "operationId": "createDeployment",
+                        "requestBody": _body(CreateDeployment), "responses": _responses(201, *_WRITE)}),
+        },
+        "/deployments/{name}": {
+            "parameters": [*params, name_param],
+            "get": op({"summary": "One deployment", "operationId": "getDeployment", "responses": _responses(200, 400, 401, 403, 404, 503)}),
+            "delete": op({
+                "summary": "Delete a deployment (409 while active or previous, unless force=true)",
+                "operationId": "deleteDeployment",
+                "parameters": [{"name": "force", "in": "query", "required": False, "schema": {"type": "boolean"}},
+                               {"name": "reason", "in": "query", "required": False, "schema": {"type": "string", "maxLength": 1000}}],
+                "responses": _responses(200, 400, 401, 403, 404, 409, 503),
+            }),
+        },
+        "/switch": {"parameters": params, "post": op({"summary": "Switch traffic", "operationId": "switch",
+                                                       "requestBody": _body(SwitchRequest), "responses": _responses(200, *_WRITE)})},
+        "/rollback": {"parameters": params, "post": op({"summary": "Roll back to previous", "operationId": "rollback",
+                                                         "requestBody": _body(RollbackRequest), "responses": _responses(200, *_WRITE)})},
+        "/guard": {
+            "parameters": params,
+            "get": op({"summary": "Guard status", "operationId": "guardStatus", "responses": _responses(*_READ, *not_found)}),
+            "post": op({"summary": "Pause, resume or configure the guard", "operationId": "guardChange",
+                        "requestBody": _body(GuardRequest), "responses": _responses(200, 400, 401, 403, 404, 413, 415, 503)}),
+        },
+        "/history": {"parameters": params, "get": op({
+            "summary": "Every change and refused attempt, newest first", "operationId": "history",
+            "parameters": [{"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                           {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}],
+            "responses": _responses(200, 400, 401, 403, 503, *not_found),
+        })},
+    }
+
+
 def openapi_document() -> dict[str, Any]:
     """OpenAPI 3.0 description of the admin API."""
     schemas: dict[str, Any] = {"Error": _ERROR}
-    for model in (CreateDeployment, SwitchRequest, RollbackRequest, GuardRequest, AlertmanagerPayload):
+    for model in (CreateDeployment, CreateService, SwitchRequest, RollbackRequest, GuardRequest, AlertmanagerPayload):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        # Nested models (pydantic's $defs) become components of their own.
+        for name, definition in schema.pop("$defs", {}).items():
+            schemas[name] = _openapi30(definition)
         schemas[model.__name__] = _openapi30(schema)
-    name_param = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "pattern": NAME_PATTERN.pattern}}
+    service_param = {"name": "service", "in": "path", "required": True,
+                     "schema": {"type": "string", "pattern": NAME_PATTERN.pattern}}
+    paths: dict[str, Any] = {
+        "/admin/services": {
+            "get": {"summary": "Every service, its route, health and guard", "operationId": "listServices",
+                    "responses": _responses(*_READ)},
+            "post": {"summary": "Create a service", "operationId": "createService",
+                     "requestBody": _body(CreateService), "responses": _responses(201, 400, 401, 403, 409, 413, 415, 503)},
+        },
+        "/admin/services/{service}": {
+            "parameters": [service_param],
+            "get": {"summary": "One service", "operationId": "getService", "responses": _responses(200, 400, 401, 403, 404, 503)},
+            "delete": {
+                "summary": "Delete a service (409 while it has deployments, unless force=true; never the default one)",
+                "operationId": "deleteService",
+                "parameters": [{"name": "force", "in": "query", "required": False, "schema": {"type": "boolean"}}],
+                "responses": _responses(200, 400, 401, 403, 404, 409, 503),
+            },
+        },
+        "/admin/alerts": {"post": {
+            "summary": "Alertmanager webhook (payload version 4): firing alerts labelled turnout_action=rollback roll back",
+            "operationId": "alerts", "requestBody": _body(AlertmanagerPayload),
+            "responses": _responses(200, 400, 401, 403, 413, 415, 503),
+        }},
+        "/admin/openapi.json": {"get": {"summary": "This document", "operationId": "openapi", "responses": _responses(200, 401, 403)}},
+    }
+    for path, item in _per_service(None, "").items():
+        paths["/admin" + path] = item
+    for path, item in _per_service(service_param, "InService").items():
+        paths["/admin/services/{service}" + path] = item
     return {
         "openapi": "3.0.3",
         "info": {"title": "Turnout admin API", "version": __version__},
@@ -137,46 +249,7 @@ def openapi_document() -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{"bearer": []}],
-        "paths": {
-            "/admin/state": {"get": {"summary": "Route, deployments, guard", "operationId": "state", "responses": _responses(*_READ)}},
-            "/admin/deployments": {
-                "get": {"summary": "Deployments", "operationId": "listDeployments", "responses": _responses(*_READ)},
-                "post": {"summary": "Create a deployment", "operationId": "createDeployment",
-                         "requestBody": _body(CreateDeployment), "responses": _responses(201, *_WRITE)},
-            },
-            "/admin/deployments/{name}": {
-                "parameters": [name_param],
-                "get": {"summary": "One deployment", "operationId": "getDeployment", "responses": _responses(200, 401, 403, 404, 503)},
-                "delete": {
-                    "summary": "Delete a deployment (409 while active or previous, unless force=true)",
-                    "operationId": "deleteDeployment",
-                    "parameters": [{"name": "force", "in": "query", "required": False, "schema": {"type": "boolean"}},
-                                   {"name": "reason", "in": "query", "required": False, "schema": {"type": "string", "maxLength": 1000}}],
-                    "responses": _responses(200, 400, 401, 403, 404, 409, 503),
-                },
-            },
-            "/admin/switch": {"post": {"summary": "Switch traffic", "operationId": "switch",
-                                       "requestBody": _body(SwitchRequest), "responses": _responses(200, *_WRITE)}},
-            "/admin/rollback": {"post": {"summary": "Roll back to previous", "operationId": "rollback",
-                                         "requestBody": _body(RollbackRequest), "responses": _responses(200, *_WRITE)}},
-            "/admin/guard": {
-                "get": {"summary": "Guard status", "operationId": "guardStatus", "responses": _responses(*_READ)},
-                "post": {"summary": "Pause or resume the guard", "operationId": "guardPause",
-                         "requestBody": _body(GuardRequest), "responses": _responses(200, 400, 401, 403, 413, 415, 503)},
-            },
-            "/admin/alerts": {"post": {
-                "summary": "Alertmanager webhook (payload version 4): firing alerts labelled turnout_action=rollback roll back",
-                "operationId": "alerts", "requestBody": _body(AlertmanagerPayload),
-                "responses": _responses(200, 400, 401, 403, 413, 415, 503),
-            }},
-            "/admin/history": {"get": {
-                "summary": "Every change and refused attempt, newest first", "operationId": "history",
-                "parameters": [{"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
-                               {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}],
-                "responses": _responses(200, 400, 401, 403, 503),
-            }},
-            "/admin/openapi.json": {"get": {"summary": "This document", "operationId": "openapi", "responses": _responses(200, 401, 403)}},
-        },
+        "paths": paths,
     }
 
 
@@ -186,8 +259,15 @@ def _openapi30(schema: dict[str, Any]) -> dict[str, Any]:
         any_of = schema.get("anyOf")
         if isinstance(any_of, list) and len(any_of) == 2 and {"type": "null"} in any_of:
             inner = next(s for s in any_of if s != {"type": "null"})
+            if "$ref" in inner:
+                # A $ref takes no siblings in OpenAPI 3.0: wrap it to make it nullable.
+                inner = {"allOf": [inner]}
             merged = {**{k: v for k, v in schema.items() if k != "anyOf"}, **inner, "nullable": True}
             return _openapi30(merged)
+        for bound, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+            if isinstance(schema.get(bound), int | float) and not isinstance(schema.get(bound), bool):
+                # JSON Schema's numeric exclusive bound is OpenAPI 3.0's bound plus a boolean flag.
+                schema = {**schema, plain: schema[bound], bound: True}
         return {k: _openapi30(v) for k, v in schema.items() if k not in ("title",) or not isinstance(v, str)}
     if isinstance(schema, list):
         return [_openapi30(v) for v in schema]  # type: ignore[return-value]

@@ -64,7 +64,8 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     app[METRICS] = metrics = GatewayMetrics()
     app[TRAFFIC] = traffic = Traffic()
     app[LOOPS] = loops = Loops(metrics.count_background_error)
-    app[WATCHER] = watcher = RouteWatcher(app[STORE], metrics, poll_interval=settings.poll_interval, loops=loops)
+    app[WATCHER] = watcher = RouteWatcher(app[STORE], metrics, poll_interval=settings.poll_interval, loops=loops,
+                                          default_service=settings.default_service)
     app[POOL] = pool = UpstreamPool(
         Timeouts(connect=settings.connect_timeout, read=settings.read_timeout, total=settings.total_timeout,
                  pool=settings.upstream_pool_timeout),
@@ -76,11 +77,12 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     app[BAD_REQUESTS] = bad_requests = BadRequests(metrics.count_bad_request)
     app[DRAIN] = Drain()
     app.on_response_prepare.append(on_response_prepare)
-    app[PROXY] = proxy = Proxy(watcher, pool, metrics, traffic, settings.max_body_bytes, limits, bad_requests)
+    app[PROXY] = proxy = Proxy(watcher, pool, metrics, traffic, settings.max_body_bytes, limits, bad_requests,
+                               settings.default_service)
     app[REGISTRY] = registry = RegistrySync(settings.registry_alias, app[STORE].append_history, settings.registry_sync,
                                             loops=loops)
     app[CONTROL] = control = RouteControl(app[STORE], metrics, registry)
-    app[GUARD] = guard = Guard(settings, app[STORE], traffic, control, metrics, loops=loops)
+    app[GUARD] = guard = Guard(settings, app[STORE], traffic, control, metrics, loops=loops, watcher=watcher)
     app[ADMIN] = admin = Admin(settings, app[STORE], watcher, traffic, control, guard)
 
     # Started in this order, stopped in reverse.
@@ -92,9 +94,12 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     if settings.fast_path:
         app[FAST] = FastPath(proxy, limits, bad_requests)
 
-    # Bound methods, not wrappers that look the proxy up: one coroutine less on every request.
-    app.router.add_post("/invocations", proxy.invocations)
-    app.router.add_post("/deployments/{name}/invocations", proxy.pinned)
+    # Bound methods, not wrappers that look the proxy up: one coroutine less on every request. The
+    # unprefixed scoring endpoints are the default service's.
+    for prefix in ("", "/models/{service:[^/]+}"):
+        app.router.add_post(prefix + "/invocations", proxy.invocations)
+        app.router.add_post(prefix + "/deployments/{name}/invocations", proxy.invocations)
+    app.router.add_get("/models/{service:[^/]+}/health", service_health)
     app.router.add_get("/ping", ping)
     app.router.add_get("/health", health)
     app.router.add_get("/version", version)
@@ -102,8 +107,9 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     if settings.admin_port is None:
         app.router.add_routes(admin.routes())
     # Catch-alls instead of a middleware, so the hot path pays nothing for MLflow-shaped 404/405s.
-    app.router.add_route("*", "/invocations", errors.method_not_allowed)
-    app.router.add_route("*", "/deployments/{name}/invocations", errors.method_not_allowed)
+    for prefix in ("", "/models/{service:[^/]+}"):
+        app.router.add_route("*", prefix + "/invocations", errors.method_not_allowed)
+        app.router.add_route("*", prefix + "/deployments/{name}/invocations", errors.method_not_allowed)
     app.router.add_route("*", "/{tail:.*}", errors.not_found)
     return app
 
@@ -158,22 +164,43 @@ async def ping(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    """Readiness: a route is known, its active deployment is ready, and no background task is stuck failing."""
+    """The gateway's readiness: it has read its routes and no background task is stuck failing. A
+    gateway that serves only its default service (a single-model install) is as ready as that service."""
     failing = request.app[LOOPS].failing()
     if failing:
         return errors.error_response(503, errors.INTERNAL_ERROR, "; ".join(failing))
-    snapshot = request.app[WATCHER].snapshot
-    if snapshot is None:
+    watcher = request.app[WATCHER]
+    if not watcher.ready:
         return errors.error_response(503, errors.TEMPORARILY_UNAVAILABLE, "no route read yet")
+    services = sorted(watcher.snapshots)
+    default = request.app[SETTINGS].default_service
+    if services == [default]:
+        return _service_readiness(watcher, default, named=False)
+    return web.Response(text=json.dumps({"status": "ready", "services": len(services)}), content_type="application/json")
+
+
+async def service_health(request: web.Request) -> web.Response:
+    """``GET /models/{service}/health``: one service's readiness (its active deployment is ready)."""
+    if not request.app[WATCHER].ready:
+        return errors.error_response(503, errors.TEMPORARILY_UNAVAILABLE, "no route read yet")
+    return _service_readiness(request.app[WATCHER], request.match_info["service"])
+
+
+def _service_readiness(watcher: RouteWatcher, service: str, named: bool = True) -> web.Response:
+    snapshot = watcher.snapshots.get(service)
+    if snapshot is None:
+        return errors.error_response(404, errors.RESOURCE_DOES_NOT_EXIST, f"no service named {service!r}")
     active = snapshot.route.active
     if active is None:
-        return errors.error_response(503, errors.TEMPORARILY_UNAVAILABLE, "no active deployment")
+        return errors.error_response(503, errors.TEMPORARILY_UNAVAILABLE, f"service {service!r} has no active deployment")
     if not snapshot.is_ready(active):
         state = snapshot.effective_state(active)
         return errors.error_response(
-            503, errors.TEMPORARILY_UNAVAILABLE, f"active deployment {active!r} is {state.value if state else 'unknown'}"
+            503, errors.TEMPORARILY_UNAVAILABLE,
+            f"active deployment {active!r} of service {service!r} is {state.value if state else 'unknown'}",
         )
-    body = {"status": "ready", "active": active, "generation": snapshot.route.generation}
+    body = {"status": "ready", **({"service": service} if named else {}), "active": active,
+            "generation": snapshot.route.generation}
     return web.Response(text=json.dumps(body), content_type="application/json")
 
 

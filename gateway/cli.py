@@ -87,8 +87,9 @@ def gateway(**options: Any) -> None:
 
 @main.command()
 @click.option(
-    "--deployment", "-d", "deployment_specs", multiple=True, metavar="NAME=MODEL_URI",
-    help="A deployment to host, e.g. blue=models:/iris/1 (repeatable; adds to TURNOUT_DEPLOYMENTS).",
+    "--deployment", "-d", "deployment_specs", multiple=True, metavar="[SERVICE/]NAME=MODEL_URI",
+    help="A deployment to host, e.g. blue=models:/iris/1 or loans/blue=models:/loans/3 (repeatable; adds to "
+         "TURNOUT_DEPLOYMENTS; without SERVICE/, the default service's).",
 )
 @settings_options(settings_in(WORKER))
 def worker(deployment_specs: tuple[str, ...], **options: Any) -> None:
@@ -100,7 +101,7 @@ def worker(deployment_specs: tuple[str, ...], **options: Any) -> None:
     settings = load_settings(options)
     specs = [s for s in (settings.deployments, *deployment_specs) if s]
     try:
-        parse_specs(specs)
+        parse_specs(specs, settings.default_service)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     settings = settings.replace(deployments=",".join(specs))
@@ -172,12 +173,20 @@ def register_samples(model_name: str, tracking_uri: str) -> None:
 # --- the admin client commands -------------------------------------------------------------------
 
 def _client_options(func: F) -> F:
+    func = click.option("--service", "-s", envvar="TURNOUT_SERVICE", default=None, metavar="SERVICE",
+                        help="The service to act on [env TURNOUT_SERVICE; default: the gateway's default service].")(func)
     func = click.option("--json", "as_json", is_flag=True, help="Print the raw JSON answer (for scripts).")(func)
     func = click.option("--token", envvar="TURNOUT_ADMIN_TOKEN", default=None,
                         help="Admin bearer token [env TURNOUT_ADMIN_TOKEN].")(func)
     func = click.option("--url", envvar="TURNOUT_URL", default="http://127.0.0.1:8080", show_default=True,
                         help="Gateway (or its admin listener) URL [env TURNOUT_URL].")(func)
     return func
+
+
+def _admin(service: str | None, tail: str) -> str:
+    """The admin API path of a per-service resource: ``/admin/services/{service}{tail}``, or the default
+    service's ``/admin{tail}`` when none is named."""
+    return f"/admin/services/{service}{tail}" if service else f"/admin{tail}"
 
 
 def _call(url: str, token: str | None, method: str, path: str, body: dict[str, Any] | None = None,
@@ -235,10 +244,13 @@ class _Cutter:
 
 def _status_text(body: dict[str, Any], wide: bool = False) -> str:
     route = body["route"]
-    lines = [f"route: active={route['active'] or '-'}  previous={route['previous'] or '-'}  generation={route['generation']}"]
+    lines = [f"route: active={route['active'] or '-'}  previous={route['previous'] or '-'}  "
+             f"generation={route['generation']}  (service {body.get('service', '-')})"]
     guard = body.get("guard") or {}
     if guard:
         lines.append("guard: " + ", ".join(f"{k}={v}" for k, v in guard.items() if not isinstance(v, dict | list)))
+        if guard.get("overrides"):
+            lines.append("guard overrides (this service): " + ", ".join(f"{k}={v}" for k, v in guard["overrides"].items()))
     cut = _Cutter(wide)
     rows = [["NAME", "ROLE", "STATE", "MLFLOW", "URL", "REQ/60s", "ERR%", "P99 ms", "DETAIL"]]
     for d in body["deployments"]:
@@ -257,9 +269,9 @@ _WIDE = click.option("--wide", is_flag=True, help="Show long reasons and details
 @main.command()
 @_WIDE
 @_client_options
-def status(wide: bool, url: str, token: str | None, as_json: bool) -> None:
+def status(wide: bool, url: str, token: str | None, as_json: bool, service: str | None) -> None:
     """Show the route, every deployment with its state and recent traffic, and the guard."""
-    code, body = _call(url, token, "GET", "/admin/state")
+    code, body = _call(url, token, "GET", _admin(service, "/state"))
     _finish(code, body, as_json, lambda b: _status_text(b, wide))
 
 
@@ -272,7 +284,7 @@ def status(wide: bool, url: str, token: str | None, as_json: bool) -> None:
               metavar="[SECONDS]", help="Wait (up to SECONDS, default 300) until it is ready; exit 1 if it fails or time runs out.")
 @_client_options
 def deploy(name: str, source: str, mlflow_name: str | None, mlflow_version: str | None, wait_seconds: float | None,
-           url: str, token: str | None, as_json: bool) -> None:
+           url: str, token: str | None, as_json: bool, service: str | None) -> None:
     """Create deployment NAME from a model URI (a --claim worker serves it) or the http:// URL of a running server."""
     body: dict[str, Any] = {"name": name}
     if source.startswith(("http://", "https://")):
@@ -283,23 +295,24 @@ def deploy(name: str, source: str, mlflow_name: str | None, mlflow_version: str 
             body["mlflow_version"] = mlflow_version
     else:
         body["model_uri"] = source
-    code, answer = _call(url, token, "POST", "/admin/deployments", body)
+    code, answer = _call(url, token, "POST", _admin(service, "/deployments"), body)
     if wait_seconds is None or code >= 400:
         _finish(code, answer, as_json, lambda d: f"created {d['name']} ({d['state_detail']}); "
                 f"watch it with `turnout status`, then `turnout switch {d['name']}`")
         return
-    code, answer = _wait_ready(url, token, name, wait_seconds, as_json)
+    code, answer = _wait_ready(url, token, service, name, wait_seconds, as_json)
     _finish(code, answer, as_json, lambda d: f"{d['name']} is ready; `turnout switch {d['name']}` sends traffic to it")
 
 
-def _wait_ready(url: str, token: str | None, name: str, seconds: float, quiet: bool) -> tuple[int, Any]:
+def _wait_ready(url: str, token: str | None, service: str | None, name: str, seconds: float,
+                quiet: bool) -> tuple[int, Any]:
     """Poll a deployment until it is ready (its view, 200), failed or out of time (an error answer)."""
     import time
 
     deadline = time.monotonic() + seconds
     shown = ""
     while True:
-        code, answer = _call(url, token, "GET", f"/admin/deployments/{name}")
+        code, answer = _call(url, token, "GET", _admin(service, f"/deployments/{name}"))
         if code >= 400:
             return code, answer
         state = answer.get("state")
@@ -319,9 +332,9 @@ def _wait_ready(url: str, token: str | None, name: str, seconds: float, quiet: b
 @click.option("--force", is_flag=True, help="Delete even the active deployment or the rollback target.")
 @click.option("--reason", default="", help="Why (recorded in the history).")
 @_client_options
-def undeploy(name: str, force: bool, reason: str, url: str, token: str | None, as_json: bool) -> None:
+def undeploy(name: str, force: bool, reason: str, url: str, token: str | None, as_json: bool, service: str | None) -> None:
     """Delete deployment NAME (its worker stops the model server)."""
-    code, body = _call(url, token, "DELETE", f"/admin/deployments/{name}", query={"force": str(force).lower(), "reason": reason or None})
+    code, body = _call(url, token, "DELETE", _admin(service, f"/deployments/{name}"), query={"force": str(force).lower(), "reason": reason or None})
     _finish(code, body, as_json, lambda d: f"deleted {d['deleted']}")
 
 
@@ -332,12 +345,12 @@ def undeploy(name: str, force: bool, reason: str, url: str, token: str | None, a
 @click.option("--force", is_flag=True, help="Switch even if the target is not ready.")
 @_client_options
 def switch(target: str, reason: str, expect_generation: int | None, force: bool,
-           url: str, token: str | None, as_json: bool) -> None:
+           url: str, token: str | None, as_json: bool, service: str | None) -> None:
     """Send all traffic to TARGET; the current active deployment stays warm as the rollback target."""
     body: dict[str, Any] = {"target": target, "reason": reason, "force": force}
     if expect_generation is not None:
         body["expected_generation"] = expect_generation
-    code, answer = _call(url, token, "POST", "/admin/switch", body)
+    code, answer = _call(url, token, "POST", _admin(service, "/switch"), body)
     _finish(code, answer, as_json, lambda d: d["message"] + (
         "; roll back with `turnout rollback`" if d.get("applied") and d["route"]["previous"] else ""))
 
@@ -347,12 +360,12 @@ def switch(target: str, reason: str, expect_generation: int | None, force: bool,
 @click.option("--expect-generation", type=int, default=None, help="Refuse unless the route is still at this generation.")
 @click.option("--force", is_flag=True, help="Roll back even if the previous deployment is not ready.")
 @_client_options
-def rollback(reason: str, expect_generation: int | None, force: bool, url: str, token: str | None, as_json: bool) -> None:
+def rollback(reason: str, expect_generation: int | None, force: bool, url: str, token: str | None, as_json: bool, service: str | None) -> None:
     """Send traffic back to the previous deployment."""
     body: dict[str, Any] = {"reason": reason, "force": force}
     if expect_generation is not None:
         body["expected_generation"] = expect_generation
-    code, answer = _call(url, token, "POST", "/admin/rollback", body)
+    code, answer = _call(url, token, "POST", _admin(service, "/rollback"), body)
     _finish(code, answer, as_json, lambda d: "rolled back: " + d["message"])
 
 
@@ -372,10 +385,86 @@ def _history_text(body: dict[str, Any], wide: bool = False) -> str:
 @click.option("--offset", type=click.IntRange(0), default=0, show_default=True)
 @_WIDE
 @_client_options
-def history(limit: int, offset: int, wide: bool, url: str, token: str | None, as_json: bool) -> None:
+def history(limit: int, offset: int, wide: bool, url: str, token: str | None, as_json: bool, service: str | None) -> None:
     """Every change and refused attempt, newest first."""
-    code, body = _call(url, token, "GET", "/admin/history", query={"limit": limit, "offset": offset})
+    code, body = _call(url, token, "GET", _admin(service, "/history"), query={"limit": limit, "offset": offset})
     _finish(code, body, as_json, lambda b: _history_text(b, wide))
+
+
+def _services_text(body: dict[str, Any]) -> str:
+    rows = [["SERVICE", "ACTIVE", "PREVIOUS", "GEN", "HEALTH", "DEPLOYMENTS", "GUARD"]]
+    for svc in body["services"]:
+        route, guard = svc["route"], svc["guard"]
+        state = "latched" if guard.get("latched") else "paused" if guard.get("paused") else "on"
+        if guard.get("overrides"):
+            state += " (own thresholds)"
+        rows.append([svc["name"] + (" (default)" if svc.get("default") else ""), route["active"] or "-",
+                     route["previous"] or "-", str(route["generation"]), svc["health"], str(svc["deployments"]), state])
+    return _table(rows)
+
+
+@main.group(invoke_without_command=True)
+@_client_options
+@click.pass_context
+def services(ctx: click.Context, url: str, token: str | None, as_json: bool, service: str | None) -> None:
+    """List services (one stable endpoint per model) with their active deployment, generation, health and
+    guard; `services create NAME` and `services delete NAME` change them."""
+    if ctx.invoked_subcommand is None:
+        code, body = _call(url, token, "GET", "/admin/services")
+        _finish(code, body, as_json, _services_text)
+
+
+@services.command("create")
+@click.argument("name")
+@_client_options
+def services_create(name: str, url: str, token: str | None, as_json: bool, service: str | None) -> None:
+    """Create service NAME: its endpoint is /models/NAME/invocations."""
+    code, body = _call(url, token, "POST", "/admin/services", {"name": name})
+    _finish(code, body, as_json, lambda d: f"created service {d['name']}: deploy into it with `turnout deploy -s {d['name']} NAME MODEL_URI`")
+
+
+@services.command("delete")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Delete it with every deployment it still has.")
+@click.option("--reason", default="", help="Why (recorded in the default service's history).")
+@_client_options
+def services_delete(name: str, force: bool, reason: str, url: str, token: str | None, as_json: bool,
+                    service: str | None) -> None:
+    """Delete service NAME (its workers stop its model servers)."""
+    code, body = _call(url, token, "DELETE", f"/admin/services/{name}", query={"force": str(force).lower(), "reason": reason or None})
+    _finish(code, body, as_json, lambda d: f"deleted service {d['deleted']}")
+
+
+@main.command()
+@click.option("--pause", "paused", flag_value=True, default=None, help="Stop automatic rollbacks of this service.")
+@click.option("--resume", "paused", flag_value=False, help="Resume them (also lifts a latch after a rollback).")
+@click.option("--error-rate", type=click.FloatRange(0, 1, min_open=True), default=None, help="This service's failure-rate threshold.")
+@click.option("--p99", "p99_seconds", type=click.FloatRange(0, min_open=True), default=None, help="Its p99 threshold, in seconds.")
+@click.option("--min-requests", type=click.IntRange(1), default=None, help="Judged requests needed to judge.")
+@click.option("--window", "window_seconds", type=click.FloatRange(0, min_open=True), default=None, help="Seconds of traffic judged.")
+@click.option("--bake", "bake_seconds", type=click.FloatRange(0, min_open=True), default=None, help="Seconds armed after a switch.")
+@click.option("--reset", "reset", multiple=True, type=click.Choice(["enabled", "window_seconds", "error_rate", "min_requests",
+              "p99_seconds", "bake_seconds", "always"]), help="Go back to the gateway's own value (repeatable).")
+@click.option("--reason", default="", help="Why (recorded in the history).")
+@_client_options
+def guard(paused: bool | None, error_rate: float | None, p99_seconds: float | None, min_requests: int | None,
+          window_seconds: float | None, bake_seconds: float | None, reset: tuple[str, ...], reason: str,
+          url: str, token: str | None, as_json: bool, service: str | None) -> None:
+    """Show a service's guard, pause or resume it, or set its own thresholds."""
+    thresholds: dict[str, Any] = {k: v for k, v in {
+        "error_rate": error_rate, "p99_seconds": p99_seconds, "min_requests": min_requests,
+        "window_seconds": window_seconds, "bake_seconds": bake_seconds}.items() if v is not None}
+    thresholds.update({name: None for name in reset})
+    if paused is None and not thresholds:
+        code, body = _call(url, token, "GET", _admin(service, "/guard"))
+    else:
+        request: dict[str, Any] = {"reason": reason}
+        if paused is not None:
+            request["paused"] = paused
+        if thresholds:
+            request["thresholds"] = thresholds
+        code, body = _call(url, token, "POST", _admin(service, "/guard"), request)
+    _finish(code, body, as_json, lambda d: "\n".join(f"{k}: {v}" for k, v in d.items()))
 
 
 if __name__ == "__main__":

@@ -367,7 +367,7 @@ async def run_up(workdir: Path, base: Settings, ready: Callable[[dict[str, Any]]
         stack = Stack(settings, store)
         try:
             await stack.start()
-            names = sorted(stack.worker.static)
+            names = sorted(name for _, name in stack.worker.static)
             progress.step(f"launching model servers for {', '.join(names)}")
             await wait_ready(store, names, 300, progress, stop)
             snapshot = await store.read_snapshot()

@@ -1,7 +1,7 @@
 """The data plane's own HTTP/1.1 connection handler: plain prediction requests skip aiohttp's request objects.
 
-Every client connection on the data-plane port starts here. A request that is ``POST /invocations``
-or ``POST /deployments/{name}/invocations`` over HTTP/1.1, framed by a Content-Length within the
+Every client connection on the data-plane port starts here. A request that is a ``POST`` to a scoring
+endpoint (``[/models/{service}]/invocations`` or ``[/models/{service}]/deployments/{name}/invocations``) over HTTP/1.1, framed by a Content-Length within the
 small-body limit and without Expect or Upgrade (nearly every scoring request), is parsed by llhttp
 and relayed between the sockets by the proxy's own parts. The first request that is anything else
 (the admin API, /metrics, a chunked or large body, HTTP/1.0, Upgrade, a malformed or oversized head)
@@ -33,10 +33,12 @@ from .proxy import (
     CLIENT_CLOSED,
     DEPLOYMENT_HEADER,
     GENERATION_HEADER,
+    SERVICE_HEADER,
     SMALL_BODY,
     Proxy,
     Refusal,
     build_request_head,
+    scoring_path,
     upstream_header_pairs,
 )
 from .upstream import POOL_FULL, UpstreamError, UpstreamResponse
@@ -49,10 +51,9 @@ MAX_HEAD = MAX_LINE_BYTES
 # Pipelined bytes buffered while a request is in flight before the socket stops being read.
 _PIPELINE_HIGH_WATER = 2 * SMALL_BODY + MAX_HEAD
 
-_PINNED_PREFIX = b"/deployments/"
-_INVOCATIONS = b"/invocations"
 _NOT_OURS = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
 _JSON = (b"Content-Type", b"application/json")
+_SERVICE = SERVICE_HEADER.encode()
 _DEPLOYMENT = DEPLOYMENT_HEADER.encode()
 _GENERATION = GENERATION_HEADER.encode()
 # Recorded for a client that stopped reading its answer (the response was cut off).
@@ -304,16 +305,10 @@ class _ServerConnection(FlowControl):
             self._hand_off()
             return
         path, _, query = head.url.partition(b"?")
-        pinned: str | None = None
-        if path != _INVOCATIONS:
-            name = path[len(_PINNED_PREFIX) : -len(_INVOCATIONS)]
-            if (
-                not path.startswith(_PINNED_PREFIX) or not path.endswith(_INVOCATIONS) or not name
-                or b"/" in name or b"%" in name or not name.isascii()
-            ):
-                self._hand_off()
-                return
-            pinned = name.decode("ascii")
+        where = scoring_path(path)
+        if where is None:
+            self._hand_off()
+            return
         length: int | None = None
         typed = False
         for name, value in head.headers:
@@ -345,15 +340,15 @@ class _ServerConnection(FlowControl):
         self._requests += 1
         self.busy = True
         self._task = self.loop.create_task(
-            self._serve(pinned, query, head.headers, body, parser.should_keep_alive(), started, typed)
+            self._serve(where, query, head.headers, body, parser.should_keep_alive(), started, typed)
         )
 
     async def _serve(
-        self, pinned: str | None, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes, keep_alive: bool,
-        started: float, typed: bool,
+        self, where: tuple[str | None, str | None], query: bytes, headers: list[tuple[bytes, bytes]], body: bytes,
+        keep_alive: bool, started: float, typed: bool,
     ) -> None:
         try:
-            keep_alive = await self._relay(pinned, query, headers, body, keep_alive, started, typed)
+            keep_alive = await self._relay(where, query, headers, body, keep_alive, started, typed)
         except asyncio.CancelledError:
             return  # the connection is gone
         except Exception:
@@ -385,20 +380,20 @@ class _ServerConnection(FlowControl):
         return asked and not self.fast.closing and not (self._eof and not self.buffer)
 
     async def _relay(
-        self, pinned: str | None, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes, keep_alive: bool,
-        started: float, typed: bool,
+        self, where: tuple[str | None, str | None], query: bytes, headers: list[tuple[bytes, bytes]], body: bytes,
+        keep_alive: bool, started: float, typed: bool,
     ) -> bool:
         """Answer one request; returns whether the connection may carry another."""
         proxy = self.fast.proxy
-        chosen = proxy.choose(pinned) if typed else proxy.untyped(self.remote.decode("latin-1"))
+        chosen = proxy.choose(*where) if typed else proxy.untyped(self.remote.decode("latin-1"))
         if isinstance(chosen, Refusal):
             tags = [(k.encode(), v.encode()) for k, v in chosen.tags().items()]
             keep_alive = self._keep_alive(keep_alive)
             self._write_own(chosen.status, chosen.body(), tags, keep_alive)
             return keep_alive
         name, target = chosen.name, chosen.target
-        tags = [(_DEPLOYMENT, name.encode()), (_GENERATION, chosen.generation.encode())]
-        dm, begun = proxy.begin(name)
+        tags = [(_SERVICE, chosen.service.encode()), (_DEPLOYMENT, name.encode()), (_GENERATION, chosen.generation.encode())]
+        dm, begun = proxy.begin(chosen.service, name)
         code, outcome = CLIENT_CLOSED, CLIENT_ERROR
         deadline = started + self.fast.limits.total_timeout
         try:

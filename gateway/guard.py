@@ -15,9 +15,10 @@ from .loops import Loop, Loops
 from .metrics import GatewayMetrics
 from .settings import Settings
 from .store import Store, StoreUnavailable
-from .records import HistoryEntry, Snapshot, Who
+from .records import DEFAULT_SERVICE, HistoryEntry, ServiceConfig, Snapshot, Who
 from .switching import RouteControl
 from .traffic import RELATIVE_ERROR, Figures, Traffic, figures_from_counts
+from .watcher import RouteWatcher
 
 log = logging.getLogger(__name__)
 
@@ -71,19 +72,22 @@ def judge(settings: Settings, figures: Figures, baseline: Figures | None) -> Ver
 
 
 class Guard:
-    """Per replica: flushes traffic counters to the store; the leader replica also decides."""
+    """Per replica: flushes traffic counters to the store; the leader replica also decides, service by
+    service: a breach in one service never touches another."""
 
     def __init__(self, settings: Settings, store: Store, traffic: Traffic, control: RouteControl,
-                 metrics: GatewayMetrics, loops: Loops | None = None) -> None:
+                 metrics: GatewayMetrics, loops: Loops | None = None, watcher: RouteWatcher | None = None) -> None:
         self.settings = settings
         self.store = store
         self.traffic = traffic
         self.control = control
         self.metrics = metrics
+        self.watcher = watcher
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.leader = False
-        self.last: dict[str, Any] = {}
-        self._held_generation: int | None = None
+        # This replica's view of the last decision, per service.
+        self.last: dict[str, dict[str, Any]] = {}
+        self._held_generation: dict[str, int] = {}
         self.loops = loops or Loops(metrics.count_background_error)
         self._loops: list[Loop] = []
 
@@ -102,9 +106,13 @@ class Guard:
         except StoreUnavailable:
             pass
 
-    def status(self) -> dict[str, Any]:
-        """For ``/admin/state``: settings and this replica's view of the last decision."""
-        s = self.settings
+    def settings_for(self, config: ServiceConfig) -> Settings:
+        """The gateway's guard settings with a service's own overrides applied."""
+        return self.settings.replace(**config.overrides) if config.overrides else self.settings
+
+    def status(self, service: str, config: ServiceConfig | None = None) -> dict[str, Any]:
+        """For ``/admin/state``: a service's effective thresholds and this replica's view of the last decision."""
+        s = self.settings_for(config) if config is not None else self.settings
         return {
             "enabled": s.guard_enabled,
             "this_replica_decides": self.leader,
@@ -113,7 +121,8 @@ class Guard:
             "min_requests": s.guard_min_requests,
             "p99_threshold_seconds": s.guard_p99,
             "bake_seconds": None if s.guard_always else s.guard_bake,
-            **self.last,
+            "overrides": config.thresholds() if config is not None else {},
+            **self.last.get(service, {}),
         }
 
     # --- signals --------------------------------------------------------------------------
@@ -134,11 +143,12 @@ class Guard:
         except StoreUnavailable as exc:
             log.debug("could not flush traffic counters: %s", exc)
 
-    async def figures(self, deployment: str, end: float | None = None) -> Figures:
+    async def figures(self, deployment: str, *, service: str = DEFAULT_SERVICE, end: float | None = None,
+                      window: float | None = None) -> Figures:
         """Every replica's traffic of a deployment over the window ending at ``end`` (default: now)."""
         end_second = int(end if end is not None else time.time())
-        first = end_second - int(self.settings.guard_window) + 1
-        return figures_from_counts(await self.store.read_stats(deployment, first, end_second))
+        first = end_second - int(window or self.settings.guard_window) + 1
+        return figures_from_counts(await self.store.read_stats(deployment, first, end_second, service=service))
 
     # --- decision -------------------------------------------------------------------------
     async def _evaluate_once(self) -> None:
@@ -148,74 +158,87 @@ class Guard:
             self.metrics.guard_leader.set(1 if self.leader else 0)
             if self.leader:
                 await self.evaluate()
-            else:
-                state = await self.store.get_guard()
-                self.metrics.guard_paused.set(1 if state.get("paused") else 0)
-                self.metrics.guard_latched.set(1 if state.get("latched") else 0)
         except StoreUnavailable as exc:
             self.leader = False
             log.debug("guard cannot reach the store: %s", exc)
 
+    async def _services(self) -> dict[str, Snapshot]:
+        if self.watcher is not None and self.watcher.ready:
+            return dict(self.watcher.snapshots)
+        return {name: await self.store.read_snapshot(service=name) for name in await self.store.list_services()}
+
     async def evaluate(self) -> None:
-        """One decision by the leader: judge the active deployment, roll back, hold or do nothing."""
-        s = self.settings
-        snapshot: Snapshot = await self.store.read_snapshot()
+        """One round by the leader: each service whose guard is armed is judged on its own."""
+        for service, seen in sorted((await self._services()).items()):
+            s = self.settings_for(seen.config)
+            route = seen.route
+            if route.active is None:
+                self.last[service] = {"status": "idle", "detail": "no active deployment"}
+                continue
+            if not s.guard_enabled:
+                self.last[service] = {"status": "disabled"}
+                continue
+            age = time.time() - route.changed_at if route.changed_at else float("inf")
+            if not s.guard_always and age > s.guard_bake:
+                self.last[service] = {"status": "disarmed",
+                                      "detail": f"bake period of {s.guard_bake:.0f} s after the last switch is over"}
+                continue
+            await self.evaluate_service(service, s)
+
+    async def evaluate_service(self, service: str, s: Settings) -> None:
+        """Judge one service's active deployment: roll back, hold or do nothing."""
+        snapshot: Snapshot = await self.store.read_snapshot(service=service)
         route = snapshot.route
-        state = await self.store.get_guard()
-        self.metrics.guard_paused.set(1 if state.get("paused") else 0)
-        self.metrics.guard_latched.set(1 if state.get("latched") else 0)
+        state = await self.store.get_guard(service=service)
         if state.get("latched") and state.get("latched_generation") != str(route.generation):
             # The route moved since the guard acted: an operator acted, the latch lifts.
-            await self.store.set_guard(latched=None, latched_generation=None)
-            state = await self.store.get_guard()
+            await self.store.set_guard(service=service, latched=None, latched_generation=None)
+            state = await self.store.get_guard(service=service)
+        self.metrics.guard_paused.labels(service).set(1 if state.get("paused") else 0)
+        self.metrics.guard_latched.labels(service).set(1 if state.get("latched") else 0)
         if route.active is None:
-            self.last = {"status": "idle", "detail": "no active deployment"}
-            return
-        if not s.guard_enabled:
-            self.last = {"status": "disabled"}
+            self.last[service] = {"status": "idle", "detail": "no active deployment"}
             return
         if state.get("paused"):
-            self.last = {"status": "paused", "detail": state.get("paused")}
+            self.last[service] = {"status": "paused", "detail": state.get("paused")}
             return
         if state.get("latched"):
-            self.last = {"status": "latched", "detail": state["latched"]}
+            self.last[service] = {"status": "latched", "detail": state["latched"]}
             return
-        age = time.time() - route.changed_at if route.changed_at else float("inf")
-        if not s.guard_always and age > s.guard_bake:
-            self.last = {"status": "disarmed", "detail": f"bake period of {s.guard_bake:.0f} s after the last switch is over"}
-            return
-        figures = await self.figures(route.active)
+        figures = await self.figures(route.active, service=service, window=s.guard_window)
         baseline = None
         if s.guard_compare_previous and route.previous and route.changed_at:
-            baseline = await self.figures(route.previous, end=route.changed_at)
+            baseline = await self.figures(route.previous, service=service, end=route.changed_at, window=s.guard_window)
         verdict = judge(s, figures, baseline)
-        self.last = {"status": "armed", "active": route.active, "detail": verdict.why,
-                     "error_rate": round(figures.error_rate, 4), "requests": figures.requests}
+        last = self.last[service] = {"status": "armed", "active": route.active, "detail": verdict.why,
+                                     "error_rate": round(figures.error_rate, 4), "requests": figures.requests}
         if not verdict.breach:
             return
         previous = route.previous
         if previous is None or not snapshot.is_ready(previous):
             why = "there is no previous deployment" if previous is None else f"previous deployment {previous} is not ready"
-            self.last = {**self.last, "status": "holding", "detail": f"{verdict.why}; holding: {why}"}
-            if self._held_generation != route.generation:
+            self.last[service] = {**last, "status": "holding", "detail": f"{verdict.why}; holding: {why}"}
+            if self._held_generation.get(service) != route.generation:
                 # Recorded once per route generation; counting goes on.
-                self._held_generation = route.generation
+                self._held_generation[service] = route.generation
                 await self.store.append_history(HistoryEntry(
                     "rollback", GUARD_WHO, result="held", source=route.active, target=previous,
                     generation=route.generation, reason=verdict.why, detail=f"not rolling back: {why}",
                     evidence=verdict.evidence,
-                ))
+                ), service=service)
             return
         outcome = await self.control.rollback(
-            GUARD_WHO, reason=f"guard: {verdict.why}", expected_generation=route.generation,
+            GUARD_WHO, service=service, reason=f"guard: {verdict.why}", expected_generation=route.generation,
             only_if_active=route.active, evidence=verdict.evidence,
         )
         if outcome.applied:
             await self.store.set_guard(
+                service=service,
                 latched=f"rolled back {route.active} at generation {outcome.route.generation}: {verdict.why}",
                 latched_generation=str(outcome.route.generation),
             )
-            self.last = {"status": "latched", "detail": f"rolled back {route.active}: {verdict.why}"}
-            log.warning("guard rolled back %s → %s: %s", route.active, previous, verdict.why)
+            self.metrics.guard_latched.labels(service).set(1)
+            self.last[service] = {"status": "latched", "detail": f"rolled back {route.active}: {verdict.why}"}
+            log.warning("guard rolled back %s in service %s → %s: %s", route.active, service, previous, verdict.why)
         else:
-            log.info("guard rollback of %s not applied: %s", route.active, outcome.message)
+            log.info("guard rollback of %s in service %s not applied: %s", route.active, service, outcome.message)

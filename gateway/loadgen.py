@@ -26,12 +26,13 @@ class Phase:
 
 @dataclass(frozen=True, slots=True)
 class Result:
-    """One answer: which deployment and generation gave it, with what status."""
+    """One answer: which deployment (of which service) and generation gave it, with what status."""
 
     deployment: str | None
     generation: int
     status: int
     at: float
+    service: str | None = None
 
 
 class LoadGenerator:
@@ -105,12 +106,13 @@ class LoadGenerator:
                 status = resp.status
                 dep = resp.headers.get("X-Turnout-Deployment")
                 gen = int(resp.headers.get("X-Turnout-Generation", "0") or 0)
+                service = resp.headers.get("X-Turnout-Service")
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             phase.failed += 1
             phase.failures.append(repr(exc))
             return
         now = time.monotonic()
-        result = Result(dep, gen, status, now)
+        result = Result(dep, gen, status, now, service)
         self.results.append(result)
         self.generation_seen.setdefault(gen, now)
         if dep is not None and (not self.deployment_seen or self.deployment_seen[-1][1] != dep):

@@ -29,22 +29,23 @@ UPSTREAM_ERROR = "upstream_error"
 OVERLOADED = "overloaded"
 
 # What can change the route (the `trigger` label).
-TRIGGERS = ("api", "guard", "alertmanager")
+TRIGGERS = ("api", "guard", "alertmanager", "up")
 
 __all__ = ["CONTENT_TYPE_LATEST", "GatewayMetrics", "DeploymentMetrics", "LATENCY_BUCKETS"]
 
 
 class DeploymentMetrics:
-    """The proxy's per-request series of one deployment, as plain counters.
+    """The proxy's per-request series of one deployment of one service, as plain counters.
 
     Every proxied request touches these, so they skip prometheus_client's per-call lock and label
     lookup (about 4 µs a request, 8% of the proxy's CPU): the gateway is one thread, and
     :class:`_ProxyCollector` turns the counters into metric families only when /metrics is read.
     """
 
-    __slots__ = ("name", "inflight", "by_code", "buckets", "duration_sum", "_upstream_errors")
+    __slots__ = ("service", "name", "inflight", "by_code", "buckets", "duration_sum", "_upstream_errors")
 
-    def __init__(self, metrics: GatewayMetrics, name: str) -> None:
+    def __init__(self, metrics: GatewayMetrics, service: str, name: str) -> None:
+        self.service = service
         self.name = name
         self.inflight = 0
         # (code, outcome) → requests
@@ -63,7 +64,7 @@ class DeploymentMetrics:
 
     def upstream_error(self, kind: str) -> None:
         """Count one failure to reach or hear from the model server."""
-        self._upstream_errors.labels(self.name, kind).inc()
+        self._upstream_errors.labels(self.service, self.name, kind).inc()
 
 
 _BUCKET_LABELS = [floatToGoString(b) for b in (*LATENCY_BUCKETS, math.inf)]
@@ -72,7 +73,7 @@ _BUCKET_LABELS = [floatToGoString(b) for b in (*LATENCY_BUCKETS, math.inf)]
 class _ProxyCollector(Collector):
     """Exposes every :class:`DeploymentMetrics` as turnout_requests, _request_duration_seconds, _inflight_requests."""
 
-    def __init__(self, deployments: dict[str, DeploymentMetrics]) -> None:
+    def __init__(self, deployments: dict[tuple[str, str], DeploymentMetrics]) -> None:
         self._deployments = deployments
 
     def describe(self) -> Iterable[Metric]:
@@ -85,22 +86,22 @@ class _ProxyCollector(Collector):
 
     def _families(self) -> list[Metric]:
         requests = CounterMetricFamily(
-            "turnout_requests", "Proxied prediction requests by deployment, status code and outcome.",
-            labels=["deployment", "code", "outcome"],
+            "turnout_requests", "Proxied prediction requests by service, deployment, status code and outcome.",
+            labels=["service", "deployment", "code", "outcome"],
         )
         duration = HistogramMetricFamily(
             "turnout_request_duration_seconds",
-            "Time from request arrival to the last response byte, per deployment.", labels=["deployment"],
+            "Time from request arrival to the last response byte, per deployment.", labels=["service", "deployment"],
         )
         inflight = GaugeMetricFamily(
-            "turnout_inflight_requests", "Requests being proxied right now, per deployment.", labels=["deployment"]
+            "turnout_inflight_requests", "Requests being proxied right now, per deployment.", labels=["service", "deployment"]
         )
-        for name, dm in list(self._deployments.items()):
+        for (service, name), dm in list(self._deployments.items()):
             for (code, outcome), count in list(dm.by_code.items()):
-                requests.add_metric([name, str(code), outcome], count)
+                requests.add_metric([service, name, str(code), outcome], count)
             cumulative = list(accumulate(dm.buckets))
-            duration.add_metric([name], list(zip(_BUCKET_LABELS, cumulative)), dm.duration_sum)
-            inflight.add_metric([name], dm.inflight)
+            duration.add_metric([service, name], list(zip(_BUCKET_LABELS, cumulative)), dm.duration_sum)
+            inflight.add_metric([service, name], dm.inflight)
         return [requests, duration, inflight]
 
 
@@ -120,18 +121,23 @@ class GatewayMetrics:
         disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self._deployments: dict[str, DeploymentMetrics] = {}
+        self._deployments: dict[tuple[str, str], DeploymentMetrics] = {}
+        self._services: set[str] = set()
         r.register(_ProxyCollector(self._deployments))
         self.upstream_errors = Counter(
             "turnout_upstream_errors", "Failures to reach or hear from a model server, by kind.",
-            ["deployment", "kind"], registry=r,
+            ["service", "deployment", "kind"], registry=r,
         )
-        self.generation = Gauge("turnout_route_generation", "Generation of the route this gateway applies.", registry=r)
+        self.generation = Gauge(
+            "turnout_route_generation", "Generation of each service's route this gateway applies.", ["service"], registry=r,
+        )
         self.active = Gauge(
-            "turnout_active_deployment", "1 for the deployment receiving traffic, 0 for the others.", ["deployment"], registry=r,
+            "turnout_active_deployment", "1 for the deployment receiving a service's traffic, 0 for the others.",
+            ["service", "deployment"], registry=r,
         )
         self.ready = Gauge(
-            "turnout_deployment_ready", "1 when a deployment is ready to serve (as this gateway sees it).", ["deployment"], registry=r,
+            "turnout_deployment_ready", "1 when a deployment is ready to serve (as this gateway sees it).",
+            ["service", "deployment"], registry=r,
         )
         self.store_up = Gauge("turnout_store_up", "1 while the route store (Redis) answers, 0 during an outage.", registry=r)
         self.store_errors = Counter(
@@ -140,22 +146,26 @@ class GatewayMetrics:
         self.route_updates = Counter(
             "turnout_route_updates", "Snapshots applied by this gateway, by what caused the read.", ["source"], registry=r,
         )
-        self.switches = Counter("turnout_switches", "Route changes applied through Turnout, by trigger.", ["trigger"], registry=r)
-        self.rollbacks = Counter("turnout_rollbacks", "Rollbacks to the previous deployment, by trigger.", ["trigger"], registry=r)
+        self.switches = Counter(
+            "turnout_switches", "Route changes applied through Turnout, by service and trigger.", ["service", "trigger"], registry=r,
+        )
+        self.rollbacks = Counter(
+            "turnout_rollbacks", "Rollbacks to the previous deployment, by service and trigger.", ["service", "trigger"], registry=r,
+        )
         self.bad_requests = Counter(
             "turnout_bad_requests", "Client requests refused before routing (malformed, too large, too slow), by reason.",
             ["reason"], registry=r,
         )
         self.background_errors = background_errors_counter(r)
         self.guard_leader = Gauge("turnout_guard_leader", "1 while this replica is the one whose guard decides.", registry=r)
-        self.guard_paused = Gauge("turnout_guard_paused", "1 while an operator has paused the guard.", registry=r)
+        self.guard_paused = Gauge(
+            "turnout_guard_paused", "1 while an operator has paused a service's guard.", ["service"], registry=r,
+        )
         self.guard_latched = Gauge(
-            "turnout_guard_latched", "1 after an automatic rollback, until an operator acts.", registry=r,
+            "turnout_guard_latched", "1 after an automatic rollback of a service, until an operator acts.", ["service"],
+            registry=r,
         )
         # Series exist at 0 from the start: a counter born at 1 hides its first increase from rate().
-        for trigger in TRIGGERS:
-            self.switches.labels(trigger)
-            self.rollbacks.labels(trigger)
         for reason in http1.REASONS:
             self.bad_requests.labels(reason)
 
@@ -167,23 +177,41 @@ class GatewayMetrics:
         """One refused client request (see :class:`gateway.http1.BadRequests`)."""
         self.bad_requests.labels(reason).inc()
 
-    def deployment(self, name: str) -> DeploymentMetrics:
-        """The bound metrics of one deployment."""
-        found = self._deployments.get(name)
+    def deployment(self, service: str, name: str) -> DeploymentMetrics:
+        """The bound metrics of one deployment of a service."""
+        key = (service, name)
+        found = self._deployments.get(key)
         if found is None:
-            found = self._deployments[name] = DeploymentMetrics(self, name)
+            found = self._deployments[key] = DeploymentMetrics(self, service, name)
         return found
 
     def apply_snapshot(self, snapshot: Snapshot) -> None:
-        """Mirror the route and readiness gauges; deployments that disappeared drop their series."""
-        self.generation.set(snapshot.route.generation)
+        """Mirror a service's route and readiness gauges; deployments that disappeared drop their series."""
+        service = snapshot.service
+        if service not in self._services:
+            self._services.add(service)
+            for trigger in TRIGGERS:
+                self.switches.labels(service, trigger)
+                self.rollbacks.labels(service, trigger)
+        self.generation.labels(service).set(snapshot.route.generation)
         for name in snapshot.deployments:
-            self.active.labels(name).set(1 if name == snapshot.route.active else 0)
-            self.ready.labels(name).set(1 if snapshot.is_ready(name) else 0)
+            self.active.labels(service, name).set(1 if name == snapshot.route.active else 0)
+            self.ready.labels(service, name).set(1 if snapshot.is_ready(name) else 0)
         for gauge in (self.active, self.ready):
-            for (name,) in list(gauge._metrics):
-                if name not in snapshot.deployments:
-                    gauge.remove(name)
+            for svc, name in list(gauge._metrics):
+                if svc == service and name not in snapshot.deployments:
+                    gauge.remove(svc, name)
+
+    def forget_service(self, service: str) -> None:
+        """A deleted service's gauges go (its counters stay: a rate must not see them drop)."""
+        self._services.discard(service)
+        for gauge in (self.active, self.ready):
+            for svc, name in list(gauge._metrics):
+                if svc == service:
+                    gauge.remove(svc, name)
+        for gauge in (self.generation, self.guard_paused, self.guard_latched):
+            if (service,) in gauge._metrics:
+                gauge.remove(service)
 
     def exposition(self) -> bytes:
         """The text exposition format of every metric."""

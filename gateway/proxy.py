@@ -17,6 +17,7 @@ from .aiohttp_handler import HEAD_STARTED, abandon_body
 from .classify import classify
 from .http1 import BODY_TIMEOUT, MALFORMED, MISSING_CONTENT_TYPE, BadRequests, ServerLimits
 from .metrics import CLIENT_ERROR, OVERLOADED, UPSTREAM_ERROR, DeploymentMetrics, GatewayMetrics
+from .records import DEFAULT_SERVICE
 from .traffic import Traffic
 from .upstream import POOL_FULL, UpstreamError, UpstreamPool, UpstreamResponse
 from .watcher import RouteWatcher
@@ -38,8 +39,43 @@ _REQUEST_OWNED = frozenset({b"host", b"content-length", b"expect", b"x-forwarded
 # Response headers aiohttp derives from the body it sends.
 _RESPONSE_OWNED = frozenset({b"content-length"})
 
+SERVICE_HEADER = "X-Turnout-Service"
 DEPLOYMENT_HEADER = "X-Turnout-Deployment"
 GENERATION_HEADER = "X-Turnout-Generation"
+# How many services an unknown-service 404 names.
+_SERVICES_NAMED = 5
+
+_MODELS = b"/models/"
+_PINNED = b"/deployments/"
+_INVOCATIONS = b"/invocations"
+
+
+def scoring_path(path: bytes) -> tuple[str | None, str | None] | None:
+    """(service or None for the default one, pinned deployment or None) of a scoring path, or None
+    if it is not one: ``/invocations``, ``/deployments/{name}/invocations``,
+    ``/models/{service}/invocations``, ``/models/{service}/deployments/{name}/invocations``."""
+    service: str | None = None
+    if path.startswith(_MODELS):
+        rest = path[len(_MODELS) - 1:]
+        end = rest.find(b"/", 1)
+        if end < 0:
+            return None
+        raw = rest[1:end]
+        if not _plain(raw):
+            return None
+        service, path = raw.decode("ascii"), rest[end:]
+    if path == _INVOCATIONS:
+        return service, None
+    if path.startswith(_PINNED) and path.endswith(_INVOCATIONS):
+        raw = path[len(_PINNED): -len(_INVOCATIONS)]
+        if _plain(raw):
+            return service, raw.decode("ascii")
+    return None
+
+
+def _plain(segment: bytes) -> bool:
+    """A path segment that is a name as written (no escapes, slashes or non-ASCII)."""
+    return bool(segment) and segment.isascii() and b"/" not in segment and b"%" not in segment
 
 # A client that went away mid-request: logged as 499 (nginx's convention), never an upstream fault.
 CLIENT_CLOSED = 499
@@ -136,11 +172,10 @@ def upstream_header_pairs(upstream: UpstreamResponse) -> list[tuple[bytes, bytes
     return out
 
 
-def response_headers(upstream: UpstreamResponse, deployment: str, generation: str) -> list[tuple[str, str]]:
+def response_headers(upstream: UpstreamResponse, tags: dict[str, str]) -> list[tuple[str, str]]:
     """Upstream response headers minus hop-by-hop ones, plus Turnout's own."""
     out = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in upstream_header_pairs(upstream)]
-    out.append((DEPLOYMENT_HEADER, deployment))
-    out.append((GENERATION_HEADER, generation))
+    out.extend(tags.items())
     return out
 
 
@@ -153,12 +188,15 @@ class Refusal:
     message: str
     deployment: str | None = None
     generation: str | None = None
+    service: str | None = None
 
     def tags(self) -> dict[str, str]:
-        """The X-Turnout-* headers, when a deployment was chosen."""
-        if self.deployment is None or self.generation is None:
-            return {}
-        return {DEPLOYMENT_HEADER: self.deployment, GENERATION_HEADER: self.generation}
+        """The X-Turnout-* headers of what was chosen."""
+        out = {SERVICE_HEADER: self.service} if self.service is not None else {}
+        if self.deployment is not None and self.generation is not None:
+            out[DEPLOYMENT_HEADER] = self.deployment
+            out[GENERATION_HEADER] = self.generation
+        return out
 
     def body(self) -> bytes:
         """MLflow's error shape."""
@@ -178,11 +216,16 @@ NO_CONTENT_TYPE = Refusal(
 
 @dataclass(frozen=True, slots=True)
 class Choice:
-    """Where one request goes: the deployment, its generation, and its pre-encoded target."""
+    """Where one request goes: the service, the deployment, its generation, and its pre-encoded target."""
 
+    service: str
     name: str
     generation: str
     target: Target
+
+    def tags(self) -> dict[str, str]:
+        """The X-Turnout-* headers of every answer to it."""
+        return {SERVICE_HEADER: self.service, DEPLOYMENT_HEADER: self.name, GENERATION_HEADER: self.generation}
 
 
 class _ClientStalled(Exception):
@@ -232,9 +275,10 @@ class Proxy:
 
     def __init__(
         self, watcher: RouteWatcher, pool: UpstreamPool, metrics: GatewayMetrics, traffic: Traffic, max_body_bytes: int,
-        limits: ServerLimits, bad_requests: BadRequests,
+        limits: ServerLimits, bad_requests: BadRequests, default_service: str = DEFAULT_SERVICE,
     ) -> None:
         self.watcher = watcher
+        self.default_service = default_service
         self.pool = pool
         self.metrics = metrics
         self.traffic = traffic
@@ -256,17 +300,22 @@ class Proxy:
             target = self._targets[url] = parse_target(url)
         return target
 
-    def choose(self, pinned: str | None = None) -> Choice | Refusal:
-        """The active deployment (or the ``pinned`` one) of the current snapshot, if it can take a request."""
-        snapshot = self.watcher.snapshot
+    def choose(self, service: str | None = None, pinned: str | None = None) -> Choice | Refusal:
+        """The active deployment (or the ``pinned`` one) of a service's current snapshot (the default
+        service's when None), if it can take a request."""
+        if service is None:
+            service = self.default_service
+        snapshot = self.watcher.snapshots.get(service)
         if snapshot is None:
-            return Refusal(503, errors.TEMPORARILY_UNAVAILABLE, "the gateway has not read a route yet; retry shortly")
+            return self.unknown_service(service)
         if pinned is None:
             name = snapshot.route.active
             if name is None:
-                return Refusal(503, errors.TEMPORARILY_UNAVAILABLE, "no deployment is active yet")
+                return Refusal(503, errors.TEMPORARILY_UNAVAILABLE, f"no deployment is active in service {service!r} yet",
+                               service=service)
         elif pinned not in snapshot.deployments:
-            return Refusal(404, errors.RESOURCE_DOES_NOT_EXIST, f"no deployment named {pinned!r}")
+            return Refusal(404, errors.RESOURCE_DOES_NOT_EXIST, f"service {service!r} has no deployment named {pinned!r}",
+                           service=service)
         else:
             name = pinned
         generation = str(snapshot.route.generation)
@@ -274,12 +323,20 @@ class Proxy:
         if dep is None or dep.url is None or not snapshot.is_ready(name):
             state = snapshot.effective_state(name)
             detail = "is unknown" if state is None else f"is {state.value}" + (f": {dep.reason}" if dep and dep.reason else "")
-            return Refusal(503, errors.TEMPORARILY_UNAVAILABLE, f"deployment {name!r} {detail}", name, generation)
-        return Choice(name, generation, self._target(dep.url))
+            return Refusal(503, errors.TEMPORARILY_UNAVAILABLE, f"deployment {name!r} {detail}", name, generation, service)
+        return Choice(service, name, generation, self._target(dep.url))
 
-    def begin(self, name: str) -> tuple[DeploymentMetrics, float]:
+    def unknown_service(self, service: str) -> Refusal:
+        """404 naming the services there are (503 before the gateway has read any)."""
+        if not self.watcher.ready:
+            return Refusal(503, errors.TEMPORARILY_UNAVAILABLE, "the gateway has not read a route yet; retry shortly")
+        names = sorted(self.watcher.snapshots)
+        listed = ", ".join(names[:_SERVICES_NAMED]) + (f" and {len(names) - _SERVICES_NAMED} more" if len(names) > _SERVICES_NAMED else "")
+        return Refusal(404, errors.RESOURCE_DOES_NOT_EXIST, f"no service named {service!r} (services: {listed})")
+
+    def begin(self, service: str, name: str) -> tuple[DeploymentMetrics, float]:
         """Count a request in flight; returns what :meth:`end` needs."""
-        dm = self.metrics.deployment(name)
+        dm = self.metrics.deployment(service, name)
         dm.inflight += 1
         # Cached: on Python 3.11 every get_running_loop() is a getpid() system call.
         loop = self._loop or self._bind_loop()
@@ -292,13 +349,13 @@ class Proxy:
         dm.inflight -= 1
         dm.observe(code, outcome, elapsed)
         if outcome is not OVERLOADED:
-            self.traffic.record(dm.name, outcome, elapsed)
+            self.traffic.record((dm.service, dm.name), outcome, elapsed)
 
     @staticmethod
     def upstream_failed(dm: DeploymentMetrics, exc: UpstreamError, when: str = "") -> None:
         """Count and log a failure to reach or hear from a model server."""
         dm.upstream_error(exc.kind)
-        log.warning("deployment %s: %s%s", dm.name, when, exc)
+        log.warning("service %s deployment %s: %s%s", dm.service, dm.name, when, exc)
 
     def untyped(self, peer: object) -> Refusal:
         """The answer to a prediction request without Content-Type (counted as a bad request)."""
@@ -306,16 +363,11 @@ class Proxy:
         return NO_CONTENT_TYPE
 
     async def invocations(self, request: web.Request) -> web.StreamResponse:
-        """``POST /invocations``: the active deployment of the snapshot current when the request arrived."""
-        chosen = self.choose() if "Content-Type" in request.headers else self.untyped(request.remote)
-        if isinstance(chosen, Refusal):
-            return chosen.response()
-        return await self._forward(request, chosen)
-
-    async def pinned(self, request: web.Request) -> web.StreamResponse:
-        """``POST /deployments/{name}/invocations``: one named deployment, e.g. green before the flip."""
+        """``POST [/models/{service}]/invocations`` and ``POST [/models/{service}]/deployments/{name}/invocations``:
+        the active (or the named) deployment of the service's snapshot current when the request arrived."""
+        info = request.match_info
         if "Content-Type" in request.headers:
-            chosen = self.choose(request.match_info["name"])
+            chosen = self.choose(info.get("service"), info.get("name"))
         else:
             chosen = self.untyped(request.remote)
         if isinstance(chosen, Refusal):
@@ -323,8 +375,8 @@ class Proxy:
         return await self._forward(request, chosen)
 
     async def _forward(self, request: web.Request, chosen: Choice) -> web.StreamResponse:
-        name, generation, target = chosen.name, chosen.generation, chosen.target
-        tags = {DEPLOYMENT_HEADER: name, GENERATION_HEADER: generation}
+        name, target = chosen.name, chosen.target
+        tags = chosen.tags()
         loop = self._loop or self._bind_loop()
         deadline = request[HEAD_STARTED] + self.limits.total_timeout
 
@@ -358,7 +410,7 @@ class Proxy:
         except ConnectionError:
             return web.Response(status=CLIENT_CLOSED)
 
-        dm, started = self.begin(name)
+        dm, started = self.begin(chosen.service, name)
         code, outcome = 0, CLIENT_ERROR
         try:
             try:
@@ -384,7 +436,7 @@ class Proxy:
                 code = CLIENT_CLOSED
                 return web.Response(status=CLIENT_CLOSED)
             try:
-                code, outcome, response = await self._respond(request, upstream, name, generation, deadline)
+                code, outcome, response = await self._respond(request, upstream, tags, deadline)
             except UpstreamError as exc:
                 # Headers already went to the client: all we can do is cut the response short.
                 code, outcome = 502, UPSTREAM_ERROR
@@ -418,10 +470,10 @@ class Proxy:
         return response
 
     async def _respond(
-        self, request: web.Request, upstream: UpstreamResponse, name: str, generation: str, deadline: float
+        self, request: web.Request, upstream: UpstreamResponse, tags: dict[str, str], deadline: float
     ) -> tuple[int, str, web.StreamResponse]:
         status = upstream.status
-        headers = response_headers(upstream, name, generation)
+        headers = response_headers(upstream, tags)
         length = upstream.length
         if upstream.small(SMALL_BODY):
             body = await upstream.read()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import json
 import re
 import time
 from collections.abc import Iterable, Mapping
@@ -24,18 +25,40 @@ def check_name(name: str) -> str:
     return name
 
 
-def parse_specs(items: Iterable[str]) -> dict[str, str]:
-    """``["blue=models:/iris/1", "green=models:/iris@champion"]`` (items may hold comma-separated lists) → name → URI."""
-    out: dict[str, str] = {}
+# The service every single-model install uses (its keys are the layout earlier releases wrote).
+DEFAULT_SERVICE = "default"
+# Service names appear in URLs next to these words and in Redis keys: none of them may be a service.
+RESERVED_SERVICE_NAMES = frozenset({
+    "admin", "deployments", "health", "invocations", "metrics", "models", "openapi.json", "ping", "services", "svc",
+    "version",
+})
+
+
+def check_service_name(name: str) -> str:
+    """The name, if it is a valid service name; else ``ValueError`` saying what is allowed."""
+    if not NAME_PATTERN.match(name):
+        raise ValueError(
+            f"invalid service name {name!r}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    if name.lower() in RESERVED_SERVICE_NAMES:
+        raise ValueError(f"invalid service name {name!r}: it is reserved (reserved: {', '.join(sorted(RESERVED_SERVICE_NAMES))})")
+    return name
+
+
+def parse_specs(items: Iterable[str], default_service: str = DEFAULT_SERVICE) -> dict[tuple[str, str], str]:
+    """``["blue=models:/iris/1", "loans/green=models:/loans@champion"]`` (items may hold comma-separated
+    lists) → (service, name) → URI; a spec without ``SERVICE/`` belongs to ``default_service``."""
+    out: dict[tuple[str, str], str] = {}
     for item in items:
         for spec in filter(None, (part.strip() for part in item.split(","))):
-            name, sep, uri = spec.partition("=")
+            target, sep, uri = spec.partition("=")
             if not sep or not uri.strip():
-                raise ValueError(f"deployment {spec!r} must be NAME=MODEL_URI")
-            name = check_name(name.strip())
-            if name in out:
-                raise ValueError(f"deployment {name!r} given twice")
-            out[name] = uri.strip()
+                raise ValueError(f"deployment {spec!r} must be [SERVICE/]NAME=MODEL_URI")
+            service, slash, name = target.strip().rpartition("/")
+            key = (check_service_name(service) if slash else default_service, check_name(name))
+            if key in out:
+                raise ValueError(f"deployment {target.strip()!r} given twice")
+            out[key] = uri.strip()
     return out
 
 
@@ -141,14 +164,74 @@ def encode_changes(changes: Mapping[str, Any]) -> dict[str, str | None]:
     return out
 
 
+# Guard settings a service may set for itself: the threshold's name in the API → the gateway-wide
+# setting it overrides (the store keeps the setting's name).
+GUARD_FIELDS = {
+    "enabled": "guard_enabled", "window_seconds": "guard_window", "error_rate": "guard_error_rate",
+    "min_requests": "guard_min_requests", "p99_seconds": "guard_p99", "bake_seconds": "guard_bake",
+    "always": "guard_always",
+}
+GUARD_OVERRIDES = tuple(GUARD_FIELDS.values())
+_API_NAMES = {setting: api for api, setting in GUARD_FIELDS.items()}
+_OVERRIDE_TYPES: dict[str, type] = {
+    "guard_enabled": bool, "guard_window": float, "guard_error_rate": float, "guard_min_requests": int,
+    "guard_p99": float, "guard_bake": float, "guard_always": bool,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    """What a service sets for itself: guard thresholds that override the gateway-wide ones."""
+
+    overrides: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    created_at: float | None = None
+
+    def thresholds(self) -> dict[str, Any]:
+        """The overrides under their API names (``error_rate``, ``window_seconds``, ...)."""
+        return {_API_NAMES[name]: value for name, value in self.overrides.items()}
+
+    def to_fields(self) -> dict[str, str]:
+        """Flat string fields for storage."""
+        out = {name: json.dumps(value) for name, value in self.overrides.items()}
+        if self.created_at is not None:
+            out["created_at"] = repr(self.created_at)
+        return out
+
+    @classmethod
+    def from_fields(cls, data: Mapping[str, str]) -> ServiceConfig:
+        """Inverse of :meth:`to_fields`; a value this release cannot read is left out (inherited)."""
+        overrides: dict[str, Any] = {}
+        for name in GUARD_OVERRIDES:
+            raw = data.get(name)
+            if raw is None:
+                continue
+            try:
+                value = json.loads(raw)
+            except ValueError:
+                continue
+            kind = _OVERRIDE_TYPES[name]
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if isinstance(value, kind) and not (kind is not bool and isinstance(value, bool)):
+                overrides[name] = value
+        created = data.get("created_at")
+        try:
+            created_at = float(created) if created is not None else None
+        except ValueError:
+            created_at = None
+        return cls(MappingProxyType(overrides), created_at)
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """Everything the data plane needs, read at one instant and replaced whole."""
+    """Everything the data plane needs of one service, read at one instant and replaced whole."""
 
     route: Route
     deployments: Mapping[str, Deployment] = field(default_factory=lambda: MappingProxyType({}))
     # Deployments whose hosting worker holds a live lease; external ones count as live.
     live: frozenset[str] = frozenset()
+    service: str = DEFAULT_SERVICE
+    config: ServiceConfig = field(default_factory=ServiceConfig)
 
     def is_ready(self, name: str | None) -> bool:
         """True when the deployment exists, reports ready, and its worker is alive."""

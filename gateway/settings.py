@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, get_args, get_type_hints
 
+from .records import check_service_name
+
 ENV_PREFIX = "TURNOUT_"
 
 
@@ -36,6 +38,10 @@ class Settings:
         scope=BOTH, default=None,
     )
     namespace: str = _doc("Key prefix in Redis, so several Turnout installations share one server.", scope=BOTH, default="turnout")
+    default_service: str = _doc(
+        "Service answering the unprefixed endpoints (/invocations, /admin/...) and NAME=URI worker deployments.",
+        scope=BOTH, default="default",
+    )
     host: str = _doc("Address the gateway's data plane listens on.", default="127.0.0.1")
     port: int = _doc("Port of the data plane.", default=8080)
     reuse_port: bool = _doc("Bind with SO_REUSEPORT so several gateway processes share the port.", default=False)
@@ -106,9 +112,13 @@ class Settings:
     log_level: str = _doc("Python logging level.", scope=BOTH, default="INFO")
     # --- worker -------------------------------------------------------------------------------
     deployments: str = _doc(
-        "Deployments a worker hosts: NAME=MODEL_URI, comma-separated (or --deployment, repeatable).", scope=WORKER, default=""
+        "Deployments a worker hosts: [SERVICE/]NAME=MODEL_URI, comma-separated (or --deployment, repeatable); "
+        "without SERVICE/, the default service's.", scope=WORKER, default=""
     )
     claim: bool = _doc("Worker also hosts deployments created through the store that no live worker holds.", scope=WORKER, default=False)
+    services: str = _doc(
+        "Services a --claim worker takes deployments of, comma-separated; empty = every service.", scope=WORKER, default="",
+    )
     model_host: str = _doc("Address the worker's model servers listen on.", scope=WORKER, default="127.0.0.1")
     advertise_host: str | None = _doc("Host the gateway uses to reach model servers (default: model_host).", scope=WORKER, default=None)
     model_ports: str = _doc("Port range for model servers; ports already taken are skipped.", scope=WORKER, default="5001-5999")
@@ -147,6 +157,12 @@ class Settings:
             self.trusted_networks()
         except ValueError as exc:
             raise SettingsError(f"trusted_proxies: {exc}") from None
+        try:
+            check_service_name(self.default_service)
+            for name in self.claimed_services():
+                check_service_name(name)
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
         if not self.namespace or any(c in self.namespace for c in " {}:"):
             raise SettingsError(f"namespace must be a non-empty word without spaces, braces or colons: {self.namespace!r}")
         for name in ("port", "admin_port", "worker_metrics_port"):
@@ -170,6 +186,10 @@ class Settings:
             if value is not None:
                 values[key] = value
         return cls(**values)
+
+    def claimed_services(self) -> frozenset[str]:
+        """``services`` parsed (empty: every service)."""
+        return frozenset(part.strip() for part in self.services.split(",") if part.strip())
 
     def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         """``trusted_proxies`` parsed (raises ``ValueError`` naming a bad entry)."""

@@ -10,7 +10,7 @@ from typing import Any
 
 from . import errors
 from .metrics import GatewayMetrics
-from .records import HistoryEntry, Route, Snapshot, State, Who
+from .records import DEFAULT_SERVICE, HistoryEntry, Route, Snapshot, State, Who
 from .registry_sync import Job, RegistrySync
 from .store import Store
 
@@ -56,24 +56,25 @@ class RouteControl:
         self.registry = registry
 
     async def switch(
-        self, target: str, who: Who, *, reason: str = "", expected_generation: int | None = None, force: bool = False
+        self, target: str, who: Who, *, service: str = DEFAULT_SERVICE, reason: str = "",
+        expected_generation: int | None = None, force: bool = False,
     ) -> Outcome:
-        """Make ``target`` active; the current active becomes previous."""
-        snapshot = await self.store.read_snapshot()
+        """Make ``target`` the service's active deployment; the current active becomes previous."""
+        snapshot = await self.store.read_snapshot(service=service)
         route = snapshot.route
         entry = self._entry(who, "switch", route.active, target, reason, force=force)
         if target not in snapshot.deployments:
-            return await self._refuse(entry, route, 404, errors.RESOURCE_DOES_NOT_EXIST, f"no deployment named {target!r}")
+            return await self._refuse(service, entry, route, 404, errors.RESOURCE_DOES_NOT_EXIST, f"no deployment named {target!r}")
         if expected_generation is not None and expected_generation != route.generation:
             return await self._refuse(
-                entry, route, 409, errors.INVALID_STATE,
+                service, entry, route, 409, errors.INVALID_STATE,
                 f"the route is at generation {route.generation}, not {expected_generation}: someone changed it; re-read and retry",
             )
         if target == route.active:
             return Outcome(False, 200, f"{target} is already active", route)
         if not snapshot.is_ready(target) and not force:
             return await self._refuse(
-                entry, route, 409, errors.INVALID_STATE,
+                service, entry, route, 409, errors.INVALID_STATE,
                 f"{target} is {describe_state(snapshot, target)}; wait until it is ready or use force",
                 state=snapshot.effective_state(target).value,  # type: ignore[union-attr]
             )
@@ -93,6 +94,7 @@ class RouteControl:
         self,
         who: Who,
         *,
+        service: str = DEFAULT_SERVICE,
         reason: str = "",
         expected_generation: int | None = None,
         force: bool = False,
@@ -101,33 +103,33 @@ class RouteControl:
     ) -> Outcome:
         """Make previous active again; the rolled-back deployment is tagged and not kept as previous
         (re-promoting it takes an explicit switch)."""
-        snapshot = await self.store.read_snapshot()
+        snapshot = await self.store.read_snapshot(service=service)
         route = snapshot.route
         entry = self._entry(who, "rollback", route.active, route.previous, reason, force=force, evidence=evidence)
         if only_if_active is not None and route.active != only_if_active:
             return await self._refuse(
-                entry, route, 409, errors.INVALID_STATE,
+                service, entry, route, 409, errors.INVALID_STATE,
                 f"{only_if_active} is not the active deployment (active: {route.active}); nothing rolled back",
             )
         if expected_generation is not None and expected_generation != route.generation:
             return await self._refuse(
-                entry, route, 409, errors.INVALID_STATE,
+                service, entry, route, 409, errors.INVALID_STATE,
                 f"the route is at generation {route.generation}, not {expected_generation}: someone changed it; re-read and retry",
             )
         previous = route.previous
         if previous is None or route.active is None:
-            return await self._refuse(entry, route, 409, errors.INVALID_STATE, "there is no previous deployment to roll back to")
+            return await self._refuse(service, entry, route, 409, errors.INVALID_STATE, "there is no previous deployment to roll back to")
         if previous not in snapshot.deployments:
-            return await self._refuse(entry, route, 409, errors.INVALID_STATE, f"previous deployment {previous!r} no longer exists")
+            return await self._refuse(service, entry, route, 409, errors.INVALID_STATE, f"previous deployment {previous!r} no longer exists")
         if not snapshot.is_ready(previous) and not force:
             return await self._refuse(
-                entry, route, 409, errors.INVALID_STATE,
+                service, entry, route, 409, errors.INVALID_STATE,
                 f"previous deployment {previous} is {describe_state(snapshot, previous)}; not rolling back onto it (use force)",
                 state=snapshot.effective_state(previous).value,  # type: ignore[union-attr]
             )
         outcome = await self._apply(snapshot, entry, previous, None, who)
         if outcome.applied:
-            self.metrics.rollbacks.labels(who.trigger).inc()
+            self.metrics.rollbacks.labels(service, who.trigger).inc()
             outcome.job = self.registry.submit(Job(
                 outcome.route.generation,
                 active=snapshot.deployments.get(previous),
@@ -145,24 +147,26 @@ class RouteControl:
                             evidence=dict(evidence) if evidence else None)
 
     async def _refuse(
-        self, entry: HistoryEntry, route: Route, status: int, code: str, message: str, **extra: Any
+        self, service: str, entry: HistoryEntry, route: Route, status: int, code: str, message: str, **extra: Any
     ) -> Outcome:
         record = entry.but(result="refused", detail=message, generation=route.generation, extra=extra)
-        await self.store.append_history(record)
+        await self.store.append_history(record, service=service)
         return Outcome(False, status, message, route, error_code=code, entry=record)
 
     async def _apply(
         self, snapshot: Snapshot, entry: HistoryEntry, active: str, previous: str | None, who: Who
     ) -> Outcome:
-        route = snapshot.route
+        route, service = snapshot.route, snapshot.service
         record = entry.but(result="applied")
-        change = await self.store.set_route(active, previous, expected_generation=route.generation, history=record)
+        change = await self.store.set_route(active, previous, service=service, expected_generation=route.generation,
+                                            history=record)
         if not change.ok:
-            why = (
-                f"the route changed concurrently (now generation {change.route.generation}, active {change.route.active}); re-read and retry"
-                if change.refusal == "conflict" else f"deployment {active!r} no longer exists"
-            )
-            return await self._refuse(entry, change.route, 409, errors.INVALID_STATE, why)
-        self.metrics.switches.labels(who.trigger).inc()
+            why = {
+                "conflict": f"the route changed concurrently (now generation {change.route.generation}, "
+                            f"active {change.route.active}); re-read and retry",
+                "no_service": f"service {service!r} no longer exists",
+            }.get(change.refusal or "", f"deployment {active!r} no longer exists")
+            return await self._refuse(service, entry, change.route, 409, errors.INVALID_STATE, why)
+        self.metrics.switches.labels(service, who.trigger).inc()
         message = f"{active} is active (generation {change.route.generation})"
         return Outcome(True, 200, message, change.route, entry=record.but(generation=change.route.generation))

@@ -120,18 +120,22 @@ def add_row(total: Row, row: Mapping[int, int]) -> None:
         total[column] = total.get(column, 0) + count
 
 
+# A deployment of a service: (service, deployment).
+Key = tuple[str, str]
+
+
 class Traffic:
     """Per-deployment rows of counters keyed by the second they happened in."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        # deployment → second → counter row
-        self._rows: dict[str, dict[int, Row]] = {}
-        # Increments not yet flushed to the shared store: deployment → second → row.
-        self._pending: dict[str, dict[int, Row]] = {}
+        # (service, deployment) → second → counter row
+        self._rows: dict[Key, dict[int, Row]] = {}
+        # Increments not yet flushed to the shared store: (service, deployment) → second → row.
+        self._pending: dict[Key, dict[int, Row]] = {}
         self._second = 0
 
-    def record(self, deployment: str, outcome: str, seconds: float) -> None:
+    def record(self, deployment: Key, outcome: str, seconds: float) -> None:
         """Count one finished request."""
         second = int(self._clock())
         if second != self._second:
@@ -150,7 +154,7 @@ class Traffic:
             row[col_outcome] = row.get(col_outcome, 0) + 1
             row[col_latency] = row.get(col_latency, 0) + 1
 
-    def local(self, deployment: str, window: float) -> Figures:
+    def local(self, deployment: Key, window: float) -> Figures:
         """This replica's figures for a deployment over the last ``window`` seconds."""
         now = int(self._clock())
         self._trim(now)
@@ -160,19 +164,19 @@ class Traffic:
                 add_row(total, row)
         return figures_from_counts(total)
 
-    def take_pending(self) -> dict[str, dict[int, Row]]:
+    def take_pending(self) -> dict[Key, dict[int, Row]]:
         """Increments since the last call (for the flush to Redis); the caller owns the result."""
         pending, self._pending = self._pending, {}
         return pending
 
-    def restore_pending(self, pending: dict[str, dict[int, Row]]) -> None:
+    def restore_pending(self, pending: dict[Key, dict[int, Row]]) -> None:
         """Put back increments a failed flush could not deliver (merged with newer ones)."""
         for deployment, per in pending.items():
             mine = self._pending.setdefault(deployment, {})
             for second, row in per.items():
                 add_row(mine.setdefault(second, {}), row)
 
-    def deployments(self) -> Iterable[str]:
+    def deployments(self) -> Iterable[Key]:
         """Deployments seen recently."""
         return list(self._rows)
 

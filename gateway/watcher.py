@@ -1,15 +1,16 @@
-"""Keeps each gateway's routing snapshot current: pub/sub for speed, polling as the truth, fail static."""
+"""Keeps each gateway's routing snapshots current: pub/sub for speed, polling as the truth, fail static."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Mapping
+from types import MappingProxyType
 
-from .keys import SUBSCRIBED
+from .keys import SERVICE_CHANGED, SUBSCRIBED
 from .loops import Loop, Loops
 from .metrics import GatewayMetrics
-from .records import Snapshot
+from .records import DEFAULT_SERVICE, Snapshot
 from .store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -19,11 +20,13 @@ _RECONNECT_MAX = 2.0
 
 
 class RouteWatcher:
-    """Owns the current :class:`Snapshot`; the hot path reads ``watcher.snapshot`` and never awaits.
+    """Owns one :class:`Snapshot` per service; the hot path reads ``watcher.snapshots[service]`` and never awaits.
 
-    One refresher task reads the store whenever it is told something changed (a published event,
-    a poll tick, a re-subscription); reads are serialized, so an older read never overtakes a newer
-    one, and a snapshot with a lower route generation than the one held is never applied.
+    One refresher task reads the store whenever it is told something changed: one service after an
+    event naming it, every service (only the changed ones parsed, by fingerprint) on a poll tick, a
+    (re-)subscription or a service created or deleted. Reads are serialized, so an older read never
+    overtakes a newer one, and a snapshot with a lower route generation than the one held for its
+    service is never applied. Each service's snapshot is swapped on its own.
     """
 
     def __init__(
@@ -31,22 +34,35 @@ class RouteWatcher:
         store: Store,
         metrics: GatewayMetrics,
         poll_interval: float = 1.0,
-        on_change: Callable[[Snapshot | None, Snapshot], None] | None = None,
         loops: Loops | None = None,
+        default_service: str = DEFAULT_SERVICE,
     ) -> None:
         self.store = store
         self.metrics = metrics
         self.poll_interval = poll_interval
-        self.on_change = on_change
         self.loops = loops or Loops(metrics.count_background_error)
-        # None until the first successful read: the gateway answers 503, never a default backend.
-        self.snapshot: Snapshot | None = None
+        self.default_service = default_service
+        # Empty until the first successful read: the gateway answers 503, never a default backend.
+        self.snapshots: Mapping[str, Snapshot] = MappingProxyType({})
         self.store_up: bool | None = None
+        self._fingerprints: dict[str, str] = {}
         self._dirty = asyncio.Event()
+        self._full = True
+        self._pending: set[str] = set()
         self._pending_source = "initial"
         self._first = asyncio.Event()
         self._reconnect_delay = _RECONNECT_MIN
         self._loops: list[Loop] = []
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        """The default service's snapshot (what the unprefixed endpoints serve)."""
+        return self.snapshots.get(self.default_service)
+
+    @property
+    def ready(self) -> bool:
+        """A first full read has succeeded."""
+        return self._first.is_set()
 
     async def start(self) -> None:
         """Start the refresher, the subscriber and the poller."""
@@ -62,45 +78,74 @@ class RouteWatcher:
         await self.loops.cancel(*self._loops)
         self._loops = []
 
-    async def wait_ready(self, timeout: float | None = None) -> Snapshot:
-        """Wait until a first snapshot has been read."""
+    async def wait_ready(self, timeout: float | None = None) -> Mapping[str, Snapshot]:
+        """Wait until a first full read has been applied."""
         await asyncio.wait_for(self._first.wait(), timeout)
-        assert self.snapshot is not None
-        return self.snapshot
+        return self.snapshots
 
-    async def refresh(self, source: str = "manual") -> Snapshot | None:
-        """Read the store now and apply what it holds (used after this gateway changed the route itself)."""
-        snapshot = await self.store.read_snapshot()
-        self._set_store_up(True)
-        self._apply(snapshot, source)
-        return self.snapshot
+    async def refresh(self, source: str = "manual", service: str | None = None) -> None:
+        """Read the store now (one service, or all) and apply what it holds (used after this gateway
+        changed something itself)."""
+        if service is None:
+            reading = await self.store.read_all(self._fingerprints)
+            self._set_store_up(True)
+            for name, (snapshot, fingerprint) in reading.changed.items():
+                self._apply(snapshot, source, fingerprint)
+            for gone in set(self.snapshots) - reading.services:
+                self._remove(gone)
+            self._first.set()
+        else:
+            snapshot = await self.store.read_snapshot(service=service)
+            self._set_store_up(True)
+            if await self.store.service_exists(service):
+                self._apply(snapshot, source, None)
+            else:
+                self._remove(service)
 
-    def _mark_dirty(self, source: str) -> None:
+    def _mark_dirty(self, source: str, service: str | None = None) -> None:
         self._pending_source = source
+        if service is None:
+            self._full = True
+        else:
+            self._pending.add(service)
         self._dirty.set()
 
-    def _apply(self, snapshot: Snapshot, source: str) -> None:
-        current = self.snapshot
+    def _apply(self, snapshot: Snapshot, source: str, fingerprint: str | None = None) -> None:
+        service = snapshot.service
+        current = self.snapshots.get(service)
+        if fingerprint is None:
+            self._fingerprints.pop(service, None)  # the next poll parses this service once more
+        else:
+            self._fingerprints[service] = fingerprint
         if current is not None:
             if snapshot.route.generation < current.route.generation:
                 log.warning(
-                    "ignoring a route with generation %d older than the one held (%d)",
-                    snapshot.route.generation, current.route.generation,
+                    "service %s: ignoring a route with generation %d older than the one held (%d)",
+                    service, snapshot.route.generation, current.route.generation,
                 )
                 return
             if snapshot == current:
                 return
-        self.snapshot = snapshot
+        snapshots = dict(self.snapshots)
+        snapshots[service] = snapshot
+        self.snapshots = MappingProxyType(snapshots)
         self.metrics.route_updates.labels(source).inc()
         self.metrics.apply_snapshot(snapshot)
         if current is None or current.route != snapshot.route:
             log.info(
-                "route generation %d: active=%s previous=%s (%s)",
-                snapshot.route.generation, snapshot.route.active, snapshot.route.previous, source,
+                "service %s route generation %d: active=%s previous=%s (%s)",
+                service, snapshot.route.generation, snapshot.route.active, snapshot.route.previous, source,
             )
-        self._first.set()
-        if self.on_change is not None:
-            self.on_change(current, snapshot)
+
+    def _remove(self, service: str) -> None:
+        if service not in self.snapshots:
+            return
+        snapshots = dict(self.snapshots)
+        del snapshots[service]
+        self.snapshots = MappingProxyType(snapshots)
+        self._fingerprints.pop(service, None)
+        self.metrics.forget_service(service)
+        log.info("service %s deleted", service)
 
     def _set_store_up(self, up: bool, error: Exception | None = None) -> None:
         if not up:
@@ -112,19 +157,32 @@ class RouteWatcher:
         if up:
             log.info("route store reachable")
         else:
-            log.error("route store unreachable (%s); serving the last known route", error)
+            log.error("route store unreachable (%s); serving the last known routes", error)
 
     async def _refresh_once(self) -> None:
         await self._dirty.wait()
         self._dirty.clear()
-        source = self._pending_source
+        source, full, services = self._pending_source, self._full, self._pending
+        self._full, self._pending = False, set()
         try:
-            await self.refresh(source)
+            if full:
+                await self.refresh(source)
+            else:
+                for service in sorted(services):
+                    await self.refresh(source, service)
         except StoreUnavailable as exc:
             self._set_store_up(False, exc)
+            self._requeue(source, full, services)
         except BaseException:
-            self._mark_dirty(source)  # read again once the loop's back-off is over
+            self._requeue(source, full, services)  # read again once the loop's back-off is over
             raise
+
+    def _requeue(self, source: str, full: bool, services: set[str]) -> None:
+        if full:
+            self._mark_dirty(source)
+        for service in services:
+            self._mark_dirty(source, service)
+        self._dirty.clear()  # the poll or the next event wakes the refresher; no busy retry
 
     async def _poll_once(self) -> None:
         self._mark_dirty("poll")
@@ -134,8 +192,14 @@ class RouteWatcher:
         try:
             async for event in self.store.events():
                 self._reconnect_delay = _RECONNECT_MIN
-                # A (re)subscription may have missed messages: re-read everything.
-                self._mark_dirty("resubscribe" if event.get("kind") == SUBSCRIBED else "event")
+                kind, service = event.get("kind"), event.get("service")
+                if kind == SUBSCRIBED:
+                    # A (re)subscription may have missed messages: re-read everything.
+                    self._mark_dirty("resubscribe")
+                elif kind == SERVICE_CHANGED or not isinstance(service, str):
+                    self._mark_dirty("event")
+                else:
+                    self._mark_dirty("event", service)
         except StoreUnavailable as exc:
             self._set_store_up(False, exc)
         await asyncio.sleep(self._reconnect_delay)

@@ -180,7 +180,7 @@ def test_trusted_proxies_must_be_networks() -> None:
         (b'{"target": 7}', 400, "target: Input should be a valid string"),
         (b'{"target": "green", "force": "yes"}', 400, "force: Input should be a valid boolean"),
         (b'{"target": "green", "expected_generation": -1}', 400, "expected_generation"),
-        (b'{"target": "no such"}', 400, "target: String should match pattern"),
+        (b'{"target": "no such"}', 400, "target: invalid deployment name 'no such': use 1-63 letters"),
         (b'{"target": "nosuch"}', 404, "no deployment named 'nosuch'"),
         (b'{"target": "green", "reason": "' + b"x" * 70_000 + b'"}', 413, "limited to"),
     ],
@@ -220,7 +220,7 @@ async def test_switch_and_rollback_with_history(admin: dict[str, Any]) -> None:
     assert switched["result"] == "applied" and switched["trigger"] == "api"
     async with s.get(url + "/metrics") as resp:
         text = await resp.text()
-    assert 'turnout_switches_total{trigger="api"} 2.0' in text and 'turnout_rollbacks_total{trigger="api"} 1.0' in text
+    assert 'turnout_switches_total{service="default",trigger="api"} 2.0' in text and 'turnout_rollbacks_total{service="default",trigger="api"} 1.0' in text
 
 
 async def _serves(s: aiohttp.ClientSession, url: str, name: str) -> bool:

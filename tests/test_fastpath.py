@@ -111,8 +111,8 @@ async def test_fast_path_requests_are_counted(both: dict[str, Any]) -> None:
     await exchange(both["fast"], post("/invocations", b"{}") * 3, 3)
     async with aiohttp.ClientSession() as session, session.get(both["fast"] + "/metrics") as resp:
         text = await resp.text()
-    assert 'turnout_requests_total{code="200",deployment="blue",outcome="ok"} 3.0' in text
-    assert 'turnout_inflight_requests{deployment="blue"} 0.0' in text
+    assert 'turnout_requests_total{code="200",deployment="blue",outcome="ok",service="default"} 3.0' in text
+    assert 'turnout_inflight_requests{deployment="blue",service="default"} 0.0' in text
 
 
 async def test_predictions_stay_on_the_fast_path_until_another_request_moves_the_connection(

@@ -71,7 +71,7 @@ async def test_rolls_back_a_deployment_failing_30_percent(backends: dict[str, An
     assert "rolled back green" in guard["latched"]
     async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as resp:
         text = await resp.text()
-    assert 'turnout_rollbacks_total{trigger="guard"} 1.0' in text and 'turnout_switches_total{trigger="guard"} 1.0' in text
+    assert 'turnout_rollbacks_total{service="default",trigger="guard"} 1.0' in text and 'turnout_switches_total{service="default",trigger="guard"} 1.0' in text
 
 
 async def _is_active(store: Store, name: str) -> bool:

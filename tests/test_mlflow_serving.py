@@ -176,7 +176,7 @@ async def test_schema_violation_flood_never_rolls_back(served: str, gateway_fact
             metrics = await resp.text()
     assert set(codes) == {(400, "INVALID_PARAMETER_VALUE")}
     assert (await store.read_snapshot()).route.active == "green", "never rolled back"
-    assert 'turnout_requests_total{code="400",deployment="green",outcome="client_error"} 150.0' in metrics
+    assert 'turnout_requests_total{code="400",deployment="green",outcome="client_error",service="default"} 150.0' in metrics
 
 
 async def test_a_client_flooding_bad_csv_never_rolls_back_a_good_model(served: str, gateway_factory: Any) -> None:
@@ -199,5 +199,5 @@ async def test_a_client_flooding_bad_csv_never_rolls_back_a_good_model(served: s
             metrics = await resp.text()
     assert statuses.count(400) == 20 and statuses.count(200) == 180
     assert (await store.read_snapshot()).route.active == "green", "never rolled back"
-    assert 'turnout_requests_total{code="400",deployment="green",outcome="client_error"} 20.0' in metrics
+    assert 'turnout_requests_total{code="400",deployment="green",outcome="client_error",service="default"} 20.0' in metrics
     assert 'outcome="model_error"' not in metrics

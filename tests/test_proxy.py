@@ -214,8 +214,8 @@ async def test_502_when_upstream_refuses(gw: Any) -> None:
             assert error["error_code"] == "TEMPORARILY_UNAVAILABLE" and "refused" in error["message"]
             assert resp.headers["X-Turnout-Deployment"] == "gone"
         text = await _metrics(s, url)
-    assert 'turnout_upstream_errors_total{deployment="gone",kind="connect_refused"} 1.0' in text
-    assert 'turnout_requests_total{code="502",deployment="gone",outcome="upstream_error"} 1.0' in text
+    assert 'turnout_upstream_errors_total{deployment="gone",kind="connect_refused",service="default"} 1.0' in text
+    assert 'turnout_requests_total{code="502",deployment="gone",outcome="upstream_error",service="default"} 1.0' in text
 
 
 async def test_502_when_upstream_resets(routed: dict[str, Any]) -> None:
@@ -263,10 +263,10 @@ async def test_model_and_client_errors_are_told_apart(routed: dict[str, Any]) ->
         async with s.post(url + f"/invocations?mode={mode}", json={}) as resp:
             assert resp.status in (400, 415, 500)
     text = await _metrics(s, url)
-    assert 'turnout_requests_total{code="400",deployment="blue",outcome="model_error"} 1.0' in text
-    assert 'turnout_requests_total{code="500",deployment="blue",outcome="model_error"} 1.0' in text
-    assert 'turnout_requests_total{code="400",deployment="blue",outcome="client_error"} 1.0' in text
-    assert 'turnout_requests_total{code="415",deployment="blue",outcome="client_error"} 1.0' in text
+    assert 'turnout_requests_total{code="400",deployment="blue",outcome="model_error",service="default"} 1.0' in text
+    assert 'turnout_requests_total{code="500",deployment="blue",outcome="model_error",service="default"} 1.0' in text
+    assert 'turnout_requests_total{code="400",deployment="blue",outcome="client_error",service="default"} 1.0' in text
+    assert 'turnout_requests_total{code="415",deployment="blue",outcome="client_error",service="default"} 1.0' in text
 
 
 async def test_inflight_request_finishes_on_old_deployment(routed: dict[str, Any]) -> None:
@@ -294,7 +294,7 @@ async def test_client_disconnect_is_not_an_upstream_failure(routed: dict[str, An
     text = await _metrics(s, url)
     assert "turnout_upstream_errors_total{" not in text
     assert 'outcome="upstream_error"' not in text
-    assert 'turnout_inflight_requests{deployment="blue"} 0.0' in text
+    assert 'turnout_inflight_requests{deployment="blue",service="default"} 0.0' in text
 
 
 async def test_reused_connection_closed_by_upstream_is_retried(gw: Any) -> None:

@@ -32,9 +32,15 @@ def _port_free(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
+def _get(path: str) -> dict:
+    request = urllib.request.Request("http://127.0.0.1:8080" + path, headers={"Authorization": "Bearer change-me"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
 def test_the_readme_walkthrough_runs_as_written() -> None:
     blocks = walkthrough()
-    assert list(blocks) == ["up", "cli", "curl"], "the README's walkthrough blocks"
+    assert list(blocks) == ["up", "cli", "curl", "services"], "the README's walkthrough blocks"
     assert _port_free(8080), "the walkthrough uses port 8080, as the README says; something else holds it"
     env = child_env()
     up = subprocess.Popen(["bash", "-c", blocks["up"]], cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -53,8 +59,8 @@ def test_the_readme_walkthrough_runs_as_written() -> None:
     reader.start()
     try:
         assert ready.wait(300), "".join(lines[-40:])
-        story = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", blocks["cli"] + "\n" + blocks["curl"]],
-                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        story = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", "\n".join(blocks[b] for b in ("cli", "curl", "services"))],
+                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         output = story.stdout + story.stderr
         assert story.returncode == 0, output[-4000:]
         assert '"error_code"' not in story.stdout, output[-4000:]
@@ -66,6 +72,12 @@ def test_the_readme_walkthrough_runs_as_written() -> None:
         guard = [e for e in entries if e["action"] == "rollback" and e["trigger"] == "guard" and e["result"] == "applied"]
         assert guard and guard[-1]["from"] == "broken" and guard[-1]["to"] == "blue", entries
         assert "active=blue" in story.stdout
+        # The second service answers on its own URL and its switches left the default service alone.
+        assert story.stdout.count('"predictions"') == 3, output[-4000:]  # two in the cli block, one for loans
+        loans = _get("/admin/services/loans/state")
+        assert loans["route"]["active"] == "green" and loans["route"]["generation"] == 2, loans
+        assert _get("/admin/state")["route"]["active"] == "blue"
+        assert [s["name"] for s in _get("/admin/services")["services"]] == ["default", "loans"]
     finally:
         os.killpg(up.pid, signal.SIGINT)
         try:

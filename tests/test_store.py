@@ -134,7 +134,8 @@ async def test_events_announce_changes(any_store: Store) -> None:
     await any_store.create_deployment(dep("blue"))
     await any_store.set_route("blue", None)
     got = [await asyncio.wait_for(anext(events), 2), await asyncio.wait_for(anext(events), 2)]
-    assert got == [{"kind": "deployment", "name": "blue"}, {"kind": "route", "generation": 1}]
+    assert got == [{"kind": "deployment", "service": "default", "name": "blue"},
+                   {"kind": "route", "service": "default", "generation": 1}]
     await events.aclose()
 
 

@@ -57,7 +57,7 @@ async def test_polling_recovers_a_missed_message(redis_store_factory: Any) -> No
     await watcher.start()
     try:
         await watcher.wait_ready(5)
-        await store.client.hset(store.keys.route, mapping={"active": "blue", "generation": 5})
+        await store.client.hset(store.keys.service("default").route, mapping={"active": "blue", "generation": 5})
         await eventually(lambda: watcher.snapshot and watcher.snapshot.route.generation == 5, timeout=3)
     finally:
         await watcher.stop()
@@ -155,7 +155,7 @@ async def test_a_record_from_a_newer_release_reads_as_not_ready_and_breaks_nothi
     route from being read: that deployment is simply not ready."""
     await redis_store.create_deployment(Deployment(name="blue", url="http://127.0.0.1:9", state=State.READY, external=True))
     await redis_store.set_route("blue", None)
-    await redis_store.client.hset(redis_store.keys.deployment("blue"), mapping={"state": "hibernating", "ready_at": "soon"})
+    await redis_store.client.hset(redis_store.keys.service("default").deployment("blue"), mapping={"state": "hibernating", "ready_at": "soon"})
     snapshot = await redis_store.read_snapshot()
     assert snapshot.deployments["blue"].state is State.UNKNOWN
     assert not snapshot.is_ready("blue") and snapshot.route.active == "blue"

@@ -202,3 +202,30 @@ async def test_two_workers_share_claimable_deployments_and_take_over(workers: An
     await eventually(all_on_survivor, timeout=150, interval=0.2)
     await eventually(lambda: victim.children() == [], timeout=15)
     assert len([c for _, c in survivor.children() if "uvicorn" in c]) == 3
+
+
+async def test_worker_hosts_deployments_of_named_services(workers: Any, store: RedisStore) -> None:
+    """``--deployment SERVICE/NAME=URI`` creates the service and hosts it; ``--claim --services`` takes only
+    those services' deployments."""
+    from gateway.records import ServiceConfig
+
+    assert await store.create_service("fraud", ServiceConfig())
+    assert await store.create_deployment(Deployment(name="other", model_uri="models:/iris/2"), service="fraud")
+    worker = workers("--deployment", "loans/served=models:/iris/1", "--claim", "--services", "loans")
+
+    async def loans_served_ready() -> bool:
+        snapshot = await store.read_snapshot(service="loans")
+        return snapshot.effective_state("served") is State.READY
+
+    await eventually(loans_served_ready, timeout=120, interval=0.2)
+    assert await store.list_services() == ["default", "fraud", "loans"]
+    assert (await store.read_snapshot()).deployments == {}, "nothing landed in the default service"
+    assert await store.create_deployment(Deployment(name="later", model_uri="models:/iris@champion"), service="loans")
+
+    async def later_ready() -> bool:
+        return (await store.read_snapshot(service="loans")).effective_state("later") is State.READY
+
+    await eventually(later_ready, timeout=120, interval=0.2)
+    fraud = await store.read_snapshot(service="fraud")
+    assert fraud.deployments["other"].worker is None and "other" not in fraud.live, "fraud is not among --services"
+    assert len([c for _, c in worker.children() if "uvicorn" in c]) == 2

@@ -18,15 +18,15 @@ class WorkerMetrics:
         r = self.registry
         self.restarts = Counter(
             "turnout_model_server_restarts", "Model servers restarted after a crash or failed health checks.",
-            ["deployment"], registry=r,
+            ["service", "deployment"], registry=r,
         )
         self.state = Gauge(
             "turnout_model_server_state", "1 for the state each hosted deployment is in, 0 for the others.",
-            ["deployment", "state"], registry=r,
+            ["service", "deployment", "state"], registry=r,
         )
         self.startup_seconds = Gauge(
             "turnout_model_server_startup_seconds", "Seconds from launch to ready (warm-up included) of the last start.",
-            ["deployment"], registry=r,
+            ["service", "deployment"], registry=r,
         )
         self.background_errors = background_errors_counter(r)
 
@@ -34,10 +34,10 @@ class WorkerMetrics:
         """One unexpected failure of a background loop (logged with its traceback, then retried)."""
         self.background_errors.labels(task).inc()
 
-    def set_state(self, deployment: str, state: State) -> None:
+    def set_state(self, service: str, deployment: str, state: State) -> None:
         """Mark ``state`` as the deployment's current one."""
         for candidate in State:
-            self.state.labels(deployment, candidate.value).set(1 if candidate is state else 0)
+            self.state.labels(service, deployment, candidate.value).set(1 if candidate is state else 0)
 
     def exposition(self) -> bytes:
         """Text exposition of every metric."""

@@ -18,7 +18,7 @@ from typing import TypeVar
 import aiohttp
 
 from gateway.loops import Loops
-from gateway.records import Deployment, State, parse_specs
+from gateway.records import Deployment, HistoryEntry, ServiceConfig, Snapshot, State, Who, parse_specs
 from gateway.settings import Settings
 from gateway.store import Store, StoreUnavailable
 
@@ -43,8 +43,9 @@ class LeaseLost(Exception):
 class Hosted:
     """One deployment this worker hosts: its model server and the lifecycle loop that keeps it warm."""
 
-    def __init__(self, worker: Worker, name: str, model_uri: str) -> None:
+    def __init__(self, worker: Worker, service: str, name: str, model_uri: str) -> None:
         self.worker = worker
+        self.service = service
         self.name = name
         self.model_uri = model_uri
         self.state: State | None = None
@@ -52,16 +53,22 @@ class Hosted:
         self.restarts = 0
         self.task: asyncio.Task[None] | None = None
 
+    @property
+    def label(self) -> str:
+        """``service/name`` for logs."""
+        return f"{self.service}/{self.name}"
+
     async def set_state(self, state: State, reason: str, **fields: object) -> None:
         """Write the state (fenced by this worker's lease); log and count only transitions."""
         ok = await self.worker.store.update_deployment(
-            self.name, owner=self.worker.id, state=state, reason=reason, updated_at=time.time(), **fields
+            self.name, service=self.service, owner=self.worker.id, state=state, reason=reason, updated_at=time.time(),
+            **fields,
         )
         if not ok:
-            raise LeaseLost(self.name)
+            raise LeaseLost(self.label)
         if state is not self.state:
-            log.info("deployment %s: %s — %s", self.name, state.value, reason)
-            self.worker.metrics.set_state(self.name, state)
+            log.info("deployment %s: %s — %s", self.label, state.value, reason)
+            self.worker.metrics.set_state(self.service, self.name, state)
         self.state = state
 
     async def run(self) -> None:
@@ -109,7 +116,7 @@ class Hosted:
                 continue
             failures = 0
             startup = time.monotonic() - started
-            w.metrics.startup_seconds.labels(self.name).set(startup)
+            w.metrics.startup_seconds.labels(self.service, self.name).set(startup)
             detail = f"warm-up with the {warmup} succeeded" if warmup else "answered /ping (no warm-up request: the model has no input example)"
             await self.set_state(State.READY, f"ready {startup:.1f} s after launch; {detail}", ready_at=time.time())
             ready_since = time.monotonic()
@@ -117,7 +124,7 @@ class Hosted:
             crashes = 1 if time.monotonic() - ready_since > _STABLE_AFTER else crashes + 1
             delay = min(s.restart_backoff * 2 ** (crashes - 1), _BACKOFF_CAP)
             self.restarts += 1
-            w.metrics.restarts.labels(self.name).inc()
+            w.metrics.restarts.labels(self.service, self.name).inc()
             await self.set_state(State.UNHEALTHY, f"{why}; restarting in {delay:.0f} s", restarts=self.restarts)
             await self._discard(server)
             await asyncio.sleep(delay)
@@ -215,13 +222,13 @@ class Worker:
         self.settings = settings
         self.store = store
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.static = parse_specs([settings.deployments])
+        self.static = parse_specs([settings.deployments], settings.default_service)
         self.ports = PortRange.parse(settings.model_host, settings.model_ports)
         self.advertise_host = settings.advertise_host or settings.model_host
         self.child_env = server_env(os.environ, self.id)
         self.metrics = WorkerMetrics()
         self.sample_payload = Path(settings.warmup_payload).read_text() if settings.warmup_payload else None
-        self.hosted: dict[str, Hosted] = {}
+        self.hosted: dict[tuple[str, str], Hosted] = {}
         # One thread for MLflow's (blocking) client: concurrent first imports of mlflow deadlocked.
         self._registry_thread = ThreadPoolExecutor(1, thread_name_prefix="mlflow-registry")
         self.session: aiohttp.ClientSession
@@ -257,15 +264,21 @@ class Worker:
         """Start the watchdog, register static deployments, begin heartbeats (and claiming)."""
         self.session = aiohttp.ClientSession()
         await self._start_watchdog()
-        for name, uri in self.static.items():
+        for (service, name), uri in self.static.items():
+            if not await self.store.service_exists(service):
+                # A worker named a service nobody created yet: create it (as the admin API would).
+                await self.store.create_service(service, ServiceConfig(created_at=time.time()), history=HistoryEntry(
+                    "service_create", Who(self.id, None, "worker"), target=service, reason="named by a worker's --deployment",
+                ))
             created = await self.store.create_deployment(
-                Deployment(name=name, model_uri=uri, state=State.STARTING, reason="registered by a worker", created_at=time.time())
+                Deployment(name=name, model_uri=uri, state=State.STARTING, reason="registered by a worker", created_at=time.time()),
+                service=service,
             )
             if not created:
-                await self.store.update_deployment(name, model_uri=uri)
-        await self._claim_round()
+                await self.store.update_deployment(name, service=service, model_uri=uri)
+        await self._claim_round(await self._read())
         self.loops.every("worker-heartbeat", self.settings.lease_ttl / 3, self._heartbeat_once)
-        log.info("worker %s hosting %s%s", self.id, sorted(self.hosted) or "nothing yet",
+        log.info("worker %s hosting %s%s", self.id, sorted(f"{s}/{n}" for s, n in self.hosted) or "nothing yet",
                  " and claiming unheld deployments" if self.settings.claim else "")
 
     async def stop(self) -> None:
@@ -275,7 +288,7 @@ class Worker:
         await asyncio.gather(*(h.stop("worker stopped") for h in hosted), return_exceptions=True)
         for h in hosted:
             with contextlib.suppress(StoreUnavailable):
-                await self.store.release(h.name, self.id)
+                await self.store.release(h.name, self.id, service=h.service)
         self.hosted.clear()
         if self._watchdog is not None:
             assert self._watchdog.stdin is not None
@@ -284,65 +297,75 @@ class Worker:
         await self.session.close()
         self._registry_thread.shutdown(wait=False, cancel_futures=True)
 
-    async def _host(self, name: str, model_uri: str) -> None:
-        hosted = Hosted(self, name, model_uri)
+    async def _host(self, service: str, name: str, model_uri: str) -> None:
+        hosted = Hosted(self, service, name, model_uri)
         # The restart counter exists from the start (at 0), so dashboards show it before any crash.
-        self.metrics.restarts.labels(name)
-        self.hosted[name] = hosted
-        hosted.task = asyncio.create_task(self._run_hosted(hosted), name=f"deployment-{name}")
+        self.metrics.restarts.labels(service, name)
+        self.hosted[(service, name)] = hosted
+        hosted.task = asyncio.create_task(self._run_hosted(hosted), name=f"deployment-{service}-{name}")
 
     async def _run_hosted(self, hosted: Hosted) -> None:
+        key = (hosted.service, hosted.name)
         try:
             await hosted.run()
         except LeaseLost:
-            log.warning("deployment %s: no longer ours (deleted or claimed elsewhere); stopping its server", hosted.name)
+            log.warning("deployment %s: no longer ours (deleted or claimed elsewhere); stopping its server", hosted.label)
             if hosted.server is not None:
                 await hosted._discard(hosted.server)
-            self.hosted.pop(hosted.name, None)
+            self.hosted.pop(key, None)
         except StoreUnavailable as exc:
             # The lifecycle cannot record states; the claim round restarts it once the store is back.
-            log.error("deployment %s: store unavailable (%s); will resume", hosted.name, exc)
+            log.error("deployment %s: store unavailable (%s); will resume", hosted.label, exc)
             if hosted.server is not None:
                 await hosted._discard(hosted.server)
-            self.hosted.pop(hosted.name, None)
+            self.hosted.pop(key, None)
         except Exception as exc:
             # A bug must not leave a server unwatched: stop it and say why in the record.
-            log.exception("deployment %s: lifecycle crashed", hosted.name)
+            log.exception("deployment %s: lifecycle crashed", hosted.label)
             if hosted.server is not None:
                 await hosted._discard(hosted.server)
             with contextlib.suppress(LeaseLost, StoreUnavailable):
                 await hosted.set_state(State.FAILED, f"worker error: {exc!r}", url=None)
 
-    async def _claim_round(self) -> None:
-        """Take every static deployment we can, and with ``claim`` every unheld one that has a model URI."""
-        snapshot = await self.store.read_snapshot()
-        wanted: dict[str, str] = {}
-        for name, uri in self.static.items():
-            wanted[name] = uri
-        if self.settings.claim:
+    async def _read(self) -> dict[str, Snapshot]:
+        """Every service's snapshot (a worker reads them all, a few times per lease period)."""
+        return {name: snapshot for name, (snapshot, _) in (await self.store.read_all({})).changed.items()}
+
+    def _claims(self, service: str) -> bool:
+        wanted = self.settings.claimed_services()
+        return self.settings.claim and (not wanted or service in wanted)
+
+    async def _claim_round(self, snapshots: dict[str, Snapshot]) -> None:
+        """Take every static deployment we can, and with ``claim`` every unheld one that has a model URI
+        (of the services in ``--services``, or of every service)."""
+        wanted: dict[tuple[str, str], str] = dict(self.static)
+        for service, snapshot in snapshots.items():
+            if not self._claims(service):
+                continue
             for name, dep in snapshot.deployments.items():
                 if dep.model_uri and not dep.external and name not in snapshot.live:
-                    wanted.setdefault(name, dep.model_uri)
-        for name, uri in wanted.items():
-            if name in self.hosted or name not in snapshot.deployments:
+                    wanted.setdefault((service, name), dep.model_uri)
+        for (service, name), uri in wanted.items():
+            snapshot = snapshots.get(service)
+            if (service, name) in self.hosted or snapshot is None or name not in snapshot.deployments:
                 continue
-            if await self.store.claim(name, self.id, self.settings.lease_ttl):
-                await self._host(name, snapshot.deployments[name].model_uri or uri)
+            if await self.store.claim(name, self.id, self.settings.lease_ttl, service=service):
+                await self._host(service, name, snapshot.deployments[name].model_uri or uri)
 
     async def _heartbeat_once(self) -> None:
         try:
-            await self._heartbeat()
-            await self._claim_round()
+            snapshots = await self._read()
+            await self._heartbeat(snapshots)
+            await self._claim_round(snapshots)
         except StoreUnavailable as exc:
             log.warning("store unavailable (%s); leases may lapse until it is back", exc)
 
-    async def _heartbeat(self) -> None:
+    async def _heartbeat(self, snapshots: dict[str, Snapshot]) -> None:
         """Renew every lease; stop what was deleted or taken by another worker."""
-        snapshot = await self.store.read_snapshot()
-        for name, hosted in list(self.hosted.items()):
-            gone = name not in snapshot.deployments
-            if gone or not await self.store.claim(name, self.id, self.settings.lease_ttl):
-                log.info("deployment %s: %s; stopping its server", name, "deleted" if gone else "lease lost")
-                self.hosted.pop(name, None)
+        for (service, name), hosted in list(self.hosted.items()):
+            snapshot = snapshots.get(service)
+            gone = snapshot is None or name not in snapshot.deployments
+            if gone or not await self.store.claim(name, self.id, self.settings.lease_ttl, service=service):
+                log.info("deployment %s: %s; stopping its server", hosted.label, "deleted" if gone else "lease lost")
+                self.hosted.pop((service, name), None)
                 await hosted.stop("deployment deleted" if gone else "lease lost")
-

@@ -1,4 +1,9 @@
-"""The store interface: where the route, deployment records, worker leases, history and shared counters live."""
+"""The store interface: where services, their routes, deployment records, worker leases, history and
+shared counters live.
+
+Every per-service method takes the service as the keyword ``service`` (default: ``default``, the
+service of every single-model install), so code that knows one route reads as it always did.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,12 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..records import Deployment, HistoryEntry, Route, Snapshot
+from ..records import DEFAULT_SERVICE, Deployment, HistoryEntry, Route, ServiceConfig, Snapshot
 
 DEFAULT_HISTORY_MAX = 10_000
+
+# A service's counters: (service, deployment) → second → sparse row (see ``traffic``).
+StatsRows = Mapping[tuple[str, str], Mapping[int, Mapping[int, int]]]
 
 
 class StoreUnavailable(ConnectionError):
@@ -18,26 +26,69 @@ class StoreUnavailable(ConnectionError):
 
 @dataclass(frozen=True, slots=True)
 class RouteChange:
-    """Outcome of a compare-and-swap on the route."""
+    """Outcome of a compare-and-swap on a route."""
 
     ok: bool
     route: Route
-    # Why it did not apply: "conflict" (generation moved) or "unknown" (target not a deployment).
+    # Why it did not apply: "conflict" (generation moved), "unknown" (target not a deployment) or
+    # "no_service" (the service does not exist).
     refusal: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """A full read of every service: the services there are, and a snapshot of those that changed."""
+
+    services: frozenset[str]
+    # Services whose data differs from the fingerprint the caller held, with their new fingerprint.
+    changed: Mapping[str, tuple[Snapshot, str]]
+
+
 class Store(abc.ABC):
-    """Where the route, deployment records, worker leases and the history live."""
+    """Where the services' routes, deployment records, worker leases and histories live."""
 
     history_max: int = DEFAULT_HISTORY_MAX
 
+    # --- services ---------------------------------------------------------------------------
     @abc.abstractmethod
-    async def read_snapshot(self) -> Snapshot:
-        """The route, every deployment and which are live, read atomically."""
+    async def list_services(self) -> list[str]:
+        """Every service's name, ``default`` always among them, sorted."""
 
-    async def get_route(self) -> Route:
-        """The current route."""
-        return (await self.read_snapshot()).route
+    @abc.abstractmethod
+    async def create_service(self, name: str, config: ServiceConfig, *, history: HistoryEntry | None = None) -> bool:
+        """Add a service (and ``history`` to its history, in the same step); False if it exists."""
+
+    @abc.abstractmethod
+    async def delete_service(self, name: str, *, force: bool = False, history: HistoryEntry | None = None,
+                             history_service: str = DEFAULT_SERVICE) -> str | None:
+        """Remove a service with everything it holds, appending ``history`` to ``history_service``'s history
+        in the same step. None on success, else why not: "unknown", "default" (the default service
+        stays) or "not_empty" (it has deployments; ``force`` removes them)."""
+
+    @abc.abstractmethod
+    async def set_service_config(self, name: str, overrides: Mapping[str, Any | None], *,
+                                 history: HistoryEntry | None = None) -> bool:
+        """Change a service's guard overrides (None removes one) and append ``history`` to its history, in
+        one step; False if the service does not exist."""
+
+    @abc.abstractmethod
+    async def read_all(self, known: Mapping[str, str]) -> Reading:
+        """Every service, and a snapshot of each whose fingerprint is not the one in ``known`` (the
+        poll: a gateway holding 200 services parses only what changed)."""
+
+    # --- one service ------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def read_snapshot(self, *, service: str = DEFAULT_SERVICE) -> Snapshot:
+        """The service's route, every deployment and which are live, read atomically (an unknown
+        service reads as an empty one)."""
+
+    @abc.abstractmethod
+    async def service_exists(self, name: str) -> bool:
+        """Whether the service exists."""
+
+    async def get_route(self, *, service: str = DEFAULT_SERVICE) -> Route:
+        """The current route of a service."""
+        return (await self.read_snapshot(service=service)).route
 
     @abc.abstractmethod
     async def set_route(
@@ -45,65 +96,76 @@ class Store(abc.ABC):
         active: str,
         previous: str | None,
         *,
+        service: str = DEFAULT_SERVICE,
         expected_generation: int | None = None,
         history: HistoryEntry | None = None,
     ) -> RouteChange:
-        """Atomically point traffic at ``active``: applies only if the generation still equals
-        ``expected_generation`` (when given) and ``active`` is a known deployment; on success the
-        generation rises by one, ``history`` (with the new generation filled in) is appended and
-        the change is published, all in one step."""
+        """Atomically point the service's traffic at ``active``: applies only if the generation still
+        equals ``expected_generation`` (when given) and ``active`` is a known deployment; on success the
+        generation rises by one, ``history`` (with the new generation filled in) is appended and the
+        change is published, all in one step."""
 
     @abc.abstractmethod
-    async def create_deployment(self, deployment: Deployment, *, history: HistoryEntry | None = None) -> bool:
-        """Add a deployment record (and ``history``, in the same step); False if the name is taken."""
+    async def create_deployment(
+        self, deployment: Deployment, *, service: str = DEFAULT_SERVICE, history: HistoryEntry | None = None
+    ) -> bool:
+        """Add a deployment record (and ``history``, in the same step); False if the name is taken
+        (or the service does not exist)."""
 
     @abc.abstractmethod
-    async def update_deployment(self, name: str, *, owner: str | None = None, **changes: Any) -> bool:
+    async def update_deployment(
+        self, name: str, *, service: str = DEFAULT_SERVICE, owner: str | None = None, **changes: Any
+    ) -> bool:
         """Change fields of an existing record; with ``owner``, only while that worker holds its lease."""
 
     @abc.abstractmethod
     async def delete_deployment(
-        self, name: str, *, force: bool = False, history: HistoryEntry | None = None
+        self, name: str, *, service: str = DEFAULT_SERVICE, force: bool = False, history: HistoryEntry | None = None
     ) -> str | None:
         """Remove a record and its lease (and append ``history``, in the same step). Returns None on
         success, else why not: "unknown", "active" or "previous" (the latter two only without
         ``force``). A forced delete of the previous deployment clears ``previous``."""
 
     @abc.abstractmethod
-    async def claim(self, name: str, owner: str, ttl: float) -> bool:
+    async def claim(self, name: str, owner: str, ttl: float, *, service: str = DEFAULT_SERVICE) -> bool:
         """Take or renew the hosting lease of ``name`` for ``owner``; False if another owner holds it."""
 
     @abc.abstractmethod
-    async def release(self, name: str, owner: str) -> None:
+    async def release(self, name: str, owner: str, *, service: str = DEFAULT_SERVICE) -> None:
         """Drop ``owner``'s lease of ``name`` if it still holds it."""
 
     @abc.abstractmethod
-    async def append_history(self, entry: HistoryEntry) -> None:
+    async def append_history(self, entry: HistoryEntry, *, service: str = DEFAULT_SERVICE) -> None:
         """Record an event that changed nothing (a refused or failed attempt)."""
 
     @abc.abstractmethod
-    async def read_history(self, offset: int = 0, limit: int = 50) -> tuple[list[HistoryEntry], int]:
-        """A page of history entries, newest first, and the total held."""
+    async def read_history(
+        self, offset: int = 0, limit: int = 50, *, service: str = DEFAULT_SERVICE
+    ) -> tuple[list[HistoryEntry], int]:
+        """A page of a service's history entries, newest first, and the total held."""
 
     @abc.abstractmethod
-    async def add_stats(self, pending: Mapping[str, Mapping[int, Mapping[int, int]]], ttl: int = 180) -> None:
-        """Add this replica's traffic counters (deployment → second → sparse row) to the shared ones."""
+    async def add_stats(self, pending: StatsRows, ttl: int = 180) -> None:
+        """Add this replica's traffic counters to the shared ones."""
 
     @abc.abstractmethod
-    async def read_stats(self, deployment: str, first_second: int, last_second: int) -> dict[int, int]:
+    async def read_stats(
+        self, deployment: str, first_second: int, last_second: int, *, service: str = DEFAULT_SERVICE
+    ) -> dict[int, int]:
         """Every replica's counters of a deployment summed over [first_second, last_second] (sparse row)."""
 
     @abc.abstractmethod
+    async def get_guard(self, *, service: str = DEFAULT_SERVICE) -> dict[str, str]:
+        """The guard's shared state for a service (paused, latched)."""
+
+    @abc.abstractmethod
+    async def set_guard(self, *, service: str = DEFAULT_SERVICE, **fields: str | None) -> None:
+        """Change a service's guard state fields (None removes one)."""
+
+    # --- the whole namespace ----------------------------------------------------------------
+    @abc.abstractmethod
     async def hold_role(self, role: str, owner: str, ttl: float) -> bool:
         """Take or renew a singleton role (e.g. guard evaluator) for ``owner``; False if another holds it."""
-
-    @abc.abstractmethod
-    async def get_guard(self) -> dict[str, str]:
-        """The guard's shared state."""
-
-    @abc.abstractmethod
-    async def set_guard(self, **fields: str | None) -> None:
-        """Change guard state fields (None removes one)."""
 
     @abc.abstractmethod
     async def first_time(self, token: str, ttl: float) -> bool:
@@ -111,8 +173,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def events(self) -> AsyncIterator[dict[str, Any]]:
-        """Change notifications as they are published, starting with ``{"kind": "subscribed"}`` once
-        listening (anything before it was missed); raises :class:`StoreUnavailable` when the feed breaks."""
+        """Change notifications as they are published (each names its ``service``), starting with
+        ``{"kind": "subscribed"}`` once listening (anything before it was missed); raises
+        :class:`StoreUnavailable` when the feed breaks."""
 
     async def ping(self) -> None:
         """Raise :class:`StoreUnavailable` if the store cannot be reached."""

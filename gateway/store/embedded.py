@@ -10,10 +10,42 @@ from collections.abc import AsyncIterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
-from ..keys import DEPLOYMENT_CHANGED, ROUTE_CHANGED, SUBSCRIBED
-from ..records import Deployment, HistoryEntry, Route, Snapshot, encode_changes
+from ..keys import DEPLOYMENT_CHANGED, ROUTE_CHANGED, SERVICE_CHANGED, SUBSCRIBED
+from ..records import DEFAULT_SERVICE, Deployment, HistoryEntry, Route, ServiceConfig, Snapshot, encode_changes
 from ..traffic import add_row
-from .base import DEFAULT_HISTORY_MAX, RouteChange, Store
+from .base import DEFAULT_HISTORY_MAX, Reading, RouteChange, StatsRows, Store
+
+
+class _Service:
+    """One service's state."""
+
+    def __init__(self, name: str, config: ServiceConfig, history_max: int) -> None:
+        self.name = name
+        self.config = config
+        self.route = Route()
+        self.deployments: dict[str, Deployment] = {}
+        self.leases: dict[str, tuple[str, float]] = {}
+        self.history: deque[dict[str, Any]] = deque(maxlen=history_max)
+        self.stats: dict[str, dict[int, dict[int, int]]] = {}
+        self.guard: dict[str, str] = {}
+        # Rises on every change: with the live set, the fingerprint a poll compares.
+        self.version = 0
+
+    def live(self, name: str, now: float) -> bool:
+        dep = self.deployments.get(name)
+        if dep is not None and dep.external:
+            return True
+        lease = self.leases.get(name)
+        return lease is not None and lease[1] > now
+
+    def snapshot(self, now: float) -> Snapshot:
+        return Snapshot(
+            route=self.route,
+            deployments=MappingProxyType(dict(self.deployments)),
+            live=frozenset(n for n in self.deployments if self.live(n, now)),
+            service=self.name,
+            config=self.config,
+        )
 
 
 class EmbeddedStore(Store):
@@ -25,14 +57,9 @@ class EmbeddedStore(Store):
 
     def __init__(self, history_max: int = DEFAULT_HISTORY_MAX) -> None:
         self.history_max = history_max
-        self._route = Route()
-        self._deployments: dict[str, Deployment] = {}
-        self._leases: dict[str, tuple[str, float]] = {}
-        self._history: deque[dict[str, Any]] = deque(maxlen=history_max)
+        self._services: dict[str, _Service] = {DEFAULT_SERVICE: _Service(DEFAULT_SERVICE, ServiceConfig(), history_max)}
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
-        self._stats: dict[str, dict[int, dict[int, int]]] = {}
         self._roles: dict[str, tuple[str, float]] = {}
-        self._guard: dict[str, str] = {}
         self._seen: dict[str, float] = {}
 
     def _publish(self, kind: str, **fields: Any) -> None:
@@ -40,123 +67,220 @@ class EmbeddedStore(Store):
         for queue in self._subscribers:
             queue.put_nowait(message)
 
-    def _live(self, name: str, now: float) -> bool:
-        dep = self._deployments.get(name)
-        if dep is not None and dep.external:
-            return True
-        lease = self._leases.get(name)
-        return lease is not None and lease[1] > now
+    def _changed(self, svc: _Service, kind: str, **fields: Any) -> None:
+        svc.version += 1
+        self._publish(kind, service=svc.name, **fields)
 
-    async def read_snapshot(self) -> Snapshot:
+    def _service(self, name: str) -> _Service | None:
+        return self._services.get(name)
+
+    # --- services ---------------------------------------------------------------------------
+    async def list_services(self) -> list[str]:
+        return sorted(self._services)
+
+    async def create_service(self, name: str, config: ServiceConfig, *, history: HistoryEntry | None = None) -> bool:
+        if name in self._services:
+            return False
+        svc = self._services[name] = _Service(name, config, self.history_max)
+        if history is not None:
+            svc.history.appendleft(history.to_json())
+        self._changed(svc, SERVICE_CHANGED)
+        return True
+
+    async def delete_service(self, name: str, *, force: bool = False, history: HistoryEntry | None = None,
+                             history_service: str = DEFAULT_SERVICE) -> str | None:
+        svc = self._services.get(name)
+        if svc is None:
+            return "unknown"
+        if name == DEFAULT_SERVICE:
+            return "default"
+        if svc.deployments and not force:
+            return "not_empty"
+        del self._services[name]
+        keeper = self._services.get(history_service)
+        if history is not None and keeper is not None:
+            keeper.history.appendleft(history.to_json())
+        self._publish(SERVICE_CHANGED, service=name)
+        return None
+
+    async def set_service_config(self, name: str, overrides: Mapping[str, Any | None], *,
+                                 history: HistoryEntry | None = None) -> bool:
+        svc = self._services.get(name)
+        if svc is None:
+            return False
+        if history is not None:
+            svc.history.appendleft(history.to_json())
+        merged = {**svc.config.to_fields(), **{k: json.dumps(v) for k, v in overrides.items() if v is not None}}
+        for key, value in overrides.items():
+            if value is None:
+                merged.pop(key, None)
+        svc.config = ServiceConfig.from_fields(merged)
+        self._changed(svc, SERVICE_CHANGED)
+        return True
+
+    async def read_all(self, known: Mapping[str, str]) -> Reading:
         now = time.monotonic()
-        return Snapshot(
-            route=self._route,
-            deployments=MappingProxyType(dict(self._deployments)),
-            live=frozenset(n for n in self._deployments if self._live(n, now)),
-        )
+        changed: dict[str, tuple[Snapshot, str]] = {}
+        for name, svc in self._services.items():
+            snapshot = svc.snapshot(now)
+            fingerprint = f"{svc.version}:{','.join(sorted(snapshot.live))}"
+            if known.get(name) != fingerprint:
+                changed[name] = (snapshot, fingerprint)
+        return Reading(frozenset(self._services), MappingProxyType(changed))
+
+    # --- one service ------------------------------------------------------------------------
+    async def service_exists(self, name: str) -> bool:
+        return name in self._services
+
+    async def read_snapshot(self, *, service: str = DEFAULT_SERVICE) -> Snapshot:
+        svc = self._services.get(service)
+        if svc is None:
+            return Snapshot(Route(), service=service)
+        return svc.snapshot(time.monotonic())
 
     async def set_route(
         self,
         active: str,
         previous: str | None,
         *,
+        service: str = DEFAULT_SERVICE,
         expected_generation: int | None = None,
         history: HistoryEntry | None = None,
     ) -> RouteChange:
-        current = self._route
+        svc = self._services.get(service)
+        if svc is None:
+            return RouteChange(False, Route(), "no_service")
+        current = svc.route
         if expected_generation is not None and expected_generation != current.generation:
             return RouteChange(False, current, "conflict")
-        if active not in self._deployments:
+        if active not in svc.deployments:
             return RouteChange(False, current, "unknown")
-        self._route = Route(active=active, previous=previous, generation=current.generation + 1, changed_at=time.time())
+        svc.route = Route(active=active, previous=previous, generation=current.generation + 1, changed_at=time.time())
         if history is not None:
-            self._history.appendleft(history.but(generation=self._route.generation).to_json())
-        self._publish(ROUTE_CHANGED, generation=self._route.generation)
-        return RouteChange(True, self._route)
+            svc.history.appendleft(history.but(generation=svc.route.generation).to_json())
+        self._changed(svc, ROUTE_CHANGED, generation=svc.route.generation)
+        return RouteChange(True, svc.route)
 
-    async def create_deployment(self, deployment: Deployment, *, history: HistoryEntry | None = None) -> bool:
-        if deployment.name in self._deployments:
+    async def create_deployment(
+        self, deployment: Deployment, *, service: str = DEFAULT_SERVICE, history: HistoryEntry | None = None
+    ) -> bool:
+        svc = self._services.get(service)
+        if svc is None or deployment.name in svc.deployments:
             return False
-        self._deployments[deployment.name] = deployment
+        svc.deployments[deployment.name] = deployment
         if history is not None:
-            self._history.appendleft(history.to_json())
-        self._publish(DEPLOYMENT_CHANGED, name=deployment.name)
+            svc.history.appendleft(history.to_json())
+        self._changed(svc, DEPLOYMENT_CHANGED, name=deployment.name)
         return True
 
-    async def update_deployment(self, name: str, *, owner: str | None = None, **changes: Any) -> bool:
-        dep = self._deployments.get(name)
-        if dep is None:
+    async def update_deployment(
+        self, name: str, *, service: str = DEFAULT_SERVICE, owner: str | None = None, **changes: Any
+    ) -> bool:
+        svc = self._services.get(service)
+        dep = svc.deployments.get(name) if svc is not None else None
+        if svc is None or dep is None:
             return False
         if owner is not None:
-            lease = self._leases.get(name)
+            lease = svc.leases.get(name)
             if lease is None or lease[0] != owner or lease[1] <= time.monotonic():
                 return False
         # Round-trip through the stored form so both stores accept and return the same values.
         merged: dict[str, str | None] = {**dep.to_fields(), **encode_changes(changes)}
-        self._deployments[name] = Deployment.from_fields({k: v for k, v in merged.items() if v is not None})
-        self._publish(DEPLOYMENT_CHANGED, name=name)
+        svc.deployments[name] = Deployment.from_fields({k: v for k, v in merged.items() if v is not None})
+        self._changed(svc, DEPLOYMENT_CHANGED, name=name)
         return True
 
     async def delete_deployment(
-        self, name: str, *, force: bool = False, history: HistoryEntry | None = None
+        self, name: str, *, service: str = DEFAULT_SERVICE, force: bool = False, history: HistoryEntry | None = None
     ) -> str | None:
-        if name not in self._deployments:
+        svc = self._services.get(service)
+        if svc is None or name not in svc.deployments:
             return "unknown"
         if not force:
-            if self._route.active == name:
+            if svc.route.active == name:
                 return "active"
-            if self._route.previous == name:
+            if svc.route.previous == name:
                 return "previous"
-        if self._route.previous == name:
-            self._route = Route(self._route.active, None, self._route.generation, self._route.changed_at)
-        del self._deployments[name]
-        self._leases.pop(name, None)
+        if svc.route.previous == name:
+            svc.route = Route(svc.route.active, None, svc.route.generation, svc.route.changed_at)
+        del svc.deployments[name]
+        svc.leases.pop(name, None)
         if history is not None:
-            self._history.appendleft(history.to_json())
-        self._publish(DEPLOYMENT_CHANGED, name=name)
+            svc.history.appendleft(history.to_json())
+        self._changed(svc, DEPLOYMENT_CHANGED, name=name)
         return None
 
-    async def claim(self, name: str, owner: str, ttl: float) -> bool:
+    async def claim(self, name: str, owner: str, ttl: float, *, service: str = DEFAULT_SERVICE) -> bool:
+        svc = self._services.get(service)
+        if svc is None:
+            return False
         now = time.monotonic()
-        lease = self._leases.get(name)
+        lease = svc.leases.get(name)
         if lease is not None and lease[0] != owner and lease[1] > now:
             return False
-        newly_live = not self._live(name, now)
-        self._leases[name] = (owner, now + ttl)
+        newly_live = not svc.live(name, now)
+        svc.leases[name] = (owner, now + ttl)
         if newly_live:
-            self._publish(DEPLOYMENT_CHANGED, name=name)
+            self._changed(svc, DEPLOYMENT_CHANGED, name=name)
         return True
 
-    async def release(self, name: str, owner: str) -> None:
-        lease = self._leases.get(name)
-        if lease is not None and lease[0] == owner:
-            del self._leases[name]
-            self._publish(DEPLOYMENT_CHANGED, name=name)
+    async def release(self, name: str, owner: str, *, service: str = DEFAULT_SERVICE) -> None:
+        svc = self._services.get(service)
+        lease = svc.leases.get(name) if svc is not None else None
+        if svc is not None and lease is not None and lease[0] == owner:
+            del svc.leases[name]
+            self._changed(svc, DEPLOYMENT_CHANGED, name=name)
 
-    async def append_history(self, entry: HistoryEntry) -> None:
-        self._history.appendleft(entry.to_json())
+    async def append_history(self, entry: HistoryEntry, *, service: str = DEFAULT_SERVICE) -> None:
+        svc = self._services.get(service)
+        if svc is not None:
+            svc.history.appendleft(entry.to_json())
 
-    async def read_history(self, offset: int = 0, limit: int = 50) -> tuple[list[HistoryEntry], int]:
-        items = list(self._history)
+    async def read_history(
+        self, offset: int = 0, limit: int = 50, *, service: str = DEFAULT_SERVICE
+    ) -> tuple[list[HistoryEntry], int]:
+        svc = self._services.get(service)
+        items = list(svc.history) if svc is not None else []
         # Through JSON, as the Redis store: what a caller gets is what was stored, never a shared object.
         return [HistoryEntry.from_json(json.loads(json.dumps(e))) for e in items[offset : offset + limit]], len(items)
 
-    async def add_stats(self, pending: Mapping[str, Mapping[int, Mapping[int, int]]], ttl: int = 180) -> None:
+    async def add_stats(self, pending: StatsRows, ttl: int = 180) -> None:
         oldest = int(time.time()) - ttl
-        for deployment, per in pending.items():
-            mine = self._stats.setdefault(deployment, {})
+        for (service, deployment), per in pending.items():
+            svc = self._services.get(service)
+            if svc is None:
+                continue
+            mine = svc.stats.setdefault(deployment, {})
             for second, row in per.items():
                 add_row(mine.setdefault(second, {}), row)
             for second in [s for s in mine if s < oldest]:
                 del mine[second]
 
-    async def read_stats(self, deployment: str, first_second: int, last_second: int) -> dict[int, int]:
+    async def read_stats(
+        self, deployment: str, first_second: int, last_second: int, *, service: str = DEFAULT_SERVICE
+    ) -> dict[int, int]:
         total: dict[int, int] = {}
-        for second, row in self._stats.get(deployment, {}).items():
+        svc = self._services.get(service)
+        for second, row in (svc.stats.get(deployment, {}) if svc is not None else {}).items():
             if first_second <= second <= last_second:
                 add_row(total, row)
         return total
 
+    async def get_guard(self, *, service: str = DEFAULT_SERVICE) -> dict[str, str]:
+        svc = self._services.get(service)
+        return dict(svc.guard) if svc is not None else {}
+
+    async def set_guard(self, *, service: str = DEFAULT_SERVICE, **fields: str | None) -> None:
+        svc = self._services.get(service)
+        if svc is None:
+            return
+        for key, value in fields.items():
+            if value is None:
+                svc.guard.pop(key, None)
+            else:
+                svc.guard[key] = value
+
+    # --- the whole namespace ----------------------------------------------------------------
     async def hold_role(self, role: str, owner: str, ttl: float) -> bool:
         now = time.monotonic()
         holder = self._roles.get(role)
@@ -164,16 +288,6 @@ class EmbeddedStore(Store):
             return False
         self._roles[role] = (owner, now + ttl)
         return True
-
-    async def get_guard(self) -> dict[str, str]:
-        return dict(self._guard)
-
-    async def set_guard(self, **fields: str | None) -> None:
-        for key, value in fields.items():
-            if value is None:
-                self._guard.pop(key, None)
-            else:
-                self._guard[key] = value
 
     async def first_time(self, token: str, ttl: float) -> bool:
         now = time.monotonic()

@@ -1,8 +1,9 @@
 """The production store: Redis, with every multi-key change done by one Lua script so it is never half-written.
 
 Every key name and message format comes from ``keys``; the scripts get them as KEYS and ARGV. The
-snapshot script builds deployment keys from a prefix (their names come from a set), so the store needs
-a single Redis (or a Sentinel-managed primary), not Redis Cluster.
+scripts that read deployments build their keys from a prefix (names come from a set), and the full
+read discovers services, so the store needs a single Redis (or a Sentinel-managed primary), not
+Redis Cluster.
 """
 
 from __future__ import annotations
@@ -20,49 +21,67 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from ..keys import DEPLOYMENT_CHANGED, SUBSCRIBED, Keys, decode_event, encode_event, route_event_parts
-from ..records import Deployment, HistoryEntry, Route, Snapshot, encode_changes
-from .base import DEFAULT_HISTORY_MAX, RouteChange, Store, StoreUnavailable
+from ..keys import (
+    DEPLOYMENT_CHANGED, LEGACY_SERVICE, SERVICE_CHANGED, SUBSCRIBED, Keys, ServiceKeys, decode_event, encode_event,
+    route_event_parts,
+)
+from ..records import DEFAULT_SERVICE, Deployment, HistoryEntry, Route, ServiceConfig, Snapshot, encode_changes
+from .base import DEFAULT_HISTORY_MAX, Reading, RouteChange, StatsRows, Store, StoreUnavailable
 
-# KEYS: route, deployments. ARGV: deployment key prefix, lease key prefix (the names come from the set).
-# Returns {route hash, {{name, record hash, live}...}}.
-_SNAPSHOT = """
-local route = redis.call('HGETALL', KEYS[1])
-local names = redis.call('SMEMBERS', KEYS[2])
-local deps = {}
-for i, name in ipairs(names) do
-  local record = redis.call('HGETALL', ARGV[1] .. name)
-  local live = redis.call('EXISTS', ARGV[2] .. name)
-  deps[i] = {name, record, live}
+# Reads one service: KEYS route, deployments, config; ARGV deployment prefix, lease prefix.
+# Returns {route hash, {{name, record hash, live}...} sorted by name, config hash}.
+_READ_SERVICE = """
+local function read(route_key, deployments_key, config_key, dep_prefix, lease_prefix)
+  local names = redis.call('SMEMBERS', deployments_key)
+  table.sort(names)
+  local deps = {}
+  for i, name in ipairs(names) do
+    deps[i] = {name, redis.call('HGETALL', dep_prefix .. name), redis.call('EXISTS', lease_prefix .. name)}
+  end
+  return {redis.call('HGETALL', route_key), deps, redis.call('HGETALL', config_key)}
 end
-return {route, deps}
 """
 
-# KEYS: route, deployments, history. ARGV: expected generation or '', active, previous or '',
-# history entry JSON or '', history bound, events channel, now, route event head and tail (the
-# message is head .. generation .. tail, as keys.route_event_parts defines).
-# Returns {applied 0/1, generation, active, previous, refusal}.
-_SET_ROUTE = """
-local gen = tonumber(redis.call('HGET', KEYS[1], 'generation') or '0')
-local function current(refusal)
-  return {0, gen, redis.call('HGET', KEYS[1], 'active') or '', redis.call('HGET', KEYS[1], 'previous') or '', refusal}
-end
-if ARGV[1] ~= '' and tonumber(ARGV[1]) ~= gen then return current('conflict') end
-if redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 0 then return current('unknown') end
-gen = gen + 1
-redis.call('HSET', KEYS[1], 'active', ARGV[2], 'generation', gen, 'changed_at', ARGV[7])
-if ARGV[3] == '' then redis.call('HDEL', KEYS[1], 'previous') else redis.call('HSET', KEYS[1], 'previous', ARGV[3]) end
-if ARGV[4] ~= '' then
-  local entry = cjson.decode(ARGV[4])
-  entry['generation'] = gen
-  redis.call('LPUSH', KEYS[3], cjson.encode(entry))
-  redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[5]) - 1)
-end
-redis.call('PUBLISH', ARGV[6], ARGV[8] .. gen .. ARGV[9])
-return {1, gen, ARGV[2], ARGV[3], ''}
+_SNAPSHOT = _READ_SERVICE + """
+return read(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])
 """
 
-# Appends ARGV[i] (a JSON entry, or '') to the history list KEYS[k], trimmed to ARGV[i+1] entries.
+# The poll: KEYS services set. ARGV: the layout (keys.Keys.layout: legacy name, legacy prefix, service
+# prefix, route/deployments/deployment/lease/config suffixes), then "service fingerprint" lines the caller
+# holds. Returns {every service's name, space-separated; {{service, fingerprint, data}...} for those whose
+# fingerprint moved}.
+_READ_ALL = _READ_SERVICE + """
+local legacy, legacy_prefix, svc_prefix = ARGV[1], ARGV[2], ARGV[3]
+local route_s, deps_s, dep_s, lease_s, config_s = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local known = {}
+for svc, fingerprint in string.gmatch(ARGV[9], '(%S+) (%S+)') do known[svc] = fingerprint end
+local names = redis.call('SMEMBERS', KEYS[1])
+table.insert(names, legacy)
+table.sort(names)
+local all, changed = {}, {}
+local last = nil
+for _, svc in ipairs(names) do
+  if svc ~= last then
+    last = svc
+    all[#all + 1] = svc
+    local p = (svc == legacy) and legacy_prefix or (svc_prefix .. svc)
+    local data = read(p .. route_s, p .. deps_s, p .. config_s, p .. dep_s, p .. lease_s)
+    local fingerprint = redis.sha1hex(cjson.encode(data))
+    if known[svc] ~= fingerprint then changed[#changed + 1] = {svc, fingerprint, data} end
+  end
+end
+return {table.concat(all, ' '), changed}
+"""
+
+# Whether ARGV[i] names an existing service: the legacy one always exists, others are in KEYS[k].
+_EXISTS = """
+local function exists(services_key, name, legacy)
+  return name == legacy or redis.call('SISMEMBER', services_key, name) == 1
+end
+"""
+
+# Appends ARGV[i] (a JSON entry, or '') to the history list KEYS[k], trimmed to ARGV[i+1] entries. Every
+# script decodes what it can fail on before its first write: Redis does not undo a failed script's writes.
 _HISTORY = """
 local function record(key, entry, bound)
   if entry ~= '' then
@@ -72,11 +91,41 @@ local function record(key, entry, bound)
 end
 """
 
-# KEYS: deployments, record, history. ARGV: name, record fields JSON, channel, message, history entry, bound.
-_CREATE = _HISTORY + """
+# KEYS: route, deployments, history, services. ARGV: expected generation or '', active, previous or '',
+# history entry JSON or '', history bound, events channel, now, route event head and tail (the message
+# is head .. generation .. tail, as keys.route_event_parts defines), service, legacy service.
+# Returns {applied 0/1, generation, active, previous, refusal}.
+_SET_ROUTE = _EXISTS + """
+if not exists(KEYS[4], ARGV[10], ARGV[11]) then return {0, 0, '', '', 'no_service'} end
+local gen = tonumber(redis.call('HGET', KEYS[1], 'generation') or '0')
+local function current(refusal)
+  return {0, gen, redis.call('HGET', KEYS[1], 'active') or '', redis.call('HGET', KEYS[1], 'previous') or '', refusal}
+end
+if ARGV[1] ~= '' and tonumber(ARGV[1]) ~= gen then return current('conflict') end
+if redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 0 then return current('unknown') end
+-- Everything that can fail (decoding) before the first write: Redis does not undo a script's writes.
+local entry = nil
+if ARGV[4] ~= '' then entry = cjson.decode(ARGV[4]) end
+gen = gen + 1
+redis.call('HSET', KEYS[1], 'active', ARGV[2], 'generation', gen, 'changed_at', ARGV[7])
+if ARGV[3] == '' then redis.call('HDEL', KEYS[1], 'previous') else redis.call('HSET', KEYS[1], 'previous', ARGV[3]) end
+if entry ~= nil then
+  entry['generation'] = gen
+  redis.call('LPUSH', KEYS[3], cjson.encode(entry))
+  redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[5]) - 1)
+end
+redis.call('PUBLISH', ARGV[6], ARGV[8] .. gen .. ARGV[9])
+return {1, gen, ARGV[2], ARGV[3], ''}
+"""
+
+# KEYS: deployments, record, history, services. ARGV: name, record fields JSON, channel, message,
+# history entry, bound, service, legacy service.
+_CREATE = _EXISTS + _HISTORY + """
+if not exists(KEYS[4], ARGV[7], ARGV[8]) then return 0 end
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 0 end
+local fields = cjson.decode(ARGV[2])
 redis.call('DEL', KEYS[2])
-for k, v in pairs(cjson.decode(ARGV[2])) do redis.call('HSET', KEYS[2], k, v) end
+for k, v in pairs(fields) do redis.call('HSET', KEYS[2], k, v) end
 redis.call('SADD', KEYS[1], ARGV[1])
 record(KEYS[3], ARGV[5], ARGV[6])
 redis.call('PUBLISH', ARGV[3], ARGV[4])
@@ -87,7 +136,8 @@ return 1
 _UPDATE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-for k, v in pairs(cjson.decode(ARGV[2])) do
+local changes = cjson.decode(ARGV[2])
+for k, v in pairs(changes) do
   if v == cjson.null then redis.call('HDEL', KEYS[1], k) else redis.call('HSET', KEYS[1], k, v) end
 end
 redis.call('PUBLISH', ARGV[3], ARGV[4])
@@ -111,6 +161,47 @@ redis.call('SREM', KEYS[2], ARGV[1])
 record(KEYS[5], ARGV[5], ARGV[6])
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return ''
+"""
+
+# KEYS: services, config, history. ARGV: name, config fields JSON, channel, message, history entry,
+# bound, legacy service.
+_CREATE_SERVICE = _HISTORY + """
+if ARGV[1] == ARGV[7] or redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 0 end
+local fields = cjson.decode(ARGV[2])
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+for k, v in pairs(fields) do redis.call('HSET', KEYS[2], k, v) end
+record(KEYS[3], ARGV[5], ARGV[6])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+"""
+
+# KEYS: services, route, deployments, config, history, guard, history to record in. ARGV: name, force,
+# channel, message, deployment prefix, lease prefix, legacy service, history entry, bound.
+_DELETE_SERVICE = _HISTORY + """
+if ARGV[1] == ARGV[7] then return 'default' end
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return 'unknown' end
+local names = redis.call('SMEMBERS', KEYS[3])
+if #names > 0 and ARGV[2] ~= '1' then return 'not_empty' end
+for _, name in ipairs(names) do redis.call('DEL', ARGV[5] .. name, ARGV[6] .. name) end
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+redis.call('SREM', KEYS[1], ARGV[1])
+record(KEYS[7], ARGV[8], ARGV[9])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return ''
+"""
+
+# KEYS: services, config, history. ARGV: name, legacy service, changes JSON (null = remove), channel,
+# message, history entry, bound.
+_SET_CONFIG = _EXISTS + _HISTORY + """
+if not exists(KEYS[1], ARGV[1], ARGV[2]) then return 0 end
+local changes = cjson.decode(ARGV[3])
+for k, v in pairs(changes) do
+  if v == cjson.null then redis.call('HDEL', KEYS[2], k) else redis.call('HSET', KEYS[2], k, v) end
+end
+record(KEYS[3], ARGV[6], ARGV[7])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
 """
 
 # KEYS: lease. ARGV: owner, ttl ms, channel, message. Publishes only when the deployment becomes live.
@@ -161,25 +252,52 @@ def _unavailable_on_connection_errors() -> contextlib.AbstractContextManager[Non
     return _unavailable_on(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
+def _json(value: Any) -> str:
+    """JSON for a script to decode: lone surrogates (undecodable bytes in a header, say, as aiohttp and
+    json.loads carry them) become U+FFFD, which Lua's cjson can decode."""
+    return json.dumps(value, ensure_ascii=False).encode("utf-8", "replace").decode("utf-8")
+
+
 def _pairs(flat: list[Any]) -> dict[str, str]:
     return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
 
 
+def _snapshot(service: str, raw_route: list[Any], raw_deps: list[Any], raw_config: list[Any]) -> Snapshot:
+    """A service's snapshot from what the read scripts return."""
+    route_fields = _pairs(raw_route)
+    route = Route(
+        active=route_fields.get("active") or None,
+        previous=route_fields.get("previous") or None,
+        generation=int(route_fields.get("generation", 0)),
+        changed_at=float(route_fields.get("changed_at", 0.0)),
+    )
+    deployments: dict[str, Deployment] = {}
+    live: set[str] = set()
+    for name, record, is_live in raw_deps:
+        if not record:
+            continue
+        dep = Deployment.from_fields({**_pairs(record), "name": name})
+        deployments[name] = dep
+        if is_live or dep.external:
+            live.add(name)
+    return Snapshot(route=route, deployments=MappingProxyType(deployments), live=frozenset(live), service=service,
+                    config=ServiceConfig.from_fields(_pairs(raw_config)))
+
+
 class RedisStore(Store):
-    """Route, deployments, leases and history in Redis, changes announced on one pub/sub channel."""
+    """Services, routes, deployments, leases and histories in Redis, changes announced on one pub/sub channel."""
 
     def __init__(self, client: aioredis.Redis, namespace: str, history_max: int = DEFAULT_HISTORY_MAX) -> None:
         self.client = client
         self.keys = Keys(namespace)
         self.history_max = history_max
-        self._snapshot = client.register_script(_SNAPSHOT)
-        self._set_route = client.register_script(_SET_ROUTE)
-        self._create = client.register_script(_CREATE)
-        self._update = client.register_script(_UPDATE)
-        self._delete = client.register_script(_DELETE)
-        self._claim = client.register_script(_CLAIM)
-        self._release = client.register_script(_RELEASE)
-        self._hold_role = client.register_script(_HOLD_ROLE)
+        register = client.register_script
+        self._snapshot, self._read_all = register(_SNAPSHOT), register(_READ_ALL)
+        self._set_route, self._create, self._update, self._delete = (
+            register(_SET_ROUTE), register(_CREATE), register(_UPDATE), register(_DELETE))
+        self._create_service, self._delete_service, self._set_config = (
+            register(_CREATE_SERVICE), register(_DELETE_SERVICE), register(_SET_CONFIG))
+        self._claim, self._release, self._hold_role = register(_CLAIM), register(_RELEASE), register(_HOLD_ROLE)
 
     @classmethod
     def from_url(cls, url: str, namespace: str, history_max: int = DEFAULT_HISTORY_MAX) -> RedisStore:
@@ -197,142 +315,202 @@ class RedisStore(Store):
         )
         return cls(aioredis.Redis(connection_pool=pool), namespace, history_max)
 
-    def _deployment_event(self, name: str) -> str:
-        return encode_event(DEPLOYMENT_CHANGED, name=name)
+    def _sk(self, service: str) -> ServiceKeys:
+        return self.keys.service(service)
+
+    def _history_args(self, history: HistoryEntry | None) -> list[str]:
+        return [_json(history.to_json()) if history is not None else "", str(self.history_max)]
 
     async def ping(self) -> None:
         with _unavailable_on_connection_errors():
             await self.client.ping()
 
-    async def read_snapshot(self) -> Snapshot:
+    # --- services ---------------------------------------------------------------------------
+    async def list_services(self) -> list[str]:
         with _unavailable_on_connection_errors():
-            raw_route, raw_deps = await self._snapshot(
-                keys=[self.keys.route, self.keys.deployments], args=[self.keys.deployment_prefix, self.keys.lease_prefix]
+            names = await self.client.smembers(self.keys.services)
+        return sorted({*names, LEGACY_SERVICE})
+
+    async def service_exists(self, name: str) -> bool:
+        if name == LEGACY_SERVICE:
+            return True
+        with _unavailable_on_connection_errors():
+            return bool(await self.client.sismember(self.keys.services, name))
+
+    async def create_service(self, name: str, config: ServiceConfig, *, history: HistoryEntry | None = None) -> bool:
+        sk = self._sk(name)
+        with _unavailable_on_connection_errors():
+            created = await self._create_service(
+                keys=[self.keys.services, sk.config, sk.history],
+                args=[name, json.dumps(config.to_fields()), self.keys.events, encode_event(SERVICE_CHANGED, service=name),
+                      *self._history_args(history), LEGACY_SERVICE],
             )
-        route_fields = _pairs(raw_route)
-        route = Route(
-            active=route_fields.get("active") or None,
-            previous=route_fields.get("previous") or None,
-            generation=int(route_fields.get("generation", 0)),
-            changed_at=float(route_fields.get("changed_at", 0.0)),
-        )
-        deployments: dict[str, Deployment] = {}
-        live: set[str] = set()
-        for name, record, is_live in raw_deps:
-            if not record:
-                continue
-            dep = Deployment.from_fields({**_pairs(record), "name": name})
-            deployments[name] = dep
-            if is_live or dep.external:
-                live.add(name)
-        return Snapshot(route=route, deployments=MappingProxyType(deployments), live=frozenset(live))
+        return bool(created)
+
+    async def delete_service(self, name: str, *, force: bool = False, history: HistoryEntry | None = None,
+                             history_service: str = DEFAULT_SERVICE) -> str | None:
+        sk = self._sk(name)
+        with _unavailable_on_connection_errors():
+            refusal = await self._delete_service(
+                keys=[self.keys.services, sk.route, sk.deployments, sk.config, sk.history, sk.guard,
+                      self._sk(history_service).history],
+                args=[name, "1" if force else "0", self.keys.events, encode_event(SERVICE_CHANGED, service=name),
+                      sk.deployment_prefix, sk.lease_prefix, LEGACY_SERVICE, *self._history_args(history)],
+            )
+        return refusal or None
+
+    async def set_service_config(self, name: str, overrides: Mapping[str, Any | None], *,
+                                 history: HistoryEntry | None = None) -> bool:
+        changes = {k: (None if v is None else json.dumps(v)) for k, v in overrides.items()}
+        sk = self._sk(name)
+        with _unavailable_on_connection_errors():
+            applied = await self._set_config(
+                keys=[self.keys.services, sk.config, sk.history],
+                args=[name, LEGACY_SERVICE, json.dumps(changes), self.keys.events, encode_event(SERVICE_CHANGED, service=name),
+                      *self._history_args(history)],
+            )
+        return bool(applied)
+
+    async def read_all(self, known: Mapping[str, str]) -> Reading:
+        # Names and fingerprints travel as one string each way (service names hold no spaces): a poll
+        # of 200 unchanged services is then a few kilobytes, not 800 protocol elements to parse.
+        known_arg = "\n".join(f"{service} {fingerprint}" for service, fingerprint in known.items())
+        with _unavailable_on_connection_errors():
+            names, rows = await self._read_all(keys=[self.keys.services], args=[*self.keys.layout(), known_arg])
+        changed = {service: (_snapshot(service, *data), fingerprint) for service, fingerprint, data in rows}
+        return Reading(frozenset(names.split()), MappingProxyType(changed))
+
+    # --- one service ------------------------------------------------------------------------
+    async def read_snapshot(self, *, service: str = DEFAULT_SERVICE) -> Snapshot:
+        sk = self._sk(service)
+        with _unavailable_on_connection_errors():
+            raw = await self._snapshot(keys=[sk.route, sk.deployments, sk.config], args=[sk.deployment_prefix, sk.lease_prefix])
+        return _snapshot(service, *raw)
 
     async def set_route(
         self,
         active: str,
         previous: str | None,
         *,
+        service: str = DEFAULT_SERVICE,
         expected_generation: int | None = None,
         history: HistoryEntry | None = None,
     ) -> RouteChange:
+        sk = self._sk(service)
+        now = time.time()
         args = [
             "" if expected_generation is None else str(expected_generation),
             active,
             previous or "",
-            json.dumps(history.to_json()) if history is not None else "",
+            _json(history.to_json()) if history is not None else "",
             str(self.history_max),
             self.keys.events,
-            repr(time.time()),
-            *route_event_parts(),
+            repr(now),
+            *route_event_parts(service),
+            service,
+            LEGACY_SERVICE,
         ]
         with _unavailable_on_connection_errors():
             applied, gen, cur_active, cur_previous, refusal = await self._set_route(
-                keys=[self.keys.route, self.keys.deployments, self.keys.history], args=args
+                keys=[sk.route, sk.deployments, sk.history, self.keys.services], args=args
             )
         route = Route(active=cur_active or None, previous=cur_previous or None, generation=int(gen),
-                      changed_at=float(args[6]) if applied else 0.0)
+                      changed_at=now if applied else 0.0)
         return RouteChange(bool(applied), route, refusal or None)
 
-    def _history_args(self, history: HistoryEntry | None) -> list[str]:
-        return [json.dumps(history.to_json()) if history is not None else "", str(self.history_max)]
+    def _deployment_event(self, service: str, name: str) -> str:
+        return encode_event(DEPLOYMENT_CHANGED, service=service, name=name)
 
-    async def create_deployment(self, deployment: Deployment, *, history: HistoryEntry | None = None) -> bool:
-        name = deployment.name
+    async def create_deployment(
+        self, deployment: Deployment, *, service: str = DEFAULT_SERVICE, history: HistoryEntry | None = None
+    ) -> bool:
+        name, sk = deployment.name, self._sk(service)
         with _unavailable_on_connection_errors():
             created = await self._create(
-                keys=[self.keys.deployments, self.keys.deployment(name), self.keys.history],
-                args=[name, json.dumps(deployment.to_fields()), self.keys.events, self._deployment_event(name),
-                      *self._history_args(history)],
+                keys=[sk.deployments, sk.deployment(name), sk.history, self.keys.services],
+                args=[name, _json(deployment.to_fields()), self.keys.events, self._deployment_event(service, name),
+                      *self._history_args(history), service, LEGACY_SERVICE],
             )
         return bool(created)
 
-    async def update_deployment(self, name: str, *, owner: str | None = None, **changes: Any) -> bool:
+    async def update_deployment(
+        self, name: str, *, service: str = DEFAULT_SERVICE, owner: str | None = None, **changes: Any
+    ) -> bool:
         encoded = encode_changes(changes)
+        sk = self._sk(service)
         with _unavailable_on_connection_errors():
             updated = await self._update(
-                keys=[self.keys.deployment(name), self.keys.lease(name)],
-                args=[owner or "", json.dumps(encoded), self.keys.events, self._deployment_event(name)],
+                keys=[sk.deployment(name), sk.lease(name)],
+                args=[owner or "", _json(encoded), self.keys.events, self._deployment_event(service, name)],
             )
         return bool(updated)
 
     async def delete_deployment(
-        self, name: str, *, force: bool = False, history: HistoryEntry | None = None
+        self, name: str, *, service: str = DEFAULT_SERVICE, force: bool = False, history: HistoryEntry | None = None
     ) -> str | None:
+        sk = self._sk(service)
         with _unavailable_on_connection_errors():
             refusal = await self._delete(
-                keys=[self.keys.route, self.keys.deployments, self.keys.deployment(name), self.keys.lease(name),
-                      self.keys.history],
-                args=[name, "1" if force else "0", self.keys.events, self._deployment_event(name),
+                keys=[sk.route, sk.deployments, sk.deployment(name), sk.lease(name), sk.history],
+                args=[name, "1" if force else "0", self.keys.events, self._deployment_event(service, name),
                       *self._history_args(history)],
             )
         return refusal or None
 
-    async def claim(self, name: str, owner: str, ttl: float) -> bool:
+    async def claim(self, name: str, owner: str, ttl: float, *, service: str = DEFAULT_SERVICE) -> bool:
         with _unavailable_on_connection_errors():
             ok = await self._claim(
-                keys=[self.keys.lease(name)],
-                args=[owner, str(max(1, int(ttl * 1000))), self.keys.events, self._deployment_event(name)],
+                keys=[self._sk(service).lease(name)],
+                args=[owner, str(max(1, int(ttl * 1000))), self.keys.events, self._deployment_event(service, name)],
             )
         return bool(ok)
 
-    async def release(self, name: str, owner: str) -> None:
+    async def release(self, name: str, owner: str, *, service: str = DEFAULT_SERVICE) -> None:
         with _unavailable_on_connection_errors():
             await self._release(
-                keys=[self.keys.lease(name)], args=[owner, self.keys.events, self._deployment_event(name)]
+                keys=[self._sk(service).lease(name)], args=[owner, self.keys.events, self._deployment_event(service, name)]
             )
 
-    async def append_history(self, entry: HistoryEntry) -> None:
+    async def append_history(self, entry: HistoryEntry, *, service: str = DEFAULT_SERVICE) -> None:
+        key = self._sk(service).history
         with _unavailable_on_connection_errors():
             async with self.client.pipeline(transaction=True) as pipe:
-                pipe.lpush(self.keys.history, json.dumps(entry.to_json()))
-                pipe.ltrim(self.keys.history, 0, self.history_max - 1)
+                pipe.lpush(key, _json(entry.to_json()))
+                pipe.ltrim(key, 0, self.history_max - 1)
                 await pipe.execute()
 
-    async def read_history(self, offset: int = 0, limit: int = 50) -> tuple[list[HistoryEntry], int]:
+    async def read_history(
+        self, offset: int = 0, limit: int = 50, *, service: str = DEFAULT_SERVICE
+    ) -> tuple[list[HistoryEntry], int]:
+        key = self._sk(service).history
         with _unavailable_on_connection_errors():
             async with self.client.pipeline(transaction=True) as pipe:
-                pipe.lrange(self.keys.history, offset, offset + limit - 1)
-                pipe.llen(self.keys.history)
+                pipe.lrange(key, offset, offset + limit - 1)
+                pipe.llen(key)
                 raw, total = await pipe.execute()
         return [HistoryEntry.from_json(json.loads(item)) for item in raw], int(total)
 
-    async def add_stats(self, pending: Mapping[str, Mapping[int, Mapping[int, int]]], ttl: int = 180) -> None:
+    async def add_stats(self, pending: StatsRows, ttl: int = 180) -> None:
         with _unavailable_on_connection_errors():
             async with self.client.pipeline(transaction=False) as pipe:
-                for deployment, per in pending.items():
+                for (service, deployment), per in pending.items():
+                    sk = self._sk(service)
                     for second, row in per.items():
-                        key = self.keys.stats(deployment, second)
+                        key = sk.stats(deployment, second)
                         for column, count in row.items():
                             if count:
                                 pipe.hincrby(key, str(column), count)
                         pipe.expire(key, ttl)
                 await pipe.execute()
 
-    async def read_stats(self, deployment: str, first_second: int, last_second: int) -> dict[int, int]:
+    async def read_stats(
+        self, deployment: str, first_second: int, last_second: int, *, service: str = DEFAULT_SERVICE
+    ) -> dict[int, int]:
+        sk = self._sk(service)
         with _unavailable_on_connection_errors():
             async with self.client.pipeline(transaction=False) as pipe:
                 for second in range(first_second, last_second + 1):
-                    pipe.hgetall(self.keys.stats(deployment, second))
+                    pipe.hgetall(sk.stats(deployment, second))
                 rows = await pipe.execute()
         total: dict[int, int] = {}
         for row in rows:
@@ -341,24 +519,26 @@ class RedisStore(Store):
                     total[int(column)] = total.get(int(column), 0) + int(count)
         return total
 
-    async def hold_role(self, role: str, owner: str, ttl: float) -> bool:
+    async def get_guard(self, *, service: str = DEFAULT_SERVICE) -> dict[str, str]:
         with _unavailable_on_connection_errors():
-            return bool(await self._hold_role(keys=[self.keys.lease_of(role)], args=[owner, str(max(1, int(ttl * 1000)))]))
+            return await self.client.hgetall(self._sk(service).guard)
 
-    async def get_guard(self) -> dict[str, str]:
-        with _unavailable_on_connection_errors():
-            return await self.client.hgetall(self.keys.guard)
-
-    async def set_guard(self, **fields: str | None) -> None:
+    async def set_guard(self, *, service: str = DEFAULT_SERVICE, **fields: str | None) -> None:
+        key = self._sk(service).guard
         with _unavailable_on_connection_errors():
             async with self.client.pipeline(transaction=True) as pipe:
                 to_set = {k: v for k, v in fields.items() if v is not None}
                 if to_set:
-                    pipe.hset(self.keys.guard, mapping=to_set)
+                    pipe.hset(key, mapping=to_set)
                 to_delete = [k for k, v in fields.items() if v is None]
                 if to_delete:
-                    pipe.hdel(self.keys.guard, *to_delete)
+                    pipe.hdel(key, *to_delete)
                 await pipe.execute()
+
+    # --- the whole namespace ----------------------------------------------------------------
+    async def hold_role(self, role: str, owner: str, ttl: float) -> bool:
+        with _unavailable_on_connection_errors():
+            return bool(await self._hold_role(keys=[self.keys.lease_of(role)], args=[owner, str(max(1, int(ttl * 1000)))]))
 
     async def first_time(self, token: str, ttl: float) -> bool:
         with _unavailable_on_connection_errors():
@@ -403,4 +583,3 @@ async def drop_namespace(url: str, namespace: str) -> None:
         await store.drop_namespace()
     finally:
         await store.close()
-
