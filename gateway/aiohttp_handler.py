@@ -22,7 +22,7 @@ from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from . import errors
 from .http1 import (
-    HEAD_TOO_LARGE, HEADER_TIMEOUT, MALFORMED, MAX_LINE_BYTES, TOO_MANY_HEADERS, BadRequests, ServerLimits, one_line, refusal,
+    HEAD_TOO_LARGE, HEADER_TIMEOUT, MALFORMED, MAX_LINE_BYTES, NOT_READING, TOO_MANY_HEADERS, BadRequests, ServerLimits, one_line, refusal,
 )
 
 # Loop time at which the first byte of a request's head arrived: TURNOUT_TOTAL_TIMEOUT counts from it.
@@ -82,6 +82,7 @@ class GuardedRequestHandler(RequestHandler):
         self._head_started: float | None = None
         self._head_bytes = 0
         self._head_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
         # The payload of the last request parsed: its end is where the next head begins.
         self._last_payload: StreamReader | None = None
         self._started_at: dict[int, float] = {}
@@ -238,8 +239,32 @@ class GuardedRequestHandler(RequestHandler):
         self._unanswered -= 1
         return self._drain.active or (self._client_done and not self._unanswered)
 
+    # --- a client that stops reading ----------------------------------------------------------
+    # aiohttp waits for a full write buffer to drain without a deadline (a small answer is written
+    # whole, then drained): a client that stops reading would hold the connection, and its pipelined
+    # requests would wait behind it, forever. Paused longer than the client timeout: dropped.
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self._loop.call_later(self._limits.client_timeout, self._write_stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_stalled(self) -> None:
+        self._write_timer = None
+        if self.transport is not None:
+            self._bad.record(NOT_READING, self.peername, f"answers unread for {self._limits.client_timeout:g} s")
+            self.transport.abort()
+
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
         super().connection_lost(exc)

@@ -27,7 +27,7 @@ import httptools
 from . import errors
 from .classify import classify
 from .flow import FlowControl
-from .http1 import BODY_TIMEOUT, HEADER_TIMEOUT, MAX_LINE_BYTES, BadRequests, DateHeader, ServerLimits, refusal, response_head
+from .http1 import BODY_TIMEOUT, HEADER_TIMEOUT, MAX_LINE_BYTES, NOT_READING, BadRequests, DateHeader, ServerLimits, refusal, response_head
 from .metrics import CLIENT_ERROR, OVERLOADED, UPSTREAM_ERROR
 from .proxy import (
     CLIENT_CLOSED,
@@ -349,6 +349,13 @@ class _ServerConnection(FlowControl):
     ) -> None:
         try:
             keep_alive = await self._relay(where, query, headers, body, keep_alive, started, typed)
+            if keep_alive and not self.writable and not await self.drained(self.fast.limits.client_timeout):
+                # Pipelining without reading: no next request is taken before these answers are read,
+                # so the answers waiting here stay within the transport's high-water mark.
+                self.fast.bad_requests.record(NOT_READING, self.remote.decode("latin-1"),
+                                              f"answers unread for {self.fast.limits.client_timeout:g} s")
+                self.abort()
+                return
         except asyncio.CancelledError:
             return  # the connection is gone
         except Exception:

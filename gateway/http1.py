@@ -32,7 +32,9 @@ BODY_TIMEOUT = "body_timeout"  # 408: the body stopped arriving for client_timeo
 # 415: a prediction request without Content-Type. mlflow models serve (3.17) answers it with a 500 and,
 # after about ten such requests, stops answering anything (even /ping) until restarted: never forwarded.
 MISSING_CONTENT_TYPE = "missing_content_type"
-REASONS = (MALFORMED, HEAD_TOO_LARGE, TOO_MANY_HEADERS, HEADER_TIMEOUT, BODY_TIMEOUT, MISSING_CONTENT_TYPE)
+# Not answered: the client stopped reading its answers for client_timeout, and was disconnected.
+NOT_READING = "not_reading"
+REASONS = (MALFORMED, HEAD_TOO_LARGE, TOO_MANY_HEADERS, HEADER_TIMEOUT, BODY_TIMEOUT, MISSING_CONTENT_TYPE, NOT_READING)
 
 _PHRASES = {status.value: status.phrase.encode() for status in http.HTTPStatus}
 

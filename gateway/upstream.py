@@ -30,11 +30,9 @@ _READ_HIGH_WATER = 256 * 1024
 class UpstreamError(Exception):
     """A request that could not be completed by the upstream; ``kind`` names the failure for metrics."""
 
-    def __init__(self, kind: str, message: str, *, sent: bool = True) -> None:
+    def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
-        # False when the request provably never reached the upstream application.
-        self.sent = sent
 
     @property
     def is_timeout(self) -> bool:
@@ -66,7 +64,6 @@ class _Connection(FlowControl):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.idle_since = 0.0
-        self.reused = False
         # In the pool: any byte that arrives now belongs to no request, so the connection is spoiled.
         self.idle = False
         self._reading_paused = False
@@ -90,7 +87,6 @@ class _Connection(FlowControl):
         self.framed = False
         self.headers_done = False
         self.complete = False
-        self.got_bytes = False
         self.error: UpstreamError | None = None
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
@@ -112,7 +108,6 @@ class _Connection(FlowControl):
             # Nothing was asked: a stale or unsolicited answer must never reach the next request.
             self.close()
             return
-        self.got_bytes = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -130,7 +125,7 @@ class _Connection(FlowControl):
                 self.complete = True
                 self._wake()
             else:
-                self._fail(UpstreamError("reset", "upstream closed the connection", sent=not self.reused or self.got_bytes))
+                self._fail(UpstreamError("reset", "upstream closed the connection"))
 
     # --- httptools callbacks ----------------------------------------------------------------
     # Bytes after the end of the response (a second answer nobody asked for) are parsed by llhttp in
@@ -245,7 +240,7 @@ class _Connection(FlowControl):
     async def write(self, data: bytes, timeout: float) -> None:
         """Send bytes, waiting (at most ``timeout`` s) while the upstream does not take them."""
         if not self.usable:
-            raise self.error or UpstreamError("reset", "upstream closed the connection", sent=not self.reused)
+            raise self.error or UpstreamError("reset", "upstream closed the connection")
         assert self.transport is not None
         self.transport.write(data)
         if not self.writable:
@@ -407,7 +402,6 @@ class UpstreamPool:
             conn = idle.pop()
             if conn.usable and conn.idle_since > cutoff:
                 conn.idle = False
-                conn.reused = True
                 return conn
             conn.close()
             self._slots[key].release()
@@ -436,7 +430,6 @@ class UpstreamPool:
             raise UpstreamError(
                 POOL_FULL,
                 f"all {self.max_per_host} connections to {key[0]}:{key[1]} stayed busy for {pool_wait:.3g} s",
-                sent=False,
             ) from None
         connect_wait = self._remaining(deadline, self.timeouts.connect)
         try:
@@ -445,11 +438,11 @@ class UpstreamPool:
         except BaseException as exc:
             slots.release()
             if isinstance(exc, TimeoutError):
-                raise UpstreamError("connect_timeout", f"could not connect to {key[0]}:{key[1]} within {connect_wait:.3g} s", sent=False) from None
+                raise UpstreamError("connect_timeout", f"could not connect to {key[0]}:{key[1]} within {connect_wait:.3g} s") from None
             if isinstance(exc, ConnectionRefusedError):
-                raise UpstreamError("connect_refused", f"connection refused by {key[0]}:{key[1]}", sent=False) from None
+                raise UpstreamError("connect_refused", f"connection refused by {key[0]}:{key[1]}") from None
             if isinstance(exc, OSError):
-                raise UpstreamError("connect_error", f"cannot connect to {key[0]}:{key[1]}: {exc.strerror or exc}", sent=False) from None
+                raise UpstreamError("connect_error", f"cannot connect to {key[0]}:{key[1]}: {exc.strerror or exc}") from None
             raise
         return conn
 
@@ -488,33 +481,28 @@ class UpstreamPool:
         if deadline is None:
             deadline = loop.time() + self.timeouts.total
         key = (host, port)
-        replayable = isinstance(body, bytes)
-        for attempt in range(2 if replayable else 1):
-            # A streamed body cannot be sent twice: it never rides a connection that may have died idle.
-            conn = (self._take_idle(key) if replayable and attempt == 0 else None) or await self._connect(key, deadline)
-            try:
-                if isinstance(body, bytes):
-                    if len(body) < 65536:
-                        await conn.write(head + body, self._read_wait(deadline))
-                    else:
-                        await conn.write(head, self._read_wait(deadline))
-                        await conn.write(body, self._read_wait(deadline))
+        # A streamed body never rides a connection that may have died idle. Nothing is ever retried: a
+        # model server that got the request may have run it before the connection broke (a POST is not
+        # replayable once written, as in Go's http.Transport); the idle keep-alive (2 s) stays under
+        # uvicorn's 5 s so the server does not close a pooled connection under a request.
+        conn = (self._take_idle(key) if isinstance(body, bytes) else None) or await self._connect(key, deadline)
+        try:
+            if isinstance(body, bytes):
+                if len(body) < 65536:
+                    await conn.write(head + body, self._read_wait(deadline))
                 else:
                     await conn.write(head, self._read_wait(deadline))
-                    await self._send_stream(conn, body, chunked, deadline)
-                while not conn.headers_done:
-                    await conn._wait(self._read_wait(deadline), "read_timeout")
-            except UpstreamError as exc:
-                self._put_back(key, conn, False)
-                if not exc.sent and conn.reused and attempt == 0 and replayable:
-                    continue
-                raise
-            except BaseException:
-                # Cancelled, or the client's body stream failed: the connection is mid-message.
-                self._put_back(key, conn, False)
-                raise
-            return UpstreamResponse(conn, self, key, deadline)
-        raise AssertionError("unreachable")
+                    await conn.write(body, self._read_wait(deadline))
+            else:
+                await conn.write(head, self._read_wait(deadline))
+                await self._send_stream(conn, body, chunked, deadline)
+            while not conn.headers_done:
+                await conn._wait(self._read_wait(deadline), "read_timeout")
+        except BaseException:
+            # Failed, cancelled, or the client's body stream failed: the connection is mid-message.
+            self._put_back(key, conn, False)
+            raise
+        return UpstreamResponse(conn, self, key, deadline)
 
     async def _send_stream(self, conn: _Connection, body: AsyncIterable[bytes], chunked: bool, deadline: float) -> None:
         async for chunk in body:

@@ -17,7 +17,7 @@ from gateway.app import POOL
 from gateway.records import Deployment, State
 from gateway.store import EmbeddedStore
 from tests.support import (
-    RawConnection, answer, backend_app, eventually, exchange, post, scripted_backend, serve_app,
+    SEEN, RawConnection, answer, backend_app, eventually, exchange, post, scripted_backend, serve_app,
 )
 
 PATHS = ["fast", "aiohttp"]
@@ -340,3 +340,43 @@ async def test_pipelined_requests_are_answered_in_order(gateway_to: Any, echo_ba
     bodies = [b"{}" * n for n in range(1, 6)] + [b"x" * 70_000]
     answers = await exchange(url, b"".join(post("/invocations", b) for b in bodies), len(bodies))
     assert [json.loads(body)["length"] for _, _, body in answers] == [len(b) for b in bodies]
+
+
+async def test_a_pipelining_client_that_never_reads_is_held_back_then_dropped(gateway_to: Any) -> None:
+    """A client pipelines hundreds of requests with large answers and never reads: the gateway takes no
+    more requests than the socket buffers can hold answers for (its memory stays bounded), and drops
+    the connection once the client has not read for the client timeout."""
+    import socket
+
+    app = backend_app("blue")
+    async with serve_app(app) as backend:
+        url = await gateway_to(backend, client_timeout=1.0)
+        host, port = url.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, (host, int(port)))
+        # 400 requests, each answered with ~60 KB: 24 MB of answers nobody reads.
+        requests = b"".join(post("/invocations?pad=60000", b"{}") for _ in range(400))
+        try:
+            await asyncio.wait_for(loop.sock_sendall(sock, requests), 5)
+        except (TimeoutError, ConnectionError):
+            pass  # the gateway stopped reading: exactly what it should do
+
+        await asyncio.sleep(2.5)  # the client timeout (1 s) passes with the client not reading
+        seen = len(app[SEEN])
+        assert seen < 100, f"{seen} of 400 requests were relayed for a client that read nothing"
+        # Reading now gets what the kernel still holds, then the end: the gateway dropped the connection.
+        received, ended = 0, False
+        while not ended:
+            try:
+                data = await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), 5)
+            except ConnectionError:
+                ended = True
+                break
+            ended = data == b""
+            received += len(data)
+        assert len(app[SEEN]) == seen, "nothing more was relayed once the connection was dropped"
+        assert received < seen * 61_000
+        sock.close()
