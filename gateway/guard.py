@@ -144,10 +144,13 @@ class Guard:
             log.debug("could not flush traffic counters: %s", exc)
 
     async def figures(self, deployment: str, *, service: str = DEFAULT_SERVICE, end: float | None = None,
-                      window: float | None = None) -> Figures:
-        """Every replica's traffic of a deployment over the window ending at ``end`` (default: now)."""
+                      window: float | None = None, since: float | None = None) -> Figures:
+        """Every replica's traffic of a deployment over the window ending at ``end`` (default: now),
+        not before ``since``."""
         end_second = int(end if end is not None else time.time())
         first = end_second - int(window or self.settings.guard_window) + 1
+        if since is not None:
+            first = max(first, int(since))
         return figures_from_counts(await self.store.read_stats(deployment, first, end_second, service=service))
 
     # --- decision -------------------------------------------------------------------------
@@ -205,7 +208,9 @@ class Guard:
         if state.get("latched"):
             self.last[service] = {"status": "latched", "detail": state["latched"]}
             return
-        figures = await self.figures(route.active, service=service, window=s.guard_window)
+        # Only traffic since the switch judges the active deployment: requests pinned to it while it was
+        # previewed (a tester probing its edge cases) are not its record as the active one.
+        figures = await self.figures(route.active, service=service, window=s.guard_window, since=route.changed_at or None)
         baseline = None
         if s.guard_compare_previous and route.previous and route.changed_at:
             baseline = await self.figures(route.previous, service=service, end=route.changed_at, window=s.guard_window)

@@ -292,3 +292,19 @@ async def test_a_steady_1_5_s_model_is_judged_on_its_real_p99(
     if rolls_back:
         evidence = next(e for e in entries if e["action"] == "rollback")["evidence"]
         assert 1.47 <= evidence["p99_seconds"] <= 1.53 and evidence["p99_relative_error"] == 0.02
+
+
+async def test_failures_while_previewed_do_not_count_after_the_switch(backends: dict[str, Any], gateway_factory: Any) -> None:
+    """An operator probes green's edge cases through its pinned endpoint (failures there), then switches
+    to it: the guard judges green on what it does as the active deployment, not on the probing."""
+    store = await blue_active_green_deployed(backends)
+    url = await gateway_factory(store, **FAST_GUARD)
+    async with aiohttp.ClientSession() as s:
+        for _ in range(40):
+            async with s.post(url + "/deployments/green/invocations?mode=status&code=500", json={}) as resp:
+                assert resp.status == 500
+    await asyncio.sleep(1.1)  # the probing ends in an earlier second than the switch
+    await switch(url, "green")
+    async with Load([url], rate=60) as load:
+        await _no_rollback_during(store, 3.0)
+    assert load.results and all(r.status == 200 for r in load.results)
