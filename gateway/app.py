@@ -78,7 +78,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     app[DRAIN] = Drain()
     app.on_response_prepare.append(on_response_prepare)
     app[PROXY] = proxy = Proxy(watcher, pool, metrics, traffic, settings.max_body_bytes, limits, bad_requests,
-                               settings.default_service)
+                               settings.default_service, replay_crashes=settings.replay_crashes)
     app[REGISTRY] = registry = RegistrySync(settings.registry_alias, app[STORE].append_history, settings.registry_sync,
                                             loops=loops)
     app[CONTROL] = control = RouteControl(app[STORE], metrics, registry)
@@ -137,6 +137,7 @@ def _store_ctx(owned: bool) -> Context:
 async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[POOL].start()
     yield
+    await app[PROXY].attribution.close()
     await app[POOL].close()
 
 

@@ -28,7 +28,8 @@ from . import errors
 from .classify import classify
 from .flow import FlowControl
 from .http1 import BODY_TIMEOUT, HEADER_TIMEOUT, MAX_LINE_BYTES, NOT_READING, BadRequests, DateHeader, ServerLimits, refusal, response_head
-from .metrics import CLIENT_ERROR, OVERLOADED, UPSTREAM_ERROR
+from .attribution import Replay
+from .metrics import CLIENT_ERROR, MODEL_ERROR, OVERLOADED, UPSTREAM_ERROR
 from .proxy import (
     CLIENT_CLOSED,
     DEPLOYMENT_HEADER,
@@ -431,7 +432,10 @@ class _ServerConnection(FlowControl):
                 upstream.release()
             return keep_alive
         finally:
-            proxy.end(dm, begun, code, outcome)
+            if code == 400 and outcome == MODEL_ERROR and where[1] is None:
+                proxy.end(dm, begun, code, outcome, Replay(headers, query, self.remote, b"http", body))
+            else:
+                proxy.end(dm, begun, code, outcome)
 
     async def _respond(
         self, upstream: UpstreamResponse, tags: list[tuple[bytes, bytes]], keep_alive: bool, deadline: float

@@ -157,6 +157,11 @@ class GatewayMetrics:
             ["reason"], registry=r,
         )
         self.background_errors = background_errors_counter(r)
+        self.replays = Counter(
+            "turnout_replays",
+            "Inputs the active deployment crashed on, replayed to the previous one, by service and verdict.",
+            ["service", "verdict"], registry=r,
+        )
         self.guard_leader = Gauge("turnout_guard_leader", "1 while this replica is the one whose guard decides.", registry=r)
         self.guard_paused = Gauge(
             "turnout_guard_paused", "1 while an operator has paused a service's guard.", ["service"], registry=r,

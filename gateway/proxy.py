@@ -14,9 +14,10 @@ from aiohttp.streams import StreamReader
 
 from . import errors
 from .aiohttp_handler import HEAD_STARTED, abandon_body
+from .attribution import Attribution, Replay
 from .classify import classify
 from .http1 import BODY_TIMEOUT, MALFORMED, MISSING_CONTENT_TYPE, BadRequests, ServerLimits
-from .metrics import CLIENT_ERROR, OVERLOADED, UPSTREAM_ERROR, DeploymentMetrics, GatewayMetrics
+from .metrics import CLIENT_ERROR, MODEL_ERROR, OVERLOADED, UPSTREAM_ERROR, DeploymentMetrics, GatewayMetrics
 from .records import DEFAULT_SERVICE
 from .traffic import Traffic
 from .upstream import POOL_FULL, UpstreamError, UpstreamPool, UpstreamResponse
@@ -275,7 +276,8 @@ class Proxy:
 
     def __init__(
         self, watcher: RouteWatcher, pool: UpstreamPool, metrics: GatewayMetrics, traffic: Traffic, max_body_bytes: int,
-        limits: ServerLimits, bad_requests: BadRequests, default_service: str = DEFAULT_SERVICE,
+        limits: ServerLimits, bad_requests: BadRequests, default_service: str = DEFAULT_SERVICE, *,
+        replay_crashes: bool = True,
     ) -> None:
         self.watcher = watcher
         self.default_service = default_service
@@ -287,6 +289,8 @@ class Proxy:
         self.bad_requests = bad_requests
         self._targets: dict[str, Target] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.attribution = Attribution(watcher, pool, metrics, self._record, self._target, build_request_head,
+                                       enabled=replay_crashes)
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
         self._loop = asyncio.get_running_loop()
@@ -342,13 +346,19 @@ class Proxy:
         loop = self._loop or self._bind_loop()
         return dm, loop.time()
 
-    def end(self, dm: DeploymentMetrics, started: float, code: int, outcome: str) -> None:
-        """Count a finished request (metrics and the guard's traffic figures)."""
+    def end(self, dm: DeploymentMetrics, started: float, code: int, outcome: str, replay: Replay | None = None) -> None:
+        """Count a finished request (metrics and the guard's traffic figures); a crash of the active
+        deployment with its ``replay`` is counted once the previous deployment has judged the input."""
         assert self._loop is not None
         elapsed = self._loop.time() - started
         dm.inflight -= 1
+        if replay is not None and code == 400 and outcome == MODEL_ERROR and self.attribution.take(dm, code, elapsed, replay):
+            return
+        self._record(dm, code, outcome, elapsed)
+
+    def _record(self, dm: DeploymentMetrics, code: int, outcome: str, elapsed: float) -> None:
         dm.observe(code, outcome, elapsed)
-        if outcome is not OVERLOADED:
+        if outcome != OVERLOADED:
             self.traffic.record((dm.service, dm.name), outcome, elapsed)
 
     @staticmethod
@@ -453,7 +463,13 @@ class Proxy:
                 upstream.release()
             return response
         finally:
-            self.end(dm, started, code, outcome)
+            if code == 400 and outcome == MODEL_ERROR and isinstance(body, bytes) and "name" not in request.match_info:
+                self.end(dm, started, code, outcome, Replay(
+                    request.raw_headers, request.raw_path.partition("?")[2].encode("latin-1"),
+                    (request.remote or "unknown").encode("latin-1"), request.scheme.encode("latin-1"), body,
+                ))
+            else:
+                self.end(dm, started, code, outcome)
 
     def _client_refused(self, request: web.Request, reason: str, tags: dict[str, str], detail: str = "") -> web.Response:
         """The client's body broke off, stalled or broke its framing: 408/400, and the connection closes."""

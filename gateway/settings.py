@@ -71,6 +71,11 @@ class Settings:
         "Also require the error rate to exceed the previous deployment's rate before the switch by the threshold.",
         default=False,
     )
+    replay_crashes: bool = _doc(
+        "Replay an input the active deployment crashed on (MLflow's 400 from inside predict) to the previous "
+        "deployment; when that one rejects it too, count the crash as the client's error, not the model's.",
+        default=True,
+    )
     stats_flush_interval: float = _doc("Seconds between flushes of this replica's traffic counters to Redis.", default=0.25)
     poll_interval: float = _doc("Seconds between full re-reads of the route (pub/sub is the fast path).", default=1.0)
     header_timeout: float = _doc(

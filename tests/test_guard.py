@@ -14,7 +14,7 @@ from gateway.records import Deployment, State
 from gateway.settings import Settings
 from gateway.store import EmbeddedStore, Store
 from gateway.traffic import Figures
-from tests.support import FAILURES, Load, backend_app, eventually, history, serve_app
+from tests.support import FAILURES, SEEN, Load, backend_app, eventually, history, serve_app
 
 FAST_GUARD = {"guard_window": 5.0, "guard_interval": 0.2, "guard_min_requests": 20, "stats_flush_interval": 0.1}
 
@@ -72,6 +72,9 @@ async def test_rolls_back_a_deployment_failing_30_percent(backends: dict[str, An
     async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as resp:
         text = await resp.text()
     assert 'turnout_rollbacks_total{service="default",trigger="guard"} 1.0' in text and 'turnout_switches_total{service="default",trigger="guard"} 1.0' in text
+    # Each crash was replayed to blue, which answered it: green's regression, not the input's fault.
+    assert 'turnout_replays_total{service="default",verdict="model"}' in text
+    assert 'turnout_replays_total{service="default",verdict="input"}' not in text
 
 
 async def _is_active(store: Store, name: str) -> bool:
@@ -308,3 +311,30 @@ async def test_failures_while_previewed_do_not_count_after_the_switch(backends: 
     async with Load([url], rate=60) as load:
         await _no_rollback_during(store, 3.0)
     assert load.results and all(r.status == 200 for r in load.results)
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "aiohttp"])
+@pytest.mark.parametrize("replay", [True, False], ids=["replayed", "not-replayed"])
+async def test_crashes_on_inputs_the_previous_version_rejects_too_are_the_clients(
+    backends: dict[str, Any], gateway_factory: Any, fast_path: bool, replay: bool
+) -> None:
+    """Every request crashes inside green's predict, and inside blue's too (an input no version takes):
+    replayed to blue, they are the client's errors and green stays. Without the replay they would
+    roll green back, which is what the not-replayed run shows."""
+    store = await blue_active_green_deployed(backends)
+    url = await gateway_factory(store, **FAST_GUARD, fast_path=fast_path, replay_crashes=replay)
+    await switch(url, "green")
+    async with aiohttp.ClientSession() as s:
+        for _ in range(60):
+            async with s.post(url + "/invocations?mode=crash", json={"inputs": [[float("inf")]]}) as resp:
+                assert resp.status == 400
+            await asyncio.sleep(0.01)
+        if replay:
+            await _no_rollback_during(store, 1.5)
+            async with s.get(url + "/metrics") as resp:
+                text = await resp.text()
+            assert 'turnout_replays_total{service="default",verdict="input"} 60.0' in text
+            assert 'turnout_requests_total{code="400",deployment="green",outcome="client_error",service="default"} 60.0' in text
+            assert len(backends["blue_app"][SEEN]) == 60, "each crash was replayed to blue once"
+        else:
+            await eventually(lambda: _is_active(store, "blue"), timeout=10)

@@ -201,3 +201,37 @@ async def test_a_client_flooding_bad_csv_never_rolls_back_a_good_model(served: s
     assert (await store.read_snapshot()).route.active == "green", "never rolled back"
     assert 'turnout_requests_total{code="400",deployment="green",outcome="client_error",service="default"} 20.0' in metrics
     assert 'outcome="model_error"' not in metrics
+
+
+async def test_inputs_every_version_crashes_on_never_roll_back(served: str, gateway_factory: Any) -> None:
+    """NaN, null and blank cells make scikit-learn raise inside predict: MLflow answers them with the very
+    400 it gives for a broken model. Replayed to the previous version, which crashes on them too, they
+    count as the client's errors, and a flood of them never rolls the new version back."""
+    store, url = await _green_just_switched_to(served, gateway_factory)
+    nan = b'{"dataframe_split": {"columns": ["sepal_length", "sepal_width", "petal_length", "petal_width"], "data": [[NaN, 3.5, 1.4, 0.2]]}}'
+    null = json.dumps({"dataframe_split": {"columns": COLUMNS, "data": [[None, 3.5, 1.4, 0.2]]}}).encode()
+    blank = (",".join(COLUMNS) + "\n5.1,,1.4,0.2\n").encode()
+    bad = [(nan, "application/json"), (null, "application/json"), (blank, "text/csv")]
+    statuses = []
+    async with aiohttp.ClientSession() as s:
+        for n in range(90):
+            body, content_type = bad[n % 3]
+            async with s.post(url + "/invocations", data=body, headers={"Content-Type": content_type}) as resp:
+                answer = await resp.json()
+                statuses.append(resp.status)
+            if n < 3:
+                assert answer["message"].startswith("Encountered an unexpected error while evaluating the model"), answer
+            await asyncio.sleep(0.01)
+
+        async def judged() -> bool:
+            async with s.get(url + "/metrics") as resp:
+                text = await resp.text()
+            return 'turnout_replays_total{service="default",verdict="input"} 90.0' in text
+
+        await eventually(judged, timeout=20)
+        async with s.get(url + "/metrics") as resp:
+            metrics = await resp.text()
+    assert statuses == [400] * 90
+    assert (await store.read_snapshot()).route.active == "green", "never rolled back"
+    assert 'turnout_requests_total{code="400",deployment="green",outcome="client_error",service="default"} 90.0' in metrics
+    assert 'outcome="model_error"' not in metrics
