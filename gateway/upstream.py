@@ -25,6 +25,10 @@ Headers = Sequence[tuple[bytes, bytes]]
 
 # Pause reading from the upstream once this much response body waits for a slow client.
 _READ_HIGH_WATER = 256 * 1024
+# A model server's response head is a few hundred bytes; one that keeps sending header lines is
+# broken or hostile, and would otherwise grow the gateway's memory until the read timeout.
+MAX_RESPONSE_HEAD = 64 * 1024
+MAX_RESPONSE_HEADERS = 256
 
 
 class UpstreamError(Exception):
@@ -81,6 +85,8 @@ class _Connection(FlowControl):
             if self.transport is not None:
                 self.transport.resume_reading()
         self.status = 0
+        self._head_bytes = 0
+        self._pending_head = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.content_length: bytes | None = None
         # The response says where its body ends (Content-Length or chunked), else the close does.
@@ -114,6 +120,12 @@ class _Connection(FlowControl):
             self._fail(UpstreamError("protocol", "upstream tried to upgrade the connection"))
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError("protocol", f"malformed response from upstream: {exc}"))
+            return
+        if not self.headers_done and self.error is None:
+            # A header line still unfinished after this read is buffered by llhttp: bound it too.
+            self._pending_head += len(data)
+            if self._pending_head > MAX_RESPONSE_HEAD:
+                self._fail(UpstreamError("protocol", f"upstream response head exceeds {MAX_RESPONSE_HEAD} bytes"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -135,6 +147,12 @@ class _Connection(FlowControl):
             self.overrun = True
             return
         self.headers.append((name, value))
+        # Counted here as well as per read: a whole oversized head can arrive in one read.
+        self._head_bytes += len(name) + len(value) + 4
+        if len(self.headers) > MAX_RESPONSE_HEADERS or self._head_bytes > MAX_RESPONSE_HEAD:
+            self._fail(UpstreamError("protocol", f"upstream response head exceeds {MAX_RESPONSE_HEADERS} headers "
+                                     f"or {MAX_RESPONSE_HEAD} bytes"))
+            return
         lowered = name.lower()
         if lowered == b"content-length":
             self.content_length = value

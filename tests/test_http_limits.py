@@ -114,6 +114,24 @@ async def test_bytes_a_model_server_sends_unasked_never_reach_the_next_client(ga
             assert (got[0], got[2]) == (200, client.encode()), got
 
 
+@pytest.mark.parametrize("head", [
+    "x-filler: " + "a" * 100_000,
+    "\r\n".join(f"x-h{i}: v" for i in range(300)),
+], ids=["huge-head", "too-many-headers"])
+async def test_a_model_server_with_an_endless_response_head_gets_a_502(gateway_to: Any, head: str) -> None:
+    def endless(request: Any, n: int) -> tuple[bytes, float | None]:
+        if request.id == "bad":
+            return answer(200, b"late", head), None
+        return answer(200, request.id.encode()), None
+
+    async with scripted_backend(endless) as (backend, _):
+        url = await gateway_to(backend, upstream_max_connections=1)
+        (bad,) = await exchange(url, post("/invocations", b"{}", "X-Id: bad"), 1)
+        assert bad[0] == 502 and b"upstream response" in bad[2], bad
+        (good,) = await exchange(url, post("/invocations", b"{}", "X-Id: good"), 1)
+        assert (good[0], good[2]) == (200, b"good"), good
+
+
 async def test_a_streamed_body_right_after_a_500_that_closed_the_connection_succeeds(gateway_to: Any) -> None:
     def like_uvicorn(request: Any, n: int) -> tuple[bytes, float | None]:
         if request.id == "crash":
