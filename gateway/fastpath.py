@@ -38,7 +38,9 @@ from .proxy import (
     SMALL_BODY,
     Proxy,
     Refusal,
+    Unanswered,
     build_request_head,
+    read_small,
     scoring_path,
     upstream_header_pairs,
 )
@@ -418,6 +420,12 @@ class _ServerConnection(FlowControl):
             try:
                 keep_alive = self._keep_alive(keep_alive)
                 code, outcome = await self._respond(upstream, tags, keep_alive, deadline)
+            except Unanswered as exc:
+                status, error = errors.upstream_error(exc, name)
+                code, outcome = status, UPSTREAM_ERROR
+                proxy.upstream_failed(dm, exc, "answer broken off: ")
+                self._write_own(status, error, tags, keep_alive)
+                return keep_alive
             except UpstreamError as exc:
                 # The head already went to the client: all we can do is cut the response short.
                 code, outcome = 502, UPSTREAM_ERROR
@@ -446,7 +454,7 @@ class _ServerConnection(FlowControl):
         headers = upstream_header_pairs(upstream) + tags
         length = upstream.length
         if upstream.small(SMALL_BODY):
-            body = await upstream.read()
+            body = await read_small(upstream)
             transport.write(response_head(status, headers, len(body), keep_alive) + body)
             return status, classify(status, body if status >= 400 else None)
         transport.write(response_head(status, headers, length, keep_alive))

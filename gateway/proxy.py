@@ -267,6 +267,24 @@ class _ClientBody:
             chunk = await self.next()
 
 
+class Unanswered(UpstreamError):
+    """The upstream broke off a small answer before the client got any of it: the gateway can still
+    answer with an error of its own instead of cutting the connection."""
+
+    @classmethod
+    def of(cls, exc: UpstreamError) -> Unanswered:
+        """The same failure, marked as one the client has not seen yet."""
+        return cls(exc.kind, str(exc))
+
+
+async def read_small(upstream: UpstreamResponse) -> bytes:
+    """A small answer's whole body, read before anything is sent to the client."""
+    try:
+        return await upstream.read()
+    except UpstreamError as exc:
+        raise Unanswered.of(exc) from exc
+
+
 class _ClientGone(Exception):
     """The client disconnected or stopped reading; nothing more can be sent to it."""
 
@@ -447,6 +465,10 @@ class Proxy:
                 return web.Response(status=CLIENT_CLOSED)
             try:
                 code, outcome, response = await self._respond(request, upstream, tags, deadline)
+            except Unanswered as exc:
+                code, outcome = errors.upstream_error(exc, name)[0], UPSTREAM_ERROR
+                self.upstream_failed(dm, exc, "answer broken off: ")
+                return errors.upstream_error_response(exc, name, tags)
             except UpstreamError as exc:
                 # Headers already went to the client: all we can do is cut the response short.
                 code, outcome = 502, UPSTREAM_ERROR
@@ -492,7 +514,7 @@ class Proxy:
         headers = response_headers(upstream, tags)
         length = upstream.length
         if upstream.small(SMALL_BODY):
-            body = await upstream.read()
+            body = await read_small(upstream)
             return status, classify(status, body if status >= 400 else None), web.Response(
                 status=status, body=body, headers=headers
             )

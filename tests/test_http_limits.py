@@ -132,6 +132,29 @@ async def test_a_model_server_with_an_endless_response_head_gets_a_502(gateway_t
         assert (good[0], good[2]) == (200, b"good"), good
 
 
+async def test_a_small_answer_broken_off_before_the_client_saw_it_gets_a_json_502(gateway_to: Any) -> None:
+    def broken(request: Any, n: int) -> tuple[bytes, float | None]:
+        if request.id == "broken":
+            # Promises 100 bytes, sends 14, closes: nothing has reached the client yet.
+            return b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"predictions"', 0.05
+        return answer(200, request.id.encode()), None
+
+    async with scripted_backend(broken) as (backend, _):
+        url = await gateway_to(backend)
+        client = await RawConnection.open(url)
+        try:
+            client.send(post("/invocations", b"{}", "X-Id: broken"))
+            (got,) = await client.responses(1)
+            assert got[0] == 502 and json.loads(got[2])["error_code"] == "TEMPORARILY_UNAVAILABLE", got
+            # The client's own connection is intact: its next request is served on it.
+            client.send(post("/invocations", b"{}", "X-Id: next"))
+            _, got = await client.responses(2)
+            assert (got[0], got[2]) == (200, b"next"), got
+        finally:
+            client.close()
+        assert 'turnout_upstream_errors_total{deployment="blue",kind="reset",service="default"} 1.0' in await metrics(url)
+
+
 async def test_a_streamed_body_right_after_a_500_that_closed_the_connection_succeeds(gateway_to: Any) -> None:
     def like_uvicorn(request: Any, n: int) -> tuple[bytes, float | None]:
         if request.id == "crash":
