@@ -4,6 +4,7 @@ into the service's history."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import hmac
@@ -25,6 +26,7 @@ from .admin_models import (
 from .records import GUARD_FIELDS, Deployment, HistoryEntry, ServiceConfig, Snapshot, State, Who, check_service_name
 from .settings import Settings, SettingsError
 from .store import Store, StoreUnavailable
+from .aiohttp_handler import abandon_body
 from .guard import Guard
 from .http1 import client_address, is_loopback
 from .switching import RouteControl, describe_state
@@ -111,7 +113,28 @@ class Admin:
                 web.get(prefix + "/guard", self._wrap(self.guard_state)),
                 web.post(prefix + "/guard", self._wrap(self.guard_change, mutation=True)),
             ]
-        return out
+        return out + self._method_fallbacks(out)
+
+    @staticmethod
+    def _method_fallbacks(routes: list[web.AbstractRouteDef]) -> list[web.AbstractRouteDef]:
+        """A ``405`` naming the allowed methods for every admin path, ahead of the gateway's catch-all 404."""
+        allowed: dict[str, list[str]] = {}
+        for route in routes:
+            assert isinstance(route, web.RouteDef)
+            allowed.setdefault(route.path, []).append(route.method)
+
+        def refuse(methods: list[str]) -> Handler:
+            methods = sorted(set(methods) | ({"HEAD"} if "GET" in methods else set()))
+
+            async def method_not_allowed(request: web.Request) -> web.Response:
+                return errors.error_response(
+                    405, errors.BAD_REQUEST, f"{request.path} accepts {', '.join(methods)}, not {request.method}",
+                    headers={"Allow": ", ".join(methods)},
+                )
+
+            return method_not_allowed
+
+        return [web.route("*", path, refuse(methods)) for path, methods in allowed.items()]
 
     # --- checks every admin request passes ---------------------------------------------------
     def _wrap(self, handler: Handler, *, mutation: bool = False, body: bool = True) -> Handler:
@@ -123,11 +146,19 @@ class Admin:
                     self._require_json(request)
                 return await handler(request)
             except AdminError as exc:
-                return errors.error_response(exc.status, exc.code, exc.message, headers=exc.headers)
+                response = errors.error_response(exc.status, exc.code, exc.message, headers=exc.headers)
+                if exc.status == 408:
+                    # The rest of a stalled body must not be read as the next request: close at once.
+                    response.force_close()
+                    abandon_body(request)
+                return response
             except StoreUnavailable as exc:
                 return errors.error_response(
                     503, errors.TEMPORARILY_UNAVAILABLE, f"the route store is unreachable ({exc}); nothing was changed"
                 )
+            except ConnectionError:
+                # The client went away mid-request: nobody to answer, nothing to log.
+                return web.Response(status=499)
 
         return wrapped
 
@@ -171,14 +202,24 @@ class Admin:
         if length is not None and length > MAX_ADMIN_BODY:
             raise AdminError(413, errors.RESOURCE_EXHAUSTED, f"admin request bodies are limited to {MAX_ADMIN_BODY} bytes")
         raw = bytearray()
-        async for chunk in request.content.iter_any():
-            raw += chunk
-            if len(raw) > MAX_ADMIN_BODY:
-                raise AdminError(413, errors.RESOURCE_EXHAUSTED, f"admin request bodies are limited to {MAX_ADMIN_BODY} bytes")
+        timeout = self.settings.client_timeout
+        try:
+            # A body that stops arriving holds the request, like any wait on a peer: bounded.
+            async with asyncio.timeout(timeout):
+                async for chunk in request.content.iter_any():
+                    raw += chunk
+                    if len(raw) > MAX_ADMIN_BODY:
+                        raise AdminError(
+                            413, errors.RESOURCE_EXHAUSTED, f"admin request bodies are limited to {MAX_ADMIN_BODY} bytes"
+                        )
+        except TimeoutError:
+            raise AdminError(408, errors.DEADLINE_EXCEEDED, f"the request body stopped arriving for {timeout:g} s") from None
         try:
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise AdminError(400, errors.BAD_REQUEST, f"malformed JSON: {exc}") from None
+        except RecursionError:
+            raise AdminError(400, errors.BAD_REQUEST, "malformed JSON: nested too deeply") from None
         if not isinstance(data, dict):
             raise AdminError(400, errors.BAD_REQUEST, "the body must be a JSON object")
         try:

@@ -183,6 +183,7 @@ def test_trusted_proxies_must_be_networks() -> None:
         (b'{"target": "no such"}', 400, "target: invalid deployment name 'no such': use 1-63 letters"),
         (b'{"target": "nosuch"}', 404, "no deployment named 'nosuch'"),
         (b'{"target": "green", "reason": "' + b"x" * 70_000 + b'"}', 413, "limited to"),
+        (b"[" * 30_000 + b"]" * 30_000, 400, "nested too deeply"),
     ],
 )
 async def test_bad_switch_bodies_get_precise_errors_and_change_nothing(
@@ -195,6 +196,40 @@ async def test_bad_switch_bodies_get_precise_errors_and_change_nothing(
         assert resp.status == status, answer
     assert fragment in answer["message"] and answer["error_code"]
     assert (await store.read_snapshot()).route == before.route
+
+
+@pytest.mark.parametrize(("method", "path", "allow"), [
+    ("PUT", "/admin/switch", "POST"),
+    ("GET", "/admin/rollback", "POST"),
+    ("PATCH", "/admin/deployments/green", "DELETE, GET, HEAD"),
+    ("POST", "/admin/services/default/history", "GET, HEAD"),
+])
+async def test_a_wrong_method_on_an_admin_path_gets_405_naming_the_right_ones(
+    admin: dict[str, Any], method: str, path: str, allow: str
+) -> None:
+    async with admin["s"].request(method, admin["url"] + path, json={}) as resp:
+        answer = await resp.json()
+        assert (resp.status, resp.headers["Allow"]) == (405, allow), answer
+    assert f"accepts {allow}, not {method}" in answer["message"]
+
+
+async def test_an_admin_body_that_stops_arriving_gets_408_and_changes_nothing(gateway_factory: Any) -> None:
+    store = EmbeddedStore()
+    await add(store, "blue", "http://127.0.0.1:1")
+    await add(store, "green", "http://127.0.0.1:1")
+    url = await gateway_factory(store, admin_token=TOKEN, client_timeout=0.5)
+    head = (f"POST /admin/switch HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 40\r\n\r\n{\"target\"").encode()
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(head)
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"stopped arriving for 0.5 s" in answer
+    assert (await store.read_snapshot()).route.active is None
 
 
 async def test_switch_and_rollback_with_history(admin: dict[str, Any]) -> None:
