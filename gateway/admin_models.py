@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from . import __version__
+from .proxy import parse_target
 from .records import NAME_PATTERN, check_name, check_service_name
 
 # Names are checked by the records' own rules (a message that says what is allowed); the pattern stays in
@@ -41,6 +42,13 @@ class CreateDeployment(Strict):
     )
     mlflow_name: str | None = Field(default=None, min_length=1, max_length=500, description="Registered model of an external server.")
     mlflow_version: str | None = Field(default=None, pattern=r"^\d{1,9}$", description="Its registered version.")
+
+    @field_validator("url")
+    @classmethod
+    def _reachable(cls, url: str | None) -> str | None:
+        if url is not None:
+            parse_target(url)
+        return url
 
     @model_validator(mode="after")
     def _one_source(self) -> CreateDeployment:

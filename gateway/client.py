@@ -19,6 +19,9 @@ class AdminClient:
     """Calls ``/admin/...`` with the bearer token and an actor header naming the user."""
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 30.0) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise AdminUnreachable(f"the gateway URL must look like http://host:port, not {url!r}")
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout

@@ -97,7 +97,16 @@ def parse_target(url: str) -> Target:
     parts = urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
         raise ValueError(f"deployment URL must be http://host:port, got {url!r}")
-    port = parts.port or 80
+    if parts.username is not None or parts.query or parts.fragment or "?" in url or "#" in url:
+        raise ValueError(f"deployment URL takes no user, query or fragment: {url!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port is None:
+        port = 80
+    elif not 1 <= port <= 65535:
+        raise ValueError(f"deployment URL has a bad port (1-65535): {url!r}")
     return Target(
         host=parts.hostname,
         port=port,
@@ -346,7 +355,12 @@ class Proxy:
             state = snapshot.effective_state(name)
             detail = "is unknown" if state is None else f"is {state.value}" + (f": {dep.reason}" if dep and dep.reason else "")
             return Refusal(503, errors.TEMPORARILY_UNAVAILABLE, f"deployment {name!r} {detail}", name, generation, service)
-        return Choice(service, name, generation, self._target(dep.url))
+        try:
+            target = self._target(dep.url)
+        except ValueError as exc:
+            # A record written around the admin API's checks: the model server cannot be reached.
+            return Refusal(502, errors.TEMPORARILY_UNAVAILABLE, f"deployment {name!r}: {exc}", name, generation, service)
+        return Choice(service, name, generation, target)
 
     def unknown_service(self, service: str) -> Refusal:
         """404 naming the services there are (503 before the gateway has read any)."""

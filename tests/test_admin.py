@@ -279,6 +279,19 @@ async def test_switch_to_starting_refused_then_accepted_forced_recorded(admin: d
     assert entries[2]["result"] == "refused" and entries[2]["state"] == "starting"
 
 
+@pytest.mark.parametrize(("url", "fragment"), [
+    ("http://127.0.0.1:99999", "bad port (1-65535)"),
+    ("http://127.0.0.1:0", "bad port (1-65535)"),
+    ("http://127.0.0.1:http", "bad port (1-65535)"),
+    ("http://127.0.0.1:5000/?model=a", "no user, query or fragment"),
+    ("https://127.0.0.1:5000", "String should match pattern"),
+])
+async def test_a_deployment_url_the_gateway_could_not_reach_is_refused(admin: dict[str, Any], url: str, fragment: str) -> None:
+    status, body = await post(admin["s"], admin["url"] + "/admin/deployments", {"name": "red", "url": url})
+    assert status == 400 and fragment in body["message"], body
+    assert "red" not in (await admin["store"].read_snapshot()).deployments
+
+
 async def test_deploy_and_undeploy_rules(admin: dict[str, Any]) -> None:
     s, url = admin["s"], admin["url"]
     status, body = await post(s, url + "/admin/deployments", {"name": "red", "model_uri": "models:/iris/3"})
@@ -379,6 +392,8 @@ async def test_cli_as_a_user_drives_it(admin: dict[str, Any]) -> None:
     assert bad.returncode == 1 and "refused (401)" in bad.stderr
     gone = await loop.run_in_executor(None, lambda: run_cli("http://127.0.0.1:9", "status"))
     assert gone.returncode == 1 and "cannot reach the gateway" in gone.stderr
+    typo = await loop.run_in_executor(None, lambda: run_cli("localhost:8080", "status"))
+    assert typo.returncode == 1 and "must look like http://host:port" in typo.stderr and "Traceback" not in typo.stderr
 
 
 async def test_the_replica_that_answers_a_change_serves_it_at_once(redis_store_factory: Any, gateway_factory: Any) -> None:
