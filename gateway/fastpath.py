@@ -32,9 +32,6 @@ from .attribution import Replay
 from .metrics import CLIENT_ERROR, MODEL_ERROR, OVERLOADED, UPSTREAM_ERROR
 from .proxy import (
     CLIENT_CLOSED,
-    DEPLOYMENT_HEADER,
-    GENERATION_HEADER,
-    SERVICE_HEADER,
     SMALL_BODY,
     Proxy,
     Refusal,
@@ -56,9 +53,6 @@ _PIPELINE_HIGH_WATER = 2 * SMALL_BODY + MAX_HEAD
 
 _NOT_OURS = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
 _JSON = (b"Content-Type", b"application/json")
-_SERVICE = SERVICE_HEADER.encode()
-_DEPLOYMENT = DEPLOYMENT_HEADER.encode()
-_GENERATION = GENERATION_HEADER.encode()
 # Recorded for a client that stopped reading its answer (the response was cut off).
 CLIENT_TIMEOUT = 408
 
@@ -402,8 +396,9 @@ class _ServerConnection(FlowControl):
             self._write_own(chosen.status, chosen.body(), tags, keep_alive)
             return keep_alive
         name, target = chosen.name, chosen.target
-        tags = [(_SERVICE, chosen.service.encode()), (_DEPLOYMENT, name.encode()), (_GENERATION, chosen.generation.encode())]
-        dm, begun = proxy.begin(chosen.service, name)
+        tags = chosen.raw_tags
+        dm = chosen.dm
+        begun = proxy.begin(dm)
         code, outcome = CLIENT_CLOSED, CLIENT_ERROR
         deadline = started + self.fast.limits.total_timeout
         try:

@@ -42,11 +42,13 @@ class DeploymentMetrics:
     :class:`_ProxyCollector` turns the counters into metric families only when /metrics is read.
     """
 
-    __slots__ = ("service", "name", "inflight", "by_code", "buckets", "duration_sum", "_upstream_errors")
+    __slots__ = ("service", "name", "key", "inflight", "by_code", "buckets", "duration_sum", "_upstream_errors")
 
     def __init__(self, metrics: GatewayMetrics, service: str, name: str) -> None:
         self.service = service
         self.name = name
+        # The guard's traffic key, built once rather than per request.
+        self.key = (service, name)
         self.inflight = 0
         # (code, outcome) → requests
         self.by_code: dict[tuple[int, str], int] = {}

@@ -18,7 +18,7 @@ from .attribution import Attribution, Replay
 from .classify import classify
 from .http1 import BODY_TIMEOUT, MALFORMED, MISSING_CONTENT_TYPE, BadRequests, ServerLimits
 from .metrics import CLIENT_ERROR, MODEL_ERROR, OVERLOADED, UPSTREAM_ERROR, DeploymentMetrics, GatewayMetrics
-from .records import DEFAULT_SERVICE
+from .records import DEFAULT_SERVICE, Snapshot
 from .traffic import Traffic
 from .upstream import POOL_FULL, UpstreamError, UpstreamPool, UpstreamResponse
 from .watcher import RouteWatcher
@@ -45,6 +45,8 @@ DEPLOYMENT_HEADER = "X-Turnout-Deployment"
 GENERATION_HEADER = "X-Turnout-Generation"
 # How many services an unknown-service 404 names.
 _SERVICES_NAMED = 5
+# Cached answers to "where does this request go", per (service, pinned deployment).
+_CHOICES_KEPT = 4096
 
 _MODELS = b"/models/"
 _PINNED = b"/deployments/"
@@ -224,18 +226,25 @@ NO_CONTENT_TYPE = Refusal(
 )
 
 
-@dataclass(frozen=True, slots=True)
 class Choice:
-    """Where one request goes: the service, the deployment, its generation, and its pre-encoded target."""
+    """Where requests go while a service's snapshot lasts: the deployment, its generation, its
+    pre-encoded target and headers, and its metrics (built once per snapshot, not per request)."""
 
-    service: str
-    name: str
-    generation: str
-    target: Target
+    __slots__ = ("service", "name", "generation", "target", "dm", "raw_tags", "_tags")
+
+    def __init__(self, service: str, name: str, generation: str, target: Target, dm: DeploymentMetrics) -> None:
+        self.service = service
+        self.name = name
+        self.generation = generation
+        self.target = target
+        self.dm = dm
+        self._tags = {SERVICE_HEADER: service, DEPLOYMENT_HEADER: name, GENERATION_HEADER: generation}
+        # The same headers as bytes, for the fast path's response heads.
+        self.raw_tags = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self._tags.items()]
 
     def tags(self) -> dict[str, str]:
         """The X-Turnout-* headers of every answer to it."""
-        return {SERVICE_HEADER: self.service, DEPLOYMENT_HEADER: self.name, GENERATION_HEADER: self.generation}
+        return self._tags
 
 
 class _ClientStalled(Exception):
@@ -315,6 +324,7 @@ class Proxy:
         self.limits = limits
         self.bad_requests = bad_requests
         self._targets: dict[str, Target] = {}
+        self._choices: dict[tuple[str, str | None], tuple[Snapshot, Choice | Refusal]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.attribution = Attribution(watcher, pool, metrics, self._record, self._target, build_request_head,
                                        enabled=replay_crashes)
@@ -339,6 +349,19 @@ class Proxy:
         snapshot = self.watcher.snapshots.get(service)
         if snapshot is None:
             return self.unknown_service(service)
+        # Snapshots are immutable and replaced whole: the answer holds until the service's next one.
+        key = (service, pinned)
+        cached = self._choices.get(key)
+        if cached is not None and cached[0] is snapshot:
+            return cached[1]
+        chosen = self._choose(snapshot, service, pinned)
+        if len(self._choices) >= _CHOICES_KEPT:
+            # Pinned names come from clients: keep the cache bounded.
+            self._choices.clear()
+        self._choices[key] = (snapshot, chosen)
+        return chosen
+
+    def _choose(self, snapshot: Snapshot, service: str, pinned: str | None) -> Choice | Refusal:
         if pinned is None:
             name = snapshot.route.active
             if name is None:
@@ -360,7 +383,7 @@ class Proxy:
         except ValueError as exc:
             # A record written around the admin API's checks: the model server cannot be reached.
             return Refusal(502, errors.TEMPORARILY_UNAVAILABLE, f"deployment {name!r}: {exc}", name, generation, service)
-        return Choice(service, name, generation, target)
+        return Choice(service, name, generation, target, self.metrics.deployment(service, name))
 
     def unknown_service(self, service: str) -> Refusal:
         """404 naming the services there are (503 before the gateway has read any)."""
@@ -370,13 +393,12 @@ class Proxy:
         listed = ", ".join(names[:_SERVICES_NAMED]) + (f" and {len(names) - _SERVICES_NAMED} more" if len(names) > _SERVICES_NAMED else "")
         return Refusal(404, errors.RESOURCE_DOES_NOT_EXIST, f"no service named {service!r} (services: {listed})")
 
-    def begin(self, service: str, name: str) -> tuple[DeploymentMetrics, float]:
-        """Count a request in flight; returns what :meth:`end` needs."""
-        dm = self.metrics.deployment(service, name)
+    def begin(self, dm: DeploymentMetrics) -> float:
+        """Count a request in flight; returns its start time, which :meth:`end` needs."""
         dm.inflight += 1
         # Cached: on Python 3.11 every get_running_loop() is a getpid() system call.
         loop = self._loop or self._bind_loop()
-        return dm, loop.time()
+        return loop.time()
 
     def end(self, dm: DeploymentMetrics, started: float, code: int, outcome: str, replay: Replay | None = None) -> None:
         """Count a finished request (metrics and the guard's traffic figures); a crash of the active
@@ -391,7 +413,7 @@ class Proxy:
     def _record(self, dm: DeploymentMetrics, code: int, outcome: str, elapsed: float) -> None:
         dm.observe(code, outcome, elapsed)
         if outcome != OVERLOADED:
-            self.traffic.record((dm.service, dm.name), outcome, elapsed)
+            self.traffic.record(dm.key, outcome, elapsed)
 
     @staticmethod
     def upstream_failed(dm: DeploymentMetrics, exc: UpstreamError, when: str = "") -> None:
@@ -452,7 +474,8 @@ class Proxy:
         except ConnectionError:
             return web.Response(status=CLIENT_CLOSED)
 
-        dm, started = self.begin(chosen.service, name)
+        dm = chosen.dm
+        started = self.begin(dm)
         code, outcome = 0, CLIENT_ERROR
         try:
             try:

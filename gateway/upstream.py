@@ -31,6 +31,12 @@ MAX_RESPONSE_HEAD = 64 * 1024
 MAX_RESPONSE_HEADERS = 256
 
 
+def _head_overflows(data: bytes, room: int) -> bool:
+    """Whether the response head does not end within the first ``room`` bytes of ``data`` (only asked
+    once a response has outgrown the head limit, so the body that follows a small head still fits)."""
+    return room < 0 or data.find(b"\r\n\r\n", 0, room + 4) < 0
+
+
 class UpstreamError(Exception):
     """A request that could not be completed by the upstream; ``kind`` names the failure for metrics."""
 
@@ -86,7 +92,6 @@ class _Connection(FlowControl):
                 self.transport.resume_reading()
         self.status = 0
         self._head_bytes = 0
-        self._pending_head = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.content_length: bytes | None = None
         # The response says where its body ends (Content-Length or chunked), else the close does.
@@ -114,18 +119,19 @@ class _Connection(FlowControl):
             # Nothing was asked: a stale or unsolicited answer must never reach the next request.
             self.close()
             return
+        if not self.headers_done:
+            # Checked per read, before llhttp buffers it (one comparison while the head is small).
+            before = self._head_bytes
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_RESPONSE_HEAD and _head_overflows(data, MAX_RESPONSE_HEAD - before):
+                self._fail(UpstreamError("protocol", f"upstream response head exceeds {MAX_RESPONSE_HEAD} bytes"))
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamError("protocol", "upstream tried to upgrade the connection"))
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError("protocol", f"malformed response from upstream: {exc}"))
-            return
-        if not self.headers_done and self.error is None:
-            # A header line still unfinished after this read is buffered by llhttp: bound it too.
-            self._pending_head += len(data)
-            if self._pending_head > MAX_RESPONSE_HEAD:
-                self._fail(UpstreamError("protocol", f"upstream response head exceeds {MAX_RESPONSE_HEAD} bytes"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -147,12 +153,6 @@ class _Connection(FlowControl):
             self.overrun = True
             return
         self.headers.append((name, value))
-        # Counted here as well as per read: a whole oversized head can arrive in one read.
-        self._head_bytes += len(name) + len(value) + 4
-        if len(self.headers) > MAX_RESPONSE_HEADERS or self._head_bytes > MAX_RESPONSE_HEAD:
-            self._fail(UpstreamError("protocol", f"upstream response head exceeds {MAX_RESPONSE_HEADERS} headers "
-                                     f"or {MAX_RESPONSE_HEAD} bytes"))
-            return
         lowered = name.lower()
         if lowered == b"content-length":
             self.content_length = value
@@ -169,6 +169,9 @@ class _Connection(FlowControl):
             # An interim answer (100 Continue, 103 Early Hints): consumed here, never taken as the
             # response (101 never gets here: llhttp reports it as an upgrade, a protocol error).
             self._interim = True
+            return
+        if len(self.headers) > MAX_RESPONSE_HEADERS:
+            self._fail(UpstreamError("protocol", f"upstream response has more than {MAX_RESPONSE_HEADERS} headers"))
             return
         self.status = status
         # llhttp only answers this reliably before the message completes.
