@@ -18,7 +18,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 def check_name(name: str) -> str:
     """The name, if it is a valid deployment name; else ``ValueError`` saying what is allowed."""
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise ValueError(
             f"invalid deployment name {name!r}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
@@ -36,7 +36,7 @@ RESERVED_SERVICE_NAMES = frozenset({
 
 def check_service_name(name: str) -> str:
     """The name, if it is a valid service name; else ``ValueError`` saying what is allowed."""
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise ValueError(
             f"invalid service name {name!r}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )

@@ -181,6 +181,8 @@ def test_trusted_proxies_must_be_networks() -> None:
         (b'{"target": "green", "force": "yes"}', 400, "force: Input should be a valid boolean"),
         (b'{"target": "green", "expected_generation": -1}', 400, "expected_generation"),
         (b'{"target": "no such"}', 400, "target: invalid deployment name 'no such': use 1-63 letters"),
+        # A trailing newline would end up inside the X-Turnout-Deployment response header.
+        (b'{"target": "green\\n"}', 400, "target: invalid deployment name 'green\\n'"),
         (b'{"target": "nosuch"}', 404, "no deployment named 'nosuch'"),
         (b'{"target": "green", "reason": "' + b"x" * 70_000 + b'"}', 413, "limited to"),
         (b"[" * 30_000 + b"]" * 30_000, 400, "nested too deeply"),
@@ -298,6 +300,8 @@ async def test_deploy_and_undeploy_rules(admin: dict[str, Any]) -> None:
     assert status == 201 and body["state"] in ("starting", "unhealthy") and body["model_uri"] == "models:/iris/3"
     status, body = await post(s, url + "/admin/deployments", {"name": "red", "url": "http://127.0.0.1:9"})
     assert status == 409 and body["error_code"] == "RESOURCE_ALREADY_EXISTS"
+    status, body = await post(s, url + "/admin/deployments", {"name": "red\n", "url": "http://127.0.0.1:9"})
+    assert status == 400 and "invalid deployment name" in body["message"]
     status, body = await post(s, url + "/admin/deployments", {"name": "x", "url": "http://h:1", "model_uri": "models:/a/1"})
     assert status == 400 and "exactly one of model_uri and url" in body["message"]
     await post(s, url + "/admin/switch", {"target": "green"})

@@ -224,7 +224,7 @@ async def test_data_plane_per_service(backends: dict[str, Any], gateway_factory:
             assert resp.status == 200
 
 
-BAD_NAMES = ["", "x" * 64, "a/b", "a:b", "a{b}", "two words", "admin", "models", "services", "-lead", "é"]
+BAD_NAMES = ["", "x" * 64, "a/b", "a:b", "a{b}", "two words", "admin", "models", "services", "-lead", "é", "loans\n", "lo\nans"]
 
 
 @pytest.mark.parametrize("name", BAD_NAMES, ids=repr)
