@@ -79,8 +79,11 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     app.on_response_prepare.append(on_response_prepare)
     app[PROXY] = proxy = Proxy(watcher, pool, metrics, traffic, settings.max_body_bytes, limits, bad_requests,
                                settings.default_service, replay_crashes=settings.replay_crashes)
-    app[REGISTRY] = registry = RegistrySync(settings.registry_alias, app[STORE].append_history, settings.registry_sync,
-                                            loops=loops)
+    store = app[STORE]
+    app[REGISTRY] = registry = RegistrySync(
+        settings.registry_alias, lambda entry, service: store.append_history(entry, service=service),
+        settings.registry_sync, loops=loops,
+    )
     app[CONTROL] = control = RouteControl(app[STORE], metrics, registry)
     app[GUARD] = guard = Guard(settings, app[STORE], traffic, control, metrics, loops=loops, watcher=watcher)
     app[ADMIN] = admin = Admin(settings, app[STORE], watcher, traffic, control, guard)

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .loops import Loop, Loops
-from .records import Deployment, HistoryEntry, Who
+from .records import DEFAULT_SERVICE, Deployment, HistoryEntry, Who
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ class Job:
     # The former previous deployment, whose role this change ended (it stays deployed, in no role).
     retired: Deployment | None = None
     reason: str = ""
+    # The service whose route changed: a failure is recorded in its history.
+    service: str = DEFAULT_SERVICE
     attempts: int = 0
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -79,7 +81,7 @@ def apply_job(job: Job, alias: str) -> None:
 class RegistrySync:
     """A background queue of registry jobs, applied in order on one thread, with retries."""
 
-    def __init__(self, alias: str, record: Callable[[HistoryEntry], Awaitable[None]], enabled: bool = True,
+    def __init__(self, alias: str, record: Callable[[HistoryEntry, str], Awaitable[None]], enabled: bool = True,
                  loops: Loops | None = None) -> None:
         self.alias = alias
         self.enabled = enabled
@@ -124,7 +126,7 @@ class RegistrySync:
                         "registry_sync", REGISTRY_WHO, result="failed", generation=job.generation,
                         detail=f"{job.describe()}: {exc}",
                         extra={"retry": None if final else f"in {_RETRY_DELAYS[job.attempts - 1]:.0f} s"},
-                    ))
+                    ), job.service)
                     if final:
                         break
                     await asyncio.sleep(_RETRY_DELAYS[job.attempts - 1])
@@ -134,8 +136,8 @@ class RegistrySync:
         finally:
             job.done.set()
 
-    async def _record_safely(self, entry: HistoryEntry) -> None:
+    async def _record_safely(self, entry: HistoryEntry, service: str) -> None:
         try:
-            await self._record(entry)
+            await self._record(entry, service)
         except ConnectionError as exc:
             log.error("could not record a registry failure in the history: %s", exc)

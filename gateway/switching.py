@@ -87,6 +87,7 @@ class RouteControl:
                 previous=snapshot.deployments.get(route.active) if route.active else None,
                 retired=snapshot.deployments.get(retired) if retired else None,
                 reason=reason,
+                service=service,
             ))
         return outcome
 
@@ -136,6 +137,7 @@ class RouteControl:
                 previous=None,
                 rolled_back=snapshot.deployments.get(route.active),
                 reason=reason or f"rolled back ({who.trigger})",
+                service=service,
             ))
         return outcome
 

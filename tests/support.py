@@ -416,9 +416,9 @@ def answer(status: int, body: bytes, *headers: str, interim: bytes = b"") -> byt
     return interim + ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-async def history(store: Any, limit: int = 100) -> list[dict[str, Any]]:
-    """The store's history entries, newest first, in their JSON form (as the admin API serves them)."""
-    entries, _ = await store.read_history(0, limit)
+async def history(store: Any, limit: int = 100, service: str = "default") -> list[dict[str, Any]]:
+    """A service's history entries, newest first, in their JSON form (as the admin API serves them)."""
+    entries, _ = await store.read_history(0, limit, service=service)
     return [entry.to_json() for entry in entries]
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.records import Deployment, State
+from gateway.records import Deployment, ServiceConfig, State
 from gateway.store import EmbeddedStore
 from tests.mlflow_support import Registry, model_server
 from tests.support import eventually, history
@@ -73,21 +73,24 @@ async def test_registry_failure_never_blocks_a_switch_and_is_recorded(
     previous_uri = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/missing-dir/x.db")
     store = EmbeddedStore()
+    # In a service of its own: the failure belongs in that service's history, not the default one's.
+    await store.create_service("loans", ServiceConfig())
     for name, version in (("blue", "1"), ("green", "2")):
         await store.create_deployment(Deployment(
             name=name, url="http://127.0.0.1:9", state=State.READY, external=True, mlflow_name="iris", mlflow_version=version,
-        ))
-    await store.set_route("blue", None)
+        ), service="loans")
+    await store.set_route("blue", None, service="loans")
     url = await gateway_factory(store)
     async with aiohttp.ClientSession() as s:
-        async with s.post(url + "/admin/switch", json={"target": "green"}) as resp:
+        async with s.post(url + "/admin/services/loans/switch", json={"target": "green"}) as resp:
             assert resp.status == 200 and (await resp.json())["route"]["active"] == "green"
 
     async def failure_recorded() -> bool:
-        entries = await history(store)
+        entries = await history(store, service="loans")
         return any(e["action"] == "registry_sync" and e["result"] == "failed" and e.get("retry") for e in entries)
 
     try:
         await eventually(failure_recorded, timeout=30)
     finally:
         mlflow.set_tracking_uri(previous_uri)
+    assert not [e for e in await history(store) if e["action"] == "registry_sync"]
