@@ -298,10 +298,16 @@ def deploy(name: str, source: str, mlflow_name: str | None, mlflow_version: str 
     code, answer = _call(url, token, "POST", _admin(service, "/deployments"), body)
     if wait_seconds is None or code >= 400:
         _finish(code, answer, as_json, lambda d: f"created {d['name']} ({d['state_detail']}); "
-                f"watch it with `turnout status`, then `turnout switch {d['name']}`")
+                f"watch it with `{_cmd('status', service)}`, then `{_cmd('switch', service, d['name'])}`")
         return
     code, answer = _wait_ready(url, token, service, name, wait_seconds, as_json)
-    _finish(code, answer, as_json, lambda d: f"{d['name']} is ready; `turnout switch {d['name']}` sends traffic to it")
+    _finish(code, answer, as_json, lambda d: f"{d['name']} is ready; `{_cmd('switch', service, d['name'])}` sends traffic to it")
+
+
+def _cmd(command: str, service: str | None, *args: str) -> str:
+    """A follow-up command to suggest, naming the service when one was given (pasted as shown, it must act
+    on the same service)."""
+    return " ".join(["turnout", command, *(["-s", service] if service else []), *args])
 
 
 def _wait_ready(url: str, token: str | None, service: str | None, name: str, seconds: float,
@@ -335,7 +341,7 @@ def _wait_ready(url: str, token: str | None, service: str | None, name: str, sec
 def undeploy(name: str, force: bool, reason: str, url: str, token: str | None, as_json: bool, service: str | None) -> None:
     """Delete deployment NAME (its worker stops the model server)."""
     code, body = _call(url, token, "DELETE", _admin(service, f"/deployments/{name}"), query={"force": str(force).lower(), "reason": reason or None})
-    _finish(code, body, as_json, lambda d: f"deleted {d['deleted']}")
+    _finish(code, body, as_json, lambda d: f"deleted {d['deleted']}" + (f" from service {service}" if service else ""))
 
 
 @main.command()
@@ -352,7 +358,7 @@ def switch(target: str, reason: str, expect_generation: int | None, force: bool,
         body["expected_generation"] = expect_generation
     code, answer = _call(url, token, "POST", _admin(service, "/switch"), body)
     _finish(code, answer, as_json, lambda d: d["message"] + (
-        "; roll back with `turnout rollback`" if d.get("applied") and d["route"]["previous"] else ""))
+        f"; roll back with `{_cmd('rollback', service)}`" if d.get("applied") and d["route"]["previous"] else ""))
 
 
 @main.command()

@@ -358,6 +358,12 @@ async def test_cli_services_and_the_service_option(backends: dict[str, Any], gat
     assert any(line.startswith("loans") and " blue " in line for line in lines), out.stdout
     out = await cli("switch", "-s", "loans", "green", "--reason", "loans v2")
     assert out.returncode == 0 and "green is active (generation 2)" in out.stdout, out.stdout + out.stderr
+    # Every command the CLI suggests names the service, so pasting it acts on the same one.
+    assert "roll back with `turnout rollback -s loans`" in out.stdout, out.stdout
+    out = await cli("deploy", "-s", "loans", "red", "models:/iris/1")
+    assert "`turnout status -s loans`, then `turnout switch -s loans red`" in out.stdout, out.stdout + out.stderr
+    out = await cli("undeploy", "-s", "loans", "red")
+    assert "deleted red from service loans" in out.stdout, out.stdout + out.stderr
     assert (await store.get_route()).active == "blue" and (await store.get_route(service="loans")).active == "green"
     out = await cli("guard", "--error-rate", "0.2", TURNOUT_SERVICE="loans")
     assert out.returncode == 0, out.stderr
