@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -142,6 +143,11 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            # float("nan") and float("inf") parse, and NaN compares false with every bound below.
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SettingsError(f"{f.name} must be a finite number, got {value!r}")
         for name in (
             "poll_interval", "connect_timeout", "read_timeout", "total_timeout", "upstream_keepalive",
             "header_timeout", "keepalive_timeout", "client_timeout", "upstream_pool_timeout",

@@ -28,6 +28,9 @@ def test_env_then_flags() -> None:
         ({"TURNOUT_PORT": "70000"}, "port out of range"),
         ({"TURNOUT_NAMESPACE": "a:b"}, "namespace must be"),
         ({"TURNOUT_READ_TIMEOUT": "0"}, "read_timeout must be positive"),
+        ({"TURNOUT_POLL_INTERVAL": "nan"}, "poll_interval must be a finite number"),
+        ({"TURNOUT_HEADER_TIMEOUT": "inf"}, "header_timeout must be a finite number"),
+        ({"TURNOUT_GUARD_P99": "-inf"}, "guard_p99 must be a finite number"),
     ],
 )
 def test_bad_values_name_the_setting(env: dict[str, str], message: str) -> None:
