@@ -308,6 +308,7 @@ class _ServerConnection(FlowControl):
             return
         length: int | None = None
         typed = False
+        hosts = 0
         for name, value in head.headers:
             lowered = name.lower()
             if lowered == b"content-length":
@@ -317,10 +318,13 @@ class _ServerConnection(FlowControl):
                 length = int(value)
             elif lowered == b"content-type":
                 typed = True
+            elif lowered == b"host":
+                hosts += 1
             elif lowered in _NOT_OURS:
                 self._hand_off()
                 return
-        if length is None or length > self.fast.small_body:
+        # An HTTP/1.1 request without exactly one Host is malformed (RFC 9112 §3.2): aiohttp answers 400.
+        if length is None or length > self.fast.small_body or hosts != 1:
             self._hand_off()
             return
         total = head_length + length

@@ -312,8 +312,10 @@ async def test_head_limits(gateway_to: Any, echo_backend: str, extra: list[str],
         b"POST /invocations HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n{}",
         b"POST /invocations HTTP/1.1\r\nHost gw\r\n\r\n",
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # a TLS ClientHello on the plain port
+        b"POST /invocations HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+        b"POST /invocations HTTP/1.1\r\nHost: a\r\nHost: b\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
     ],
-    ids=["bare-LF", "bare-CR", "two-lengths", "length-and-chunked", "no-colon", "tls"],
+    ids=["bare-LF", "bare-CR", "two-lengths", "length-and-chunked", "no-colon", "tls", "no-host", "two-hosts"],
 )
 async def test_malformed_requests_get_400_at_once(gateway_to: Any, echo_backend: str, raw: bytes) -> None:
     # A long header timeout: the answer must come from the parser, not from a deadline.
