@@ -22,7 +22,8 @@ from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from . import errors
 from .http1 import (
-    HEAD_TOO_LARGE, HEADER_TIMEOUT, MALFORMED, MAX_LINE_BYTES, NOT_READING, TOO_MANY_HEADERS, BadRequests, ServerLimits, one_line, refusal,
+    HEAD_TOO_LARGE, HEADER_TIMEOUT, MALFORMED, MAX_LINE_BYTES, NOT_READING, TOO_MANY_HEADERS, BadRequests, ServerLimits, one_line,
+    plausible_partial_head, refusal,
 )
 
 # Loop time at which the first byte of a request's head arrived: TURNOUT_TOTAL_TIMEOUT counts from it.
@@ -39,6 +40,21 @@ def head_size(message: Any) -> int:
     for name, value in message.raw_headers:
         size += len(name) + len(value) + 4
     return size
+
+
+def _left_over(new: list[Any], data: bytes) -> bytes:
+    """What follows the complete requests parsed from ``data`` (which starts at or inside a head), or
+    nothing when that cannot be told (a chunked or unfinished body)."""
+    position = 0
+    for message, payload in new:
+        if isinstance(message, _ErrInfo) or not payload.is_eof() or message.chunked:
+            return b""
+        end = data.find(b"\r\n\r\n", position)
+        if end < 0:
+            return b""
+        length = message.headers.get("Content-Length")
+        position = end + 4 + (int(length) if length is not None and length.isdigit() else 0)
+    return data[position:]
 
 
 class Drain:
@@ -168,7 +184,15 @@ class GuardedRequestHandler(RequestHandler):
         queued = len(self._messages)
         super().data_received(data)
         if len(self._messages) > queued:
-            self._parsed(list(itertools.islice(self._messages, queued, None)), payload_before, len(data))
+            new = list(itertools.islice(self._messages, queued, None))
+            self._parsed(new, payload_before, len(data))
+            if in_head or starting:
+                # A read that ended inside the next head (pipelined behind a complete request): that
+                # head's deadline starts now, as for any other head.
+                rest = _left_over(new, data)
+                if rest and not self._force_close and not self._close and plausible_partial_head(rest):
+                    self._begin_head(self._loop.time())
+                    self._head_bytes = len(rest)
         elif in_head or (starting and data):
             if not in_head:
                 self._begin_head(self._loop.time())

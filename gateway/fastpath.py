@@ -27,7 +27,10 @@ import httptools
 from . import errors
 from .classify import classify
 from .flow import FlowControl
-from .http1 import BODY_TIMEOUT, HEADER_TIMEOUT, MAX_LINE_BYTES, NOT_READING, BadRequests, DateHeader, ServerLimits, refusal, response_head
+from .http1 import (
+    BODY_TIMEOUT, HEADER_TIMEOUT, MAX_LINE_BYTES, NOT_READING, BadRequests, DateHeader, RequestHead, ServerLimits,
+    plausible_partial_head, refusal, response_head,
+)
 from .attribution import Replay
 from .metrics import CLIENT_ERROR, MODEL_ERROR, OVERLOADED, UPSTREAM_ERROR
 from .proxy import (
@@ -55,26 +58,6 @@ _NOT_OURS = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
 _JSON = (b"Content-Type", b"application/json")
 # Recorded for a client that stopped reading its answer (the response was cut off).
 CLIENT_TIMEOUT = 408
-
-
-class _Head:
-    """llhttp callbacks for one request head."""
-
-    __slots__ = ("url", "headers", "done")
-
-    def __init__(self) -> None:
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.done = False
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        self.done = True
 
 
 class _ClientStalled(Exception):
@@ -283,13 +266,13 @@ class _ServerConnection(FlowControl):
             return
         end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
         if end < 0:
-            if len(buf) > MAX_HEAD or not _plausible_partial_head(buf):
+            if len(buf) > MAX_HEAD or not plausible_partial_head(buf):
                 self._hand_off()  # aiohttp answers an oversized or malformed head precisely
             elif self._eof:
                 self.close()
             return
         head_length = end + 4
-        head = _Head()
+        head = RequestHead()
         parser = httptools.HttpRequestParser(head)
         try:
             parser.feed_data(bytes(buf[:head_length]))
@@ -472,13 +455,3 @@ class _ServerConnection(FlowControl):
         if self.transport is not None:
             headers = [_JSON, self.fast.date(), *tags]
             self.transport.write(response_head(status, headers, len(body), keep_alive) + body)
-
-
-def _plausible_partial_head(buf: bytearray) -> bool:
-    """False when the start of a head is already malformed (bare LF or CR, a bad request line):
-    aiohttp answers it at once instead of the client waiting for the header timeout."""
-    try:
-        httptools.HttpRequestParser(_Head()).feed_data(bytes(buf))
-    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-        return False
-    return True

@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import httptools
+
 from . import errors
 
 log = logging.getLogger("gateway.bad_requests")
@@ -178,3 +180,36 @@ def client_address(peer: str | None, forwarded_for: Sequence[str], trusted: Sequ
         if not any(address in network for network in trusted):
             return str(address)
     return hops[-1]
+
+
+class RequestHead:
+    """llhttp (httptools) callbacks collecting one request head."""
+
+    __slots__ = ("url", "headers", "done")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.done = False
+
+    def on_url(self, url: bytes) -> None:
+        """Part of the request target."""
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """One header field."""
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        """The head is complete."""
+        self.done = True
+
+
+def plausible_partial_head(buf: bytes | bytearray) -> bool:
+    """False when the start of a head is already malformed (bare LF or CR, a bad request line):
+    aiohttp answers it at once instead of the client waiting for the header timeout."""
+    try:
+        httptools.HttpRequestParser(RequestHead()).feed_data(bytes(buf))
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+        return False
+    return True

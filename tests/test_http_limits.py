@@ -256,6 +256,34 @@ async def test_a_trickling_head_is_refused_at_the_header_timeout(gateway_to: Any
     assert 'turnout_bad_requests_total{reason="header_timeout"} 1.0' in await metrics(url)
 
 
+@pytest.mark.parametrize("spacing", [b": ", b":", b":   "], ids=["usual", "no-space", "extra-spaces"])
+async def test_a_head_begun_behind_a_complete_request_in_one_read_has_the_header_timeout(
+    gateway_to: Any, echo_backend: str, spacing: bytes
+) -> None:
+    url = await gateway_to(echo_backend, header_timeout=0.5)
+    first = (b"POST /invocations HTTP/1.1\r\nHost" + spacing + b"gw\r\nContent-Type" + spacing
+             + b"application/json\r\nContent-Length" + spacing + b"2\r\n\r\n{}")
+    conn = await RawConnection.open(url)
+    try:
+        conn.send(first + post("/invocations", b"{}")[:30])  # one write: the second head never finishes
+        answers = await conn.until_closed(timeout=10)
+    finally:
+        conn.close()
+    assert [status for status, _, _ in answers] == [200, 408], answers
+
+
+async def test_a_pipelined_pair_in_one_read_leaves_no_head_timer_behind(gateway_to: Any, echo_backend: str) -> None:
+    url = await gateway_to(echo_backend, header_timeout=0.3)
+    conn = await RawConnection.open(url)
+    try:
+        conn.send(post("/invocations", b"{}") * 2)
+        assert [status for status, _, _ in await conn.responses(2)] == [200, 200]
+        # Idle, between requests: only the keep-alive timeout may close it, never a 408.
+        assert await conn.stays_open(1.0)
+    finally:
+        conn.close()
+
+
 async def test_a_connection_that_never_speaks_is_closed(gateway_to: Any, echo_backend: str) -> None:
     url = await gateway_to(echo_backend, header_timeout=0.5)
     conn = await RawConnection.open(url)
