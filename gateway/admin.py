@@ -478,7 +478,7 @@ class Admin:
     # --- guard and alerts ---------------------------------------------------------------------
     async def _guard_view(self, snapshot: Snapshot) -> dict[str, Any]:
         shared = await self.store.get_guard(service=snapshot.service)
-        return {**self.guard.status(snapshot.service, snapshot.config),
+        return {**self.guard.status(snapshot.service, snapshot.config, snapshot.route.generation),
                 "paused": shared.get("paused") or None, "latched": shared.get("latched") or None}
 
     async def guard_state(self, request: web.Request) -> web.Response:

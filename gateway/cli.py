@@ -248,7 +248,7 @@ def _status_text(body: dict[str, Any], wide: bool = False) -> str:
              f"generation={route['generation']}  (service {body.get('service', '-')})"]
     guard = body.get("guard") or {}
     if guard:
-        lines.append("guard: " + ", ".join(f"{k}={v}" for k, v in guard.items() if not isinstance(v, dict | list)))
+        lines.append("guard: " + ", ".join(f"{k}={_shown(v)}" for k, v in guard.items() if not isinstance(v, dict | list)))
         if guard.get("overrides"):
             lines.append("guard overrides (this service): " + ", ".join(f"{k}={v}" for k, v in guard["overrides"].items()))
     cut = _Cutter(wide)
@@ -470,7 +470,18 @@ def guard(paused: bool | None, error_rate: float | None, p99_seconds: float | No
         if thresholds:
             request["thresholds"] = thresholds
         code, body = _call(url, token, "POST", _admin(service, "/guard"), request)
-    _finish(code, body, as_json, lambda d: "\n".join(f"{k}: {v}" for k, v in d.items()))
+    _finish(code, body, as_json, lambda d: "\n".join(f"{k}: {_shown(v)}" for k, v in d.items()))
+
+
+def _shown(value: Any) -> str:
+    """A JSON value as a person reads it: no Python ``None``/``True`` in the CLI's text."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_shown(v)}" for k, v in value.items()) or "-"
+    return str(value)
 
 
 if __name__ == "__main__":

@@ -110,9 +110,14 @@ class Guard:
         """The gateway's guard settings with a service's own overrides applied."""
         return self.settings.replace(**config.overrides) if config.overrides else self.settings
 
-    def status(self, service: str, config: ServiceConfig | None = None) -> dict[str, Any]:
-        """For ``/admin/state``: a service's effective thresholds and this replica's view of the last decision."""
+    def status(self, service: str, config: ServiceConfig | None = None, generation: int | None = None) -> dict[str, Any]:
+        """For ``/admin/state``: a service's effective thresholds and this replica's view of the last
+        decision — ``pending`` while that decision is about an older ``generation`` of the route."""
         s = self.settings_for(config) if config is not None else self.settings
+        last = self.last.get(service, {})
+        if generation is not None and last.get("generation") != generation:
+            last = {"status": "pending", "generation": generation,
+                    "detail": f"generation {generation} is judged at the guard's next look (every {s.guard_interval:g} s)"}
         return {
             "enabled": s.guard_enabled,
             "this_replica_decides": self.leader,
@@ -122,7 +127,7 @@ class Guard:
             "p99_threshold_seconds": s.guard_p99,
             "bake_seconds": None if s.guard_always else s.guard_bake,
             "overrides": config.thresholds() if config is not None else {},
-            **self.last.get(service, {}),
+            **last,
         }
 
     # --- signals --------------------------------------------------------------------------
@@ -176,14 +181,14 @@ class Guard:
             s = self.settings_for(seen.config)
             route = seen.route
             if route.active is None:
-                self.last[service] = {"status": "idle", "detail": "no active deployment"}
+                self.last[service] = {"generation": route.generation, "status": "idle", "detail": "no active deployment"}
                 continue
             if not s.guard_enabled:
-                self.last[service] = {"status": "disabled"}
+                self.last[service] = {"generation": route.generation, "status": "disabled"}
                 continue
             age = time.time() - route.changed_at if route.changed_at else float("inf")
             if not s.guard_always and age > s.guard_bake:
-                self.last[service] = {"status": "disarmed",
+                self.last[service] = {"generation": route.generation, "status": "disarmed",
                                       "detail": f"bake period of {s.guard_bake:.0f} s after the last switch is over"}
                 continue
             await self.evaluate_service(service, s)
@@ -200,13 +205,13 @@ class Guard:
         self.metrics.guard_paused.labels(service).set(1 if state.get("paused") else 0)
         self.metrics.guard_latched.labels(service).set(1 if state.get("latched") else 0)
         if route.active is None:
-            self.last[service] = {"status": "idle", "detail": "no active deployment"}
+            self.last[service] = {"generation": route.generation, "status": "idle", "detail": "no active deployment"}
             return
         if state.get("paused"):
-            self.last[service] = {"status": "paused", "detail": state.get("paused")}
+            self.last[service] = {"generation": route.generation, "status": "paused", "detail": state.get("paused")}
             return
         if state.get("latched"):
-            self.last[service] = {"status": "latched", "detail": state["latched"]}
+            self.last[service] = {"generation": route.generation, "status": "latched", "detail": state["latched"]}
             return
         # Only traffic since the switch judges the active deployment: requests pinned to it while it was
         # previewed (a tester probing its edge cases) are not its record as the active one.
@@ -215,7 +220,8 @@ class Guard:
         if s.guard_compare_previous and route.previous and route.changed_at:
             baseline = await self.figures(route.previous, service=service, end=route.changed_at, window=s.guard_window)
         verdict = judge(s, figures, baseline)
-        last = self.last[service] = {"status": "armed", "active": route.active, "detail": verdict.why,
+        last = self.last[service] = {"generation": route.generation, "status": "armed", "active": route.active,
+                                     "detail": verdict.why,
                                      "error_rate": round(figures.error_rate, 4), "requests": figures.requests}
         if not verdict.breach:
             return
@@ -243,7 +249,8 @@ class Guard:
                 latched_generation=str(outcome.route.generation),
             )
             self.metrics.guard_latched.labels(service).set(1)
-            self.last[service] = {"status": "latched", "detail": f"rolled back {route.active}: {verdict.why}"}
+            self.last[service] = {"generation": outcome.route.generation, "status": "latched",
+                                  "detail": f"rolled back {route.active}: {verdict.why}"}
             log.warning("guard rolled back %s in service %s → %s: %s", route.active, service, previous, verdict.why)
         else:
             log.info("guard rollback of %s in service %s not applied: %s", route.active, service, outcome.message)

@@ -415,3 +415,23 @@ async def test_the_replica_that_answers_a_change_serves_it_at_once(redis_store_f
                 async with s.post(url + "/invocations", json={}) as resp:
                     assert resp.status == 200, (n, await resp.text())
                     assert resp.headers["X-Turnout-Deployment"] == target, n
+
+
+async def test_the_guard_view_right_after_a_switch_says_it_is_pending_not_stale(admin: dict[str, Any]) -> None:
+    s, url = admin["s"], admin["url"]
+    status, body = await post(s, url + "/admin/switch", {"target": "green"})
+    assert status == 200
+    generation = body["route"]["generation"]
+    async with s.get(url + "/admin/guard") as resp:
+        guard = await resp.json()
+    # Before the guard's next look it must not report its view of the previous generation.
+    assert (guard["status"], guard["generation"]) in {("pending", generation), ("armed", generation)}, guard
+
+    async def judged() -> bool:
+        async with s.get(url + "/admin/guard") as resp:
+            view = await resp.json()
+        return view["status"] == "armed" and view["active"] == "green" and view["generation"] == generation
+
+    await eventually(judged, timeout=10)
+    out = await asyncio.get_running_loop().run_in_executor(None, lambda: run_cli(url, "guard"))
+    assert "None" not in out.stdout and "paused: -" in out.stdout, out.stdout
