@@ -94,24 +94,24 @@ class Admin:
         resource answers under ``/admin/services/{service}/``, and under ``/admin/`` for the default service."""
         out = [
             web.get("/admin/services", self._wrap(self.list_services)),
-            web.post("/admin/services", self._wrap(self.create_service, mutation=True)),
+            web.post("/admin/services", self._wrap(self.create_service, mutation=True), expect_handler=errors.expect_handler),
             web.get("/admin/services/{service:[^/]+}", self._wrap(self.get_service)),
             web.delete("/admin/services/{service:[^/]+}", self._wrap(self.delete_service, mutation=True, body=False)),
-            web.post("/admin/alerts", self._wrap(self.alerts, mutation=True)),
+            web.post("/admin/alerts", self._wrap(self.alerts, mutation=True), expect_handler=errors.expect_handler),
             web.get("/admin/openapi.json", self._wrap(self.openapi)),
         ]
         for prefix in ("/admin", "/admin/services/{service:[^/]+}"):
             out += [
                 web.get(prefix + "/state", self._wrap(self.state)),
                 web.get(prefix + "/deployments", self._wrap(self.list_deployments)),
-                web.post(prefix + "/deployments", self._wrap(self.create_deployment, mutation=True)),
+                web.post(prefix + "/deployments", self._wrap(self.create_deployment, mutation=True), expect_handler=errors.expect_handler),
                 web.get(prefix + "/deployments/{name}", self._wrap(self.get_deployment)),
                 web.delete(prefix + "/deployments/{name}", self._wrap(self.delete_deployment, mutation=True, body=False)),
-                web.post(prefix + "/switch", self._wrap(self.switch, mutation=True)),
-                web.post(prefix + "/rollback", self._wrap(self.rollback, mutation=True)),
+                web.post(prefix + "/switch", self._wrap(self.switch, mutation=True), expect_handler=errors.expect_handler),
+                web.post(prefix + "/rollback", self._wrap(self.rollback, mutation=True), expect_handler=errors.expect_handler),
                 web.get(prefix + "/history", self._wrap(self.history)),
                 web.get(prefix + "/guard", self._wrap(self.guard_state)),
-                web.post(prefix + "/guard", self._wrap(self.guard_change, mutation=True)),
+                web.post(prefix + "/guard", self._wrap(self.guard_change, mutation=True), expect_handler=errors.expect_handler),
             ]
         return out + self._method_fallbacks(out)
 

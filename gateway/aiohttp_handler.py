@@ -34,6 +34,24 @@ class _HeadTooLarge(BadHttpMessage):
     """A head over ``max_head_bytes`` that aiohttp's parser, bounding only lines, accepted."""
 
 
+class _Unserved(HttpProcessingError):
+    """A well-formed request the gateway does not serve, which aiohttp would route or answer in plain text."""
+
+
+def _unserved(message: Any) -> _Unserved | None:
+    """An HTTP version other than 1.0/1.1 (aiohttp would answer ``HTTP/2.0 200`` in HTTP/1 framing), a
+    transfer coding other than chunked (forwarded still encoded), or a request not for a path (``CONNECT
+    host:port``, ``OPTIONS *``)."""
+    if message.version not in ((1, 1), (1, 0)):
+        return _Unserved(code=505, message=f"HTTP/{message.version[0]}.{message.version[1]} is not supported; use HTTP/1.1")
+    coding = message.headers.get("Transfer-Encoding")
+    if coding is not None and coding.strip().lower() != "chunked":
+        return _Unserved(code=501, message=f"transfer coding {coding!r} is not supported; send the body chunked or with a Content-Length")
+    if not message.path.startswith("/") and "://" not in message.path:
+        return _Unserved(code=405, message=f"{message.method} {message.path} is not served: requests name a path")
+    return None
+
+
 def head_size(message: Any) -> int:
     """Bytes of a parsed request head (request line, header lines, blank line)."""
     size = len(message.method) + len(message.path) + 14
@@ -222,10 +240,14 @@ class GuardedRequestHandler(RequestHandler):
             if started is not None:
                 self._started_at[id(message)] = started
                 started = None  # later requests of this read began in it
+            refused: HttpProcessingError | None = None
             if measure and head_size(message) > self._limits.max_head_bytes:
+                refused = _HeadTooLarge(f"the request head exceeds {self._limits.max_head_bytes} bytes")
+            else:
+                refused = _unserved(message)
+            if refused is not None:
                 index = self._messages.index((message, payload))
-                exc = _HeadTooLarge(f"the request head exceeds {self._limits.max_head_bytes} bytes")
-                self._messages[index] = (_ErrInfo(status=431, exc=exc, message=exc.message), EMPTY_PAYLOAD)
+                self._messages[index] = (_ErrInfo(status=refused.code, exc=refused, message=refused.message), EMPTY_PAYLOAD)
                 payload.feed_eof()
             self._last_payload = payload
 
@@ -239,6 +261,8 @@ class GuardedRequestHandler(RequestHandler):
             raise ConnectionError("the response had begun; the connection is closed instead")
         if isinstance(exc, _HeadTooLarge):
             reason, answer_status, text = HEAD_TOO_LARGE, 431, exc.message
+        elif isinstance(exc, _Unserved):
+            reason, answer_status, text = MALFORMED, exc.code, exc.message
         elif isinstance(exc, LineTooLong):
             reason, answer_status, text = HEAD_TOO_LARGE, 431, f"a request line or header exceeds {MAX_LINE_BYTES} bytes"
         elif "Too many headers" in str(exc.message):

@@ -100,8 +100,9 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     # Bound methods, not wrappers that look the proxy up: one coroutine less on every request. The
     # unprefixed scoring endpoints are the default service's.
     for prefix in ("", "/models/{service:[^/]+}"):
-        app.router.add_post(prefix + "/invocations", proxy.invocations)
-        app.router.add_post(prefix + "/deployments/{name}/invocations", proxy.invocations)
+        app.router.add_post(prefix + "/invocations", proxy.invocations, expect_handler=errors.expect_handler)
+        app.router.add_post(prefix + "/deployments/{name}/invocations", proxy.invocations,
+                            expect_handler=errors.expect_handler)
     app.router.add_get("/models/{service:[^/]+}/health", service_health)
     app.router.add_get("/ping", ping)
     app.router.add_get("/health", health)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from .upstream import POOL_FULL, UpstreamError
 
@@ -79,3 +79,19 @@ async def method_not_allowed(request: web.Request) -> web.Response:
     return error_response(
         405, ENDPOINT_NOT_FOUND, f"{request.path} accepts POST, not {request.method}", headers={"Allow": "POST"}
     )
+
+
+async def expect_handler(request: web.Request) -> None:
+    """aiohttp's answer to ``Expect`` (``100 Continue`` for HTTP/1.1), with MLflow's error shape instead
+    of a plain-text 417 for an expectation the gateway cannot meet."""
+    expect = request.headers.get("Expect", "")
+    if request.version != HttpVersion11:
+        return
+    if expect.lower() != "100-continue":
+        raise web.HTTPExpectationFailed(
+            text=error_body(BAD_REQUEST, f"unknown expectation {expect!r}: only 100-continue is supported").decode(),
+            content_type="application/json",
+        )
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    # The interim answer is not the response: the response's own size starts from zero.
+    request.writer.output_size = 0

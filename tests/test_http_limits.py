@@ -352,6 +352,32 @@ async def test_malformed_requests_get_400_at_once(gateway_to: Any, echo_backend:
     assert [status for status, _, _ in answers] == [400], answers
 
 
+@pytest.mark.parametrize(("raw", "status", "fragment"), [
+    (b"POST /invocations HTTP/2.0\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+     505, "HTTP/2.0 is not supported"),
+    (b"POST /invocations HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: gzip, chunked\r\nContent-Type: application/json\r\n\r\n"
+     b"2\r\n{}\r\n0\r\n\r\n", 501, "transfer coding 'gzip, chunked' is not supported"),
+    (b"OPTIONS * HTTP/1.1\r\nHost: gw\r\n\r\n", 405, "OPTIONS * is not served"),
+    (b"CONNECT 127.0.0.1:6379 HTTP/1.1\r\nHost: gw\r\n\r\n", 405, "CONNECT 127.0.0.1:6379 is not served"),
+    (b"POST /invocations HTTP/1.1\r\nHost: gw\r\nExpect: teapot\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+     417, "unknown expectation 'teapot'"),
+], ids=["http2-line", "gzip-coding", "options-star", "connect", "unknown-expect"])
+async def test_requests_the_gateway_does_not_serve_get_a_precise_json_answer_never_forwarded(
+    gateway_to: Any, raw: bytes, status: int, fragment: str
+) -> None:
+    async with scripted_backend(echo_id) as (backend, seen):
+        url = await gateway_to(backend)
+        conn = await RawConnection.open(url)
+        try:
+            conn.send(raw)
+            (got, *_) = await conn.responses(1)
+        finally:
+            conn.close()
+    assert got[0] == status and got[1]["content-type"].startswith("application/json"), got
+    assert fragment in json.loads(got[2])["message"], got
+    assert not seen, "never reaches the model server"
+
+
 async def test_a_chunk_size_that_breaks_mid_body_ends_the_request(gateway_to: Any, echo_backend: str) -> None:
     url = await gateway_to(echo_backend, upstream_max_connections=1, upstream_pool_timeout=0.3)
     conn = await RawConnection.open(url)
