@@ -72,6 +72,17 @@ def _loopback_host(host: str | None) -> bool:
     return name in ("localhost", "localhost.") or is_loopback(name)
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different: ``{"target": "a", "target": "b"}`` is ambiguous (parsers
+    disagree on which wins), so it is refused rather than read as the last one."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        repeated = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"key {repeated!r} appears more than once")
+    return out
+
+
 class Admin:
     """Request handlers of the admin API."""
 
@@ -215,7 +226,7 @@ class Admin:
         except TimeoutError:
             raise AdminError(408, errors.DEADLINE_EXCEEDED, f"the request body stopped arriving for {timeout:g} s") from None
         try:
-            data = json.loads(raw)
+            data = json.loads(raw, object_pairs_hook=_unique_keys)
         except (ValueError, UnicodeDecodeError) as exc:
             raise AdminError(400, errors.BAD_REQUEST, f"malformed JSON: {exc}") from None
         except RecursionError:

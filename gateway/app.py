@@ -188,7 +188,11 @@ async def service_health(request: web.Request) -> web.Response:
     """``GET /models/{service}/health``: one service's readiness (its active deployment is ready)."""
     if not request.app[WATCHER].ready:
         return errors.error_response(503, errors.TEMPORARILY_UNAVAILABLE, "no route read yet")
-    return _service_readiness(request.app[WATCHER], request.match_info["service"])
+    service = request.match_info["service"]
+    if service not in request.app[WATCHER].snapshots:
+        # The same answer as a prediction to an unknown service: it names the services there are.
+        return request.app[PROXY].unknown_service(service).response()
+    return _service_readiness(request.app[WATCHER], service)
 
 
 def _service_readiness(watcher: RouteWatcher, service: str, named: bool = True) -> web.Response:

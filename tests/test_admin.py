@@ -186,6 +186,7 @@ def test_trusted_proxies_must_be_networks() -> None:
         (b'{"target": "nosuch"}', 404, "no deployment named 'nosuch'"),
         (b'{"target": "green", "reason": "' + b"x" * 70_000 + b'"}', 413, "limited to"),
         (b"[" * 30_000 + b"]" * 30_000, 400, "nested too deeply"),
+        (b'{"target": "green", "target": "blue"}', 400, "malformed JSON: key 'target' appears more than once"),
     ],
 )
 async def test_bad_switch_bodies_get_precise_errors_and_change_nothing(

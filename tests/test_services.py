@@ -212,7 +212,7 @@ async def test_data_plane_per_service(backends: dict[str, Any], gateway_factory:
         async with s.get(url + "/models/loans/health") as resp:
             assert resp.status == 200 and (await resp.json())["service"] == "loans"
         async with s.get(url + "/models/nope/health") as resp:
-            assert resp.status == 404
+            assert resp.status == 404 and "services: default, loans" in (await resp.json())["message"]
     await store.update_deployment("blue", service="loans", state=State.UNHEALTHY, reason="oom")
     await asyncio.sleep(0.2)
     async with aiohttp.ClientSession() as s:
