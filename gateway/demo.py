@@ -162,15 +162,40 @@ def _registry(workdir: Path, progress: Progress) -> Any:
     if workdir.exists():
         shutil.rmtree(workdir)
     progress.step(f"training and registering iris-demo v1, v2 and a faulty v3 in {workdir / 'mlflow.db'}")
-    workdir.mkdir(parents=True)
-    # MLflow prints and warns a lot while logging models: keep it in a file, not on the demo's screen.
-    with open(workdir / "registry.log", "w") as log_file, contextlib.redirect_stdout(log_file), \
-            contextlib.redirect_stderr(log_file), _quiet_logging():
-        from workers import samples
-
-        registry = samples.build(workdir)
+    registry = build_samples_quietly(workdir)
     os.environ["MLFLOW_TRACKING_URI"] = registry.tracking_uri
     return registry
+
+
+def build_samples_quietly(workdir: Path) -> Any:
+    """Train and register the sample models in ``workdir``. MLflow prints and warns a lot while logging
+    models: that goes to ``workdir/registry.log``, not on the user's screen."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / "registry.log", "w") as log_file, _output_to(log_file), _quiet_logging():
+        # Imported here: defining the sample PythonModel already makes MLflow warn.
+        from workers import samples
+
+        return samples.build(workdir)
+
+
+@contextlib.contextmanager
+def _output_to(log_file: Any) -> Any:
+    """Standard output and error into ``log_file``, down to file descriptors 1 and 2: MLflow runs
+    subprocesses (requirement inference) that write to the inherited descriptors, not to ``sys.stderr``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    os.dup2(log_file.fileno(), 1)
+    os.dup2(log_file.fileno(), 2)
+    try:
+        with contextlib.redirect_stdout(log_file), contextlib.redirect_stderr(log_file):
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 async def run_demo(workdir: Path, quick: bool, summary_path: Path | None, quiet: bool = False) -> dict[str, Any]:
@@ -355,11 +380,9 @@ async def run_up(workdir: Path, base: Settings, ready: Callable[[dict[str, Any]]
     )
     progress = Progress()
     if "MLFLOW_TRACKING_URI" not in os.environ:
-        from workers import samples
-
         if not (workdir / "mlflow.db").exists():
             progress.step(f"registering iris-demo v1, v2 and v3 in {workdir / 'mlflow.db'}")
-            await asyncio.to_thread(samples.build, workdir)
+            await asyncio.to_thread(build_samples_quietly, workdir)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
     stop = asyncio.Event()
     stop_on_signals(stop)
