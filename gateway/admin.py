@@ -27,6 +27,7 @@ from .records import GUARD_FIELDS, Deployment, HistoryEntry, ServiceConfig, Snap
 from .settings import Settings, SettingsError
 from .store import Store, StoreUnavailable
 from .aiohttp_handler import abandon_body
+from .balancer import Balancer
 from .guard import Guard
 from .http1 import client_address, is_loopback
 from .switching import RouteControl, describe_state
@@ -88,7 +89,7 @@ class Admin:
 
     def __init__(
         self, settings: Settings, store: Store, watcher: RouteWatcher, traffic: Traffic, control: RouteControl,
-        guard: Guard,
+        guard: Guard, balancer: Balancer[Any],
     ) -> None:
         self.settings = settings
         self.store = store
@@ -96,6 +97,7 @@ class Admin:
         self.traffic = traffic
         self.control = control
         self.guard = guard
+        self.balancer = balancer
         self._token = settings.admin_token.encode() if settings.admin_token else None
         self._trusted = settings.trusted_networks()
         self._openapi = json.dumps(openapi_document())
@@ -287,7 +289,25 @@ class Admin:
             "ready_at": dep.ready_at,
             "traffic": {"window_seconds": TRAFFIC_WINDOW, "scope": "this gateway replica",
                         **self.traffic.local((snapshot.service, dep.name), TRAFFIC_WINDOW).as_dict()},
+            "replicas": self._replicas_view(snapshot, dep, state),
         }
+
+    def _replicas_view(self, snapshot: Snapshot, dep: Deployment, state: State | None) -> list[dict[str, Any]]:
+        """Each replica: its URL, its state (the deployment's, or ``ejected`` while this gateway keeps it out
+        of rotation), and what this gateway sent it."""
+        seen = {r.url: r for r in self.balancer.known(snapshot.service, dep.name)}
+        out = []
+        for url in dep.replica_urls:
+            replica = seen.get(url)
+            ejected = replica is not None and replica.ejected_until > 0
+            out.append({
+                "url": url,
+                "state": "ejected" if ejected else (state.value if state else None),
+                "inflight": replica.inflight if replica else 0,
+                "answered": replica.answered if replica else 0,
+                "ejections": replica.ejections if replica else 0,
+            })
+        return out
 
     async def state(self, request: web.Request) -> web.Response:
         """``GET /admin/[services/{service}/]state``."""
@@ -422,17 +442,19 @@ class Admin:
         body = await self._parse(request, CreateDeployment)
         who = self._who(request)
         now = time.time()
-        if body.url is not None:
-            # Someone else runs it: nothing here can prove it ready, so it is trusted as ready.
+        urls = tuple(url.rstrip("/") for url in body.urls) if body.urls else (body.url.rstrip("/"),) if body.url else ()
+        if urls:
+            # Someone else runs it: nothing here can prove it ready, so it is trusted as ready (a replica
+            # that fails is ejected by each gateway on its own).
             dep = Deployment(
-                name=body.name, url=body.url.rstrip("/"), external=True, state=State.READY,
+                name=body.name, url=urls[0], urls=urls if len(urls) > 1 else (), external=True, state=State.READY,
                 reason="external server (not supervised by a Turnout worker)", created_at=now,
                 mlflow_name=body.mlflow_name, mlflow_version=body.mlflow_version,
             )
         else:
             dep = Deployment(name=body.name, model_uri=body.model_uri, state=State.STARTING,
                              reason="waiting for a worker to claim it", created_at=now)
-        entry = HistoryEntry("deploy", who, target=body.name, detail=body.url or body.model_uri or "")
+        entry = HistoryEntry("deploy", who, target=body.name, detail=" ".join(urls) or body.model_uri or "")
         if not await self.store.create_deployment(dep, service=service, history=entry):
             raise AdminError(409, errors.RESOURCE_ALREADY_EXISTS,
                              f"service {service!r} already has a deployment named {body.name!r}")

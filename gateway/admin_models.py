@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -28,6 +29,16 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def _check_url(url: str) -> None:
+    """The shape the url field's pattern enforces, plus what the gateway needs to reach it."""
+    if len(url) > 2000 or not _URL.fullmatch(url):
+        raise ValueError(f"not an http://host:port URL: {url!r}")
+    parse_target(url)
+
+
+_URL = re.compile(r"http://[A-Za-z0-9.\-\[\]:]+(/\S*)?")
+
+
 class CreateDeployment(Strict):
     """A deployment served by a worker (``model_uri``) or by someone else (``url``)."""
 
@@ -40,6 +51,10 @@ class CreateDeployment(Strict):
         default=None, max_length=2000, pattern=r"^http://[A-Za-z0-9.\-\[\]:]+(/\S*)?$",
         description="http://host:port of a model server run elsewhere (trusted as ready).",
     )
+    urls: list[str] | None = Field(
+        default=None, min_length=1, max_length=64,
+        description="http://host:port of each replica of a model server run elsewhere: the gateway balances them.",
+    )
     mlflow_name: str | None = Field(default=None, min_length=1, max_length=500, description="Registered model of an external server.")
     mlflow_version: str | None = Field(default=None, pattern=r"^\d{1,9}$", description="Its registered version.")
 
@@ -47,13 +62,23 @@ class CreateDeployment(Strict):
     @classmethod
     def _reachable(cls, url: str | None) -> str | None:
         if url is not None:
-            parse_target(url)
+            _check_url(url)
         return url
+
+    @field_validator("urls")
+    @classmethod
+    def _all_reachable(cls, urls: list[str] | None) -> list[str] | None:
+        if urls is not None:
+            for url in urls:
+                _check_url(url)
+            if len({url.rstrip("/") for url in urls}) != len(urls):
+                raise ValueError("a replica URL is given twice")
+        return urls
 
     @model_validator(mode="after")
     def _one_source(self) -> CreateDeployment:
-        if (self.model_uri is None) == (self.url is None):
-            raise ValueError("give exactly one of model_uri and url")
+        if sum(source is not None for source in (self.model_uri, self.url, self.urls)) != 1:
+            raise ValueError("give exactly one of model_uri, url and urls")
         if self.model_uri is not None and (self.mlflow_name or self.mlflow_version):
             raise ValueError("mlflow_name/mlflow_version are resolved from model_uri by the worker")
         return self

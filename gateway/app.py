@@ -10,6 +10,7 @@ from aiohttp import web
 from . import __version__, errors
 from .admin import Admin
 from .aiohttp_handler import Drain, on_response_prepare
+from .balancer import OutlierPolicy
 from .fastpath import FastPath
 from .guard import Guard
 from .http1 import BadRequests, ServerLimits
@@ -78,7 +79,12 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     app[DRAIN] = Drain()
     app.on_response_prepare.append(on_response_prepare)
     app[PROXY] = proxy = Proxy(watcher, pool, metrics, traffic, settings.max_body_bytes, limits, bad_requests,
-                               settings.default_service, replay_crashes=settings.replay_crashes)
+                               settings.default_service, replay_crashes=settings.replay_crashes,
+                               outliers=OutlierPolicy(
+                                   consecutive_failures=settings.outlier_consecutive_failures,
+                                   base_ejection=settings.outlier_base_ejection,
+                                   max_ejection_percent=settings.outlier_max_ejection_percent,
+                               ))
     store = app[STORE]
     app[REGISTRY] = registry = RegistrySync(
         settings.registry_alias, lambda entry, service: store.append_history(entry, service=service),
@@ -86,7 +92,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     )
     app[CONTROL] = control = RouteControl(app[STORE], metrics, registry)
     app[GUARD] = guard = Guard(settings, app[STORE], traffic, control, metrics, loops=loops, watcher=watcher)
-    app[ADMIN] = admin = Admin(settings, app[STORE], watcher, traffic, control, guard)
+    app[ADMIN] = admin = Admin(settings, app[STORE], watcher, traffic, control, guard, proxy.balancer)
 
     # Started in this order, stopped in reverse.
     app.cleanup_ctx.append(_store_ctx(owned=store is None))

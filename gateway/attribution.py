@@ -15,6 +15,7 @@ against the model, as before.
 from __future__ import annotations
 
 import asyncio
+import random
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -81,13 +82,15 @@ class Attribution:
         if route.active != dm.name or previous is None or not snapshot.is_ready(previous):
             return False
         dep = snapshot.deployments.get(previous)
-        if dep is None or dep.url is None:
+        if dep is None or not dep.replica_urls:
             return False
         if self.in_flight >= MAX_IN_FLIGHT:
             self.metrics.replays.labels(dm.service, SKIPPED).inc()
             return False
         self.in_flight += 1
-        task = asyncio.get_running_loop().create_task(self._judge(dm, code, elapsed, replay, previous, dep.url))
+        # Any replica of the previous version can judge the input (replays are rare: no balancing needed).
+        url = random.choice(dep.replica_urls)
+        task = asyncio.get_running_loop().create_task(self._judge(dm, code, elapsed, replay, previous, url))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True

@@ -257,8 +257,18 @@ def _status_text(body: dict[str, Any], wide: bool = False) -> str:
         m = d["mlflow"]
         mlflow = f"{m['name']}/{m['version']}" + (f"@{m['alias']}" if m.get("alias") else "") if m["name"] else "-"
         t = d["traffic"]
-        rows.append([d["name"], d["role"] or "", d["state"] or "?", mlflow, d["url"] or "-", str(t["requests"]),
+        replicas = d.get("replicas") or []
+        where = d["url"] or "-"
+        if len(replicas) > 1:
+            where = f"{len(replicas)} replicas"
+        rows.append([d["name"], d["role"] or "", d["state"] or "?", mlflow, where, str(t["requests"]),
                      f"{t['error_rate'] * 100:.1f}", _fmt_ms(t["p99_seconds"]), cut(d["state_detail"] or "", 70)])
+        if len(replicas) > 1:
+            # One line per replica under its deployment: where it is, its state, what this gateway sent it.
+            for r in replicas:
+                state = r["state"] + (f" (ejected {r['ejections']}x)" if r["ejections"] else "")
+                rows.append(["", "", state, "", "  " + r["url"], "", "", "",
+                             f"{r['answered']} answered, {r['inflight']} in flight (this gateway)"])
     lines.append(_table(rows) if len(rows) > 1 else "no deployments yet: turnout deploy NAME MODEL_URI")
     return cut.footer("\n".join(lines))
 
@@ -285,10 +295,15 @@ def status(wide: bool, url: str, token: str | None, as_json: bool, service: str 
 @_client_options
 def deploy(name: str, source: str, mlflow_name: str | None, mlflow_version: str | None, wait_seconds: float | None,
            url: str, token: str | None, as_json: bool, service: str | None) -> None:
-    """Create deployment NAME from a model URI (a --claim worker serves it) or the http:// URL of a running server."""
+    """Create deployment NAME from a model URI (a --claim worker serves it) or the http:// URL of a running
+    server (several, comma-separated: replicas the gateway balances)."""
     body: dict[str, Any] = {"name": name}
     if source.startswith(("http://", "https://")):
-        body["url"] = source
+        urls = [part.strip() for part in source.split(",") if part.strip()]
+        if len(urls) > 1:
+            body["urls"] = urls
+        else:
+            body["url"] = source
         if mlflow_name:
             body["mlflow_name"] = mlflow_name
         if mlflow_version:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 from aiohttp import HttpVersion11, web
 
-from .upstream import POOL_FULL, UpstreamError
+from .upstream import NO_REPLICA, POOL_FULL, UpstreamError
 
 # MLflow error codes (mlflow.protos.databricks_pb2.ErrorCode names), so MLflow clients can read them.
 BAD_REQUEST = "BAD_REQUEST"
@@ -51,6 +51,8 @@ def upstream_error(exc: UpstreamError, deployment: str) -> tuple[int, bytes]:
     connection to it is busy (it never saw the request): status and body."""
     if exc.kind == POOL_FULL:
         return 503, error_body(TEMPORARILY_UNAVAILABLE, f"deployment {deployment!r} is at capacity: {exc}; retry shortly")
+    if exc.kind == NO_REPLICA:
+        return 503, error_body(TEMPORARILY_UNAVAILABLE, f"{exc}; retry shortly")
     if exc.is_timeout:
         return 504, error_body(DEADLINE_EXCEEDED, f"deployment {deployment!r}: {exc}")
     return 502, error_body(TEMPORARILY_UNAVAILABLE, f"deployment {deployment!r}: {exc}")

@@ -382,16 +382,20 @@ class _ServerConnection(FlowControl):
             keep_alive = self._keep_alive(keep_alive)
             self._write_own(chosen.status, chosen.body(), tags, keep_alive)
             return keep_alive
-        name, target = chosen.name, chosen.target
+        name = chosen.name
         tags = chosen.raw_tags
         dm = chosen.dm
         begun = proxy.begin(dm)
         code, outcome = CLIENT_CLOSED, CLIENT_ERROR
         deadline = started + self.fast.limits.total_timeout
+        replica = None
         try:
-            head = build_request_head(headers, query, self.remote, b"http", target, len(body))
+            remote = self.remote
             try:
-                upstream = await proxy.pool.request(target.host, target.port, head, body, deadline=deadline)
+                replica, upstream = await proxy.send(
+                    chosen, lambda target: build_request_head(headers, query, remote, b"http", target, len(body)), body,
+                    deadline=deadline,
+                )
             except UpstreamError as exc:
                 status, error = errors.upstream_error(exc, name)
                 code, outcome = status, (OVERLOADED if exc.kind == POOL_FULL else UPSTREAM_ERROR)
@@ -422,6 +426,8 @@ class _ServerConnection(FlowControl):
                 upstream.release()
             return keep_alive
         finally:
+            if replica is not None:
+                proxy.release(chosen.replicas, replica, code, outcome)
             if code == 400 and outcome == MODEL_ERROR and where[1] is None:
                 proxy.end(dm, begun, code, outcome, Replay(headers, query, self.remote, b"http", body))
             else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from collections.abc import Iterable
+from typing import Any
 from itertools import accumulate
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
@@ -107,6 +108,44 @@ class _ProxyCollector(Collector):
         return [requests, duration, inflight]
 
 
+class _ReplicaCollector(Collector):
+    """Per-replica series of every deployment this process has sent requests to (bounded by the
+    replicas deployments have): readiness as this process sees it, requests in flight, requests answered."""
+
+    def __init__(self, balancer: Any, watcher: Any) -> None:
+        self._balancer = balancer
+        self._watcher = watcher
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families(describe=True)
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families()
+
+    def _families(self, describe: bool = False) -> list[Metric]:
+        labels = ["service", "deployment", "replica"]
+        ready = GaugeMetricFamily(
+            "turnout_replica_ready", "1 while a replica is in this gateway's rotation, 0 while it is ejected.", labels=labels,
+        )
+        inflight = GaugeMetricFamily("turnout_replica_inflight", "Requests in flight to a replica from this gateway.", labels=labels)
+        answered = CounterMetricFamily(
+            "turnout_replica_requests", "Requests a replica answered or failed, as this gateway sent them.", labels=labels,
+        )
+        if not describe:
+            snapshots = self._watcher.snapshots
+            for replicas in self._balancer.sets():
+                snapshot = snapshots.get(replicas.service)
+                if snapshot is None or replicas.deployment not in snapshot.deployments:
+                    continue  # deleted: its series go
+                replicas.in_rotation()  # brings back the replicas whose ejection is over
+                for replica in replicas.replicas:
+                    values = [replicas.service, replicas.deployment, replica.url]
+                    ready.add_metric(values, 0 if replica.ejected_until else 1)
+                    inflight.add_metric(values, replica.inflight)
+                    answered.add_metric(values, replica.answered)
+        return [ready, inflight, answered]
+
+
 def background_errors_counter(registry: CollectorRegistry) -> Counter:
     """``turnout_background_errors_total{task}``, the same series in gateways and workers (see ``loops``)."""
     return Counter(
@@ -154,6 +193,14 @@ class GatewayMetrics:
         self.rollbacks = Counter(
             "turnout_rollbacks", "Rollbacks to the previous deployment, by service and trigger.", ["service", "trigger"], registry=r,
         )
+        self.replica_ejections = Counter(
+            "turnout_replica_ejections", "Replicas taken out of this gateway's rotation after consecutive failures.",
+            ["service", "deployment", "replica"], registry=r,
+        )
+        self.replica_retries = Counter(
+            "turnout_replica_retries", "Requests sent to a second replica because the first could not be reached "
+            "(nothing had been sent).", ["service", "deployment"], registry=r,
+        )
         self.bad_requests = Counter(
             "turnout_bad_requests", "Client requests refused before routing (malformed, too large, too slow), by reason.",
             ["reason"], registry=r,
@@ -183,6 +230,11 @@ class GatewayMetrics:
     def count_bad_request(self, reason: str) -> None:
         """One refused client request (see :class:`gateway.http1.BadRequests`)."""
         self.bad_requests.labels(reason).inc()
+
+    def watch_replicas(self, balancer: Any, watcher: Any) -> None:
+        """Expose the replicas of ``balancer`` (a :class:`gateway.balancer.Balancer`), skipping deployments
+        the ``watcher``'s snapshots no longer hold."""
+        self.registry.register(_ReplicaCollector(balancer, watcher))
 
     def deployment(self, service: str, name: str) -> DeploymentMetrics:
         """The bound metrics of one deployment of a service."""

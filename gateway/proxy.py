@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -15,12 +15,13 @@ from aiohttp.streams import StreamReader
 from . import errors
 from .aiohttp_handler import HEAD_STARTED, abandon_body
 from .attribution import Attribution, Replay
+from .balancer import Balancer, OutlierPolicy, Replica, ReplicaSet
 from .classify import classify
 from .http1 import BODY_TIMEOUT, MALFORMED, MISSING_CONTENT_TYPE, BadRequests, ServerLimits
 from .metrics import CLIENT_ERROR, MODEL_ERROR, OVERLOADED, UPSTREAM_ERROR, DeploymentMetrics, GatewayMetrics
 from .records import DEFAULT_SERVICE, Snapshot
 from .traffic import Traffic
-from .upstream import POOL_FULL, UpstreamError, UpstreamPool, UpstreamResponse
+from .upstream import NO_REPLICA, NOTHING_SENT, POOL_FULL, UpstreamError, UpstreamPool, UpstreamResponse
 from .watcher import RouteWatcher
 
 log = logging.getLogger(__name__)
@@ -227,16 +228,17 @@ NO_CONTENT_TYPE = Refusal(
 
 
 class Choice:
-    """Where requests go while a service's snapshot lasts: the deployment, its generation, its
-    pre-encoded target and headers, and its metrics (built once per snapshot, not per request)."""
+    """Where requests go while a service's snapshot lasts: the deployment, its generation, its replicas,
+    its pre-encoded headers and its metrics (built once per snapshot, not per request)."""
 
-    __slots__ = ("service", "name", "generation", "target", "dm", "raw_tags", "_tags")
+    __slots__ = ("service", "name", "generation", "replicas", "dm", "raw_tags", "_tags")
 
-    def __init__(self, service: str, name: str, generation: str, target: Target, dm: DeploymentMetrics) -> None:
+    def __init__(self, service: str, name: str, generation: str, replicas: ReplicaSet[Target], dm: DeploymentMetrics) -> None:
         self.service = service
         self.name = name
         self.generation = generation
-        self.target = target
+        # Which replica serves a request is decided per request (in-flight counts change all the time).
+        self.replicas = replicas
         self.dm = dm
         self._tags = {SERVICE_HEADER: service, DEPLOYMENT_HEADER: name, GENERATION_HEADER: generation}
         # The same headers as bytes, for the fast path's response heads.
@@ -313,7 +315,7 @@ class Proxy:
     def __init__(
         self, watcher: RouteWatcher, pool: UpstreamPool, metrics: GatewayMetrics, traffic: Traffic, max_body_bytes: int,
         limits: ServerLimits, bad_requests: BadRequests, default_service: str = DEFAULT_SERVICE, *,
-        replay_crashes: bool = True,
+        replay_crashes: bool = True, outliers: OutlierPolicy | None = None,
     ) -> None:
         self.watcher = watcher
         self.default_service = default_service
@@ -325,6 +327,8 @@ class Proxy:
         self.bad_requests = bad_requests
         self._targets: dict[str, Target] = {}
         self._choices: dict[tuple[str, str | None], tuple[Snapshot, Choice | Refusal]] = {}
+        self.balancer: Balancer[Target] = Balancer(outliers or OutlierPolicy(), self._target)
+        metrics.watch_replicas(self.balancer, watcher)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.attribution = Attribution(watcher, pool, metrics, self._record, self._target, build_request_head,
                                        enabled=replay_crashes)
@@ -374,16 +378,16 @@ class Proxy:
             name = pinned
         generation = str(snapshot.route.generation)
         dep = snapshot.deployments.get(name)
-        if dep is None or dep.url is None or not snapshot.is_ready(name):
+        if dep is None or not dep.replica_urls or not snapshot.is_ready(name):
             state = snapshot.effective_state(name)
             detail = "is unknown" if state is None else f"is {state.value}" + (f": {dep.reason}" if dep and dep.reason else "")
             return Refusal(503, errors.TEMPORARILY_UNAVAILABLE, f"deployment {name!r} {detail}", name, generation, service)
         try:
-            target = self._target(dep.url)
+            replicas = self.balancer.replicas(service, name, dep.replica_urls)
         except ValueError as exc:
             # A record written around the admin API's checks: the model server cannot be reached.
             return Refusal(502, errors.TEMPORARILY_UNAVAILABLE, f"deployment {name!r}: {exc}", name, generation, service)
-        return Choice(service, name, generation, target, self.metrics.deployment(service, name))
+        return Choice(service, name, generation, replicas, self.metrics.deployment(service, name))
 
     def unknown_service(self, service: str) -> Refusal:
         """404 naming the services there are (503 before the gateway has read any)."""
@@ -392,6 +396,55 @@ class Proxy:
         names = sorted(self.watcher.snapshots)
         listed = ", ".join(names[:_SERVICES_NAMED]) + (f" and {len(names) - _SERVICES_NAMED} more" if len(names) > _SERVICES_NAMED else "")
         return Refusal(404, errors.RESOURCE_DOES_NOT_EXIST, f"no service named {service!r} (services: {listed})")
+
+    async def send(
+        self, chosen: Choice, head_for: Callable[[Target], bytes], body: bytes | AsyncIterator[bytes], *,
+        chunked: bool = False, deadline: float,
+    ) -> tuple[Replica[Target], UpstreamResponse]:
+        """Send a request to the replica the balancer picks and return once its answer's head arrived.
+        A request that never left the gateway (no connection, or every connection busy) is tried once
+        more on another replica; nothing that may have reached a model server is ever sent twice. The
+        replica's in-flight count stays raised until :meth:`release`."""
+        replicas = chosen.replicas
+        replica = replicas.pick()
+        if replica is None:
+            raise UpstreamError(NO_REPLICA, f"no replica of deployment {chosen.name!r} is in rotation (all ejected)")
+        retried = False
+        while True:
+            target = replica.target
+            replica.inflight += 1
+            try:
+                upstream = await self.pool.request(
+                    target.host, target.port, head_for(target), body, chunked=chunked, deadline=deadline,
+                )
+            except UpstreamError as exc:
+                replica.inflight -= 1
+                if exc.kind != POOL_FULL:
+                    self._replica_failed(replicas, replica)
+                if not retried and exc.kind in NOTHING_SENT:
+                    other = replicas.pick(avoid=replica)
+                    if other is not None:
+                        self.metrics.replica_retries.labels(chosen.service, chosen.name).inc()
+                        retried, replica = True, other
+                        continue
+                raise
+            except BaseException:
+                # The client's side failed (its body stalled, broke or was too large): not the replica's doing.
+                replica.inflight -= 1
+                raise
+            return replica, upstream
+
+    def _replica_failed(self, replicas: ReplicaSet[Target], replica: Replica[Target]) -> None:
+        if replicas.failed(replica):
+            self.metrics.replica_ejections.labels(replicas.service, replicas.deployment, replica.url).inc()
+
+    def release(self, replicas: ReplicaSet[Target], replica: Replica[Target], code: int, outcome: str) -> None:
+        """A request :meth:`send` placed is over: the replica answered, failed, or the client went away."""
+        replica.inflight -= 1
+        if outcome == UPSTREAM_ERROR or (code >= 500 and outcome != OVERLOADED):
+            self._replica_failed(replicas, replica)
+        elif code not in (CLIENT_CLOSED, 408):
+            replicas.succeeded(replica)
 
     def begin(self, dm: DeploymentMetrics) -> float:
         """Count a request in flight; returns its start time, which :meth:`end` needs."""
@@ -439,7 +492,7 @@ class Proxy:
         return await self._forward(request, chosen)
 
     async def _forward(self, request: web.Request, chosen: Choice) -> web.StreamResponse:
-        name, target = chosen.name, chosen.target
+        name = chosen.name
         tags = chosen.tags()
         loop = self._loop or self._bind_loop()
         deadline = request[HEAD_STARTED] + self.limits.total_timeout
@@ -477,10 +530,11 @@ class Proxy:
         dm = chosen.dm
         started = self.begin(dm)
         code, outcome = 0, CLIENT_ERROR
+        replica: Replica[Target] | None = None
         try:
             try:
-                upstream = await self.pool.request(
-                    target.host, target.port, request_head(request, target, length), body, chunked=length is None,
+                replica, upstream = await self.send(
+                    chosen, lambda target: request_head(request, target, length), body, chunked=length is None,
                     deadline=deadline,
                 )
             except UpstreamError as exc:
@@ -522,6 +576,8 @@ class Proxy:
                 upstream.release()
             return response
         finally:
+            if replica is not None:
+                self.release(chosen.replicas, replica, code, outcome)
             if code == 400 and outcome == MODEL_ERROR and isinstance(body, bytes) and "name" not in request.match_info:
                 self.end(dm, started, code, outcome, Replay(
                     request.raw_headers, request.raw_path.partition("?")[2].encode("latin-1"),

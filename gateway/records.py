@@ -95,6 +95,9 @@ class Deployment:
 
     name: str
     url: str | None = None
+    # An external deployment served by several processes: every replica's URL (``url`` is the first, so
+    # a gateway of an earlier release still reaches one of them).
+    urls: tuple[str, ...] = ()
     model_uri: str | None = None
     state: State = State.STARTING
     reason: str = ""
@@ -127,6 +130,8 @@ class Deployment:
                 kwargs[f.name] = State(raw)
             elif f.name == "external":
                 kwargs[f.name] = raw == "1"
+            elif f.name == "urls":
+                kwargs[f.name] = tuple(raw.split())
             elif f.name == "restarts":
                 kwargs[f.name] = int(raw) if raw.isdigit() else 0
             elif f.name in ("started_at", "ready_at", "created_at", "updated_at"):
@@ -138,6 +143,13 @@ class Deployment:
             else:
                 kwargs[f.name] = raw
         return cls(**kwargs)
+
+    @property
+    def replica_urls(self) -> tuple[str, ...]:
+        """Where its replicas answer (one, unless it was given several URLs)."""
+        if self.urls:
+            return self.urls
+        return (self.url,) if self.url else ()
 
     def with_changes(self, **changes: Any) -> Deployment:
         """A copy with some fields changed."""
@@ -159,6 +171,8 @@ def encode_changes(changes: Mapping[str, Any]) -> dict[str, str | None]:
             out[key] = value.value
         elif isinstance(value, bool):
             out[key] = "1" if value else "0"
+        elif isinstance(value, tuple):
+            out[key] = " ".join(value) if value else None
         else:
             out[key] = str(value)
     return out

@@ -95,6 +95,18 @@ class Settings:
         "is taken from X-Forwarded-For (for the admin API's loopback check and the history).",
         default="",
     )
+    outlier_consecutive_failures: int = _doc(
+        "Consecutive failures (connect error, reset, timeout, 5xx) after which a replica leaves this gateway's "
+        "rotation; a model's own failures (MLflow's 400 crash) never count.", default=5,
+    )
+    outlier_base_ejection: float = _doc(
+        "Seconds a replica stays out of rotation after its first ejection; each further one lasts that many times longer "
+        "(at most 300 s).", default=10.0,
+    )
+    outlier_max_ejection_percent: int = _doc(
+        "Most replicas of a deployment out of rotation at once, in percent, rounded down (a lone replica is never ejected).",
+        default=50,
+    )
     connect_timeout: float = _doc("Seconds to open an upstream connection.", default=2.0)
     read_timeout: float = _doc(
         "Seconds to wait for the upstream's response head, between body chunks, and for it to take the request body.",
@@ -152,7 +164,7 @@ class Settings:
             "poll_interval", "connect_timeout", "read_timeout", "total_timeout", "upstream_keepalive",
             "header_timeout", "keepalive_timeout", "client_timeout", "upstream_pool_timeout",
             "health_interval", "lease_ttl", "start_timeout", "restart_backoff", "stop_timeout",
-            "guard_window", "guard_interval", "guard_bake", "stats_flush_interval",
+            "guard_window", "guard_interval", "guard_bake", "stats_flush_interval", "outlier_base_ejection",
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive, got {getattr(self, name)!r}")
@@ -160,8 +172,10 @@ class Settings:
             raise SettingsError(f"guard_error_rate must be in (0, 1], got {self.guard_error_rate!r}")
         if self.guard_p99 is not None and self.guard_p99 <= 0:
             raise SettingsError("guard_p99 must be positive (or unset)")
+        if not 0 <= self.outlier_max_ejection_percent <= 100:
+            raise SettingsError(f"outlier_max_ejection_percent must be 0-100, got {self.outlier_max_ejection_percent!r}")
         for name in ("max_body_bytes", "upstream_max_connections", "max_start_attempts", "history_max", "guard_min_requests",
-                     "max_headers", "max_head_bytes"):
+                     "max_headers", "max_head_bytes", "outlier_consecutive_failures"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive, got {getattr(self, name)!r}")
         try:

@@ -53,6 +53,10 @@ class UpstreamError(Exception):
 # The kind of a request refused because every connection to the upstream is busy: the model server
 # never saw it, so it is the gateway's overload, not the model's failure.
 POOL_FULL = "pool_full"
+# Every replica of the deployment is ejected (a gateway-side refusal, like a full pool).
+NO_REPLICA = "no_replica"
+# Failures after which the request provably never left the gateway: it may go to another replica.
+NOTHING_SENT = frozenset({POOL_FULL, "connect_timeout", "connect_refused", "connect_error"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -304,7 +304,7 @@ async def test_deploy_and_undeploy_rules(admin: dict[str, Any]) -> None:
     status, body = await post(s, url + "/admin/deployments", {"name": "red\n", "url": "http://127.0.0.1:9"})
     assert status == 400 and "invalid deployment name" in body["message"]
     status, body = await post(s, url + "/admin/deployments", {"name": "x", "url": "http://h:1", "model_uri": "models:/a/1"})
-    assert status == 400 and "exactly one of model_uri and url" in body["message"]
+    assert status == 400 and "exactly one of model_uri, url and urls" in body["message"]
     await post(s, url + "/admin/switch", {"target": "green"})
     for name, fragment in (("green", "is the active deployment"), ("blue", "rollback target")):
         async with s.delete(url + f"/admin/deployments/{name}") as resp:

@@ -1,0 +1,241 @@
+"""Replicas of a deployment: least-outstanding-requests balancing (power of two choices) and passive
+outlier ejection, as a unit with a fake clock and through the gateway on both request paths."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from gateway.balancer import OutlierPolicy, ReplicaSet
+from gateway.classify import MODEL_CRASH_MESSAGE
+from gateway.records import Deployment, State
+from gateway.store import EmbeddedStore
+from gateway.local import free_port
+from tests.support import serve_app
+
+
+class Clock:
+    """A clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def replica_set(count: int, clock: Clock, **policy: Any) -> ReplicaSet[str]:
+    replicas: ReplicaSet[str] = ReplicaSet("svc", "blue", OutlierPolicy(**policy), clock, random.Random(7))
+    replicas.update([f"http://h{i}:1" for i in range(count)], lambda url: url)
+    return replicas
+
+
+# --- the balancer as a unit -------------------------------------------------------------------------
+def test_power_of_two_choices_prefers_the_replica_with_fewer_requests_in_flight() -> None:
+    replicas = replica_set(3, Clock())
+    busy = replicas.replicas[0]
+    busy.inflight = 10
+    picks = Counter(replicas.pick().url for _ in range(3000))  # type: ignore[union-attr]
+    # The busy one wins only when both draws are... never: two distinct draws always include a less busy one.
+    assert picks[busy.url] == 0, picks
+    assert min(picks[r.url] for r in replicas.replicas[1:]) > 1200, picks
+
+
+def test_two_choices_spread_evenly_when_all_are_idle() -> None:
+    replicas = replica_set(4, Clock())
+    picks = Counter(replicas.pick().url for _ in range(4000))  # type: ignore[union-attr]
+    assert all(800 < picks[r.url] < 1200 for r in replicas.replicas), picks
+
+
+def test_consecutive_failures_eject_and_the_replica_comes_back_after_the_base_time() -> None:
+    clock = Clock()
+    replicas = replica_set(4, clock, consecutive_failures=3, base_ejection=10)
+    sick = replicas.replicas[1]
+    assert not replicas.failed(sick) and not replicas.failed(sick)
+    replicas.succeeded(sick)  # a success resets the count
+    assert not replicas.failed(sick) and not replicas.failed(sick)
+    assert replicas.failed(sick), "the third consecutive failure ejects"
+    assert replicas.in_rotation() == 3
+    assert all(replicas.pick() is not sick for _ in range(200))
+    clock.now += 9.9
+    assert replicas.in_rotation() == 3
+    clock.now += 0.2
+    assert replicas.in_rotation() == 4 and any(replicas.pick() is sick for _ in range(200))
+
+
+def test_a_repeated_ejection_lasts_longer_up_to_the_maximum() -> None:
+    clock = Clock()
+    replicas = replica_set(2, clock, consecutive_failures=1, base_ejection=10, max_ejection=25)
+    sick = replicas.replicas[0]
+    lengths = []
+    for _ in range(4):
+        assert replicas.failed(sick)
+        start = clock.now
+        while replicas.in_rotation() < 2:
+            clock.now += 1
+        lengths.append(clock.now - start)
+    assert lengths == [10, 20, 25, 25]
+
+
+def test_never_more_than_the_max_ejection_percent_and_never_a_lone_replica() -> None:
+    clock = Clock()
+    replicas = replica_set(4, clock, consecutive_failures=1, max_ejection_percent=50)
+    results = [replicas.failed(r) for r in replicas.replicas]
+    assert results == [True, True, False, False] and replicas.in_rotation() == 2
+    alone = replica_set(1, clock, consecutive_failures=1)
+    assert not alone.failed(alone.replicas[0]) and alone.in_rotation() == 1
+
+
+def test_new_urls_keep_what_is_known_of_the_replicas_that_stay() -> None:
+    clock = Clock()
+    replicas = replica_set(3, clock, consecutive_failures=1)
+    kept = replicas.replicas[2]
+    kept.inflight = 4
+    replicas.update(["http://h2:1", "http://h9:1"], lambda url: url)
+    assert replicas.replicas[0] is kept and kept.inflight == 4 and [r.url for r in replicas.replicas] == ["http://h2:1", "http://h9:1"]
+
+
+# --- through the gateway, on both request paths -------------------------------------------------------
+@pytest.fixture(params=["fast", "aiohttp"])
+def fast_path(request: pytest.FixtureRequest) -> bool:
+    return request.param == "fast"
+
+
+def named_backend(name: str, delay: float = 0.0, status: int = 200) -> web.Application:
+    """A stand-in model server that says which replica answered (after ``delay``); with status 400 it
+    answers as MLflow does when the model raised inside predict."""
+
+    async def invocations(request: web.Request) -> web.Response:
+        await request.read()
+        if delay:
+            await asyncio.sleep(delay)
+        if status == 400:
+            return web.json_response({"error_code": "BAD_REQUEST", "message": f"{MODEL_CRASH_MESSAGE}: ValueError",
+                                      "stack_trace": "Traceback ..."}, status=400)
+        return web.json_response({"predictions": [name]}, status=status)
+
+    app = web.Application()
+    app.router.add_post("/invocations", invocations)
+    return app
+
+
+async def external(store: EmbeddedStore, name: str, urls: list[str]) -> None:
+    await store.create_deployment(Deployment(name=name, url=urls[0], urls=tuple(urls), state=State.READY, external=True))
+
+
+async def predict(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
+    async with session.post(url + "/invocations", json={"inputs": [[1]]}) as resp:
+        body = await resp.json()
+        return resp.status, body["predictions"][0] if resp.status == 200 else body.get("message", "")
+
+
+async def test_a_slow_replica_gets_fewer_requests(gateway_factory: Any, fast_path: bool) -> None:
+    async with serve_app(named_backend("a")) as a, serve_app(named_backend("b")) as b, \
+            serve_app(named_backend("slow", delay=0.2)) as slow:
+        store = EmbeddedStore()
+        await external(store, "blue", [a, b, slow])
+        await store.set_route("blue", None)
+        url = await gateway_factory(store, fast_path=fast_path)
+        async with aiohttp.ClientSession() as session:
+            # 12 clients in parallel for 60 requests each: the slow replica holds its requests longer, so
+            # it is the busier of almost every pair it is drawn in.
+            async def client() -> list[str]:
+                return [(await predict(session, url))[1] for _ in range(30)]
+
+            answers = Counter(name for names in await asyncio.gather(*(client() for _ in range(12))) for name in names)
+    assert sum(answers.values()) == 360
+    assert answers["slow"] * 4 < min(answers["a"], answers["b"]), answers
+
+
+async def test_a_dead_replica_costs_no_request_and_is_ejected(gateway_factory: Any, fast_path: bool) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: every connect is refused
+    async with serve_app(named_backend("a")) as a, serve_app(named_backend("b")) as b:
+        store = EmbeddedStore()
+        await external(store, "blue", [a, dead, b])
+        await store.set_route("blue", None)
+        url = await gateway_factory(store, fast_path=fast_path, outlier_consecutive_failures=2)
+        async with aiohttp.ClientSession() as session:
+            results = [await predict(session, url) for _ in range(60)]
+            async with session.get(url + "/metrics") as resp:
+                metrics = await resp.text()
+            async with session.get(url + "/admin/deployments/blue") as resp:
+                view = await resp.json()
+    # A refused connection sent nothing, so the request went to another replica: no client saw it.
+    assert all(status == 200 for status, _ in results), results
+    assert f'turnout_replica_ejections_total{{deployment="blue",replica="{dead}",service="default"}} 1.0' in metrics, metrics
+    assert f'turnout_replica_ready{{deployment="blue",replica="{dead}",service="default"}} 0.0' in metrics
+    assert 'turnout_replica_retries_total{deployment="blue",service="default"}' in metrics
+    states = {r["url"]: r["state"] for r in view["replicas"]}
+    assert states == {a: "ready", dead: "ejected", b: "ready"}, view["replicas"]
+
+
+async def test_replicas_answering_5xx_are_ejected_but_a_model_failure_is_not(gateway_factory: Any, fast_path: bool) -> None:
+    async with serve_app(named_backend("ok")) as ok, serve_app(named_backend("broken", status=503)) as broken, \
+            serve_app(named_backend("crash", status=400)) as crash, serve_app(named_backend("ok2")) as ok2:
+        store = EmbeddedStore()
+        await external(store, "blue", [ok, broken, crash, ok2])
+        await store.set_route("blue", None)
+        url = await gateway_factory(store, fast_path=fast_path, outlier_consecutive_failures=3, replay_crashes=False)
+        async with aiohttp.ClientSession() as session:
+            statuses = Counter([(await predict(session, url))[0] for _ in range(120)])
+            async with session.get(url + "/metrics") as resp:
+                metrics = await resp.text()
+    # Three 503s eject it (a 503 is the process failing, not the model); the replica whose model raised
+    # keeps its place: that is the version's failure, the guard's business.
+    assert statuses[503] == 3, statuses
+    assert f'turnout_replica_ready{{deployment="blue",replica="{broken}",service="default"}} 0.0' in metrics
+    assert f'turnout_replica_ready{{deployment="blue",replica="{crash}",service="default"}} 1.0' in metrics
+    assert statuses[400] > 20, statuses
+
+
+async def test_admin_and_cli_take_several_urls(gateway_factory: Any) -> None:
+    from tests.test_admin import run_cli
+
+    async with serve_app(named_backend("a")) as a, serve_app(named_backend("b")) as b:
+        store = EmbeddedStore()
+        url = await gateway_factory(store, admin_token="t0ken-1")
+        headers = {"Authorization": "Bearer t0ken-1"}
+        async with aiohttp.ClientSession(headers=headers) as session:
+            async with session.post(url + "/admin/deployments", json={"name": "blue", "urls": [a, a + "/"]}) as resp:
+                assert resp.status == 400 and "given twice" in (await resp.json())["message"]
+            async with session.post(url + "/admin/deployments", json={"name": "blue", "urls": [a, "http://h:99999"]}) as resp:
+                assert resp.status == 400 and "bad port" in (await resp.json())["message"]
+        loop = asyncio.get_running_loop()
+        out = await loop.run_in_executor(None, lambda: run_cli(url, "deploy", "blue", f"{a},{b}"))
+        assert out.returncode == 1 and "refused (401)" in out.stderr  # run_cli uses the suite's token
+        env_url = url
+
+        def cli(*args: str) -> Any:
+            import subprocess
+
+            from tests.support import BIN, child_env
+            return subprocess.run([str(BIN / "turnout"), *args], env=child_env(TURNOUT_URL=env_url, TURNOUT_ADMIN_TOKEN="t0ken-1"),
+                                  capture_output=True, text=True, timeout=30)
+
+        out = await loop.run_in_executor(None, lambda: cli("deploy", "blue", f"{a},{b}"))
+        assert out.returncode == 0, out.stderr
+        out = await loop.run_in_executor(None, lambda: cli("switch", "blue"))
+        assert out.returncode == 0, out.stderr
+        async with aiohttp.ClientSession() as session:
+            answers = Counter([(await predict(session, url))[1] for _ in range(40)])
+        assert set(answers) == {"a", "b"}, answers
+        out = await loop.run_in_executor(None, lambda: cli("status"))
+        assert "2 replicas" in out.stdout and a in out.stdout and b in out.stdout and "answered" in out.stdout, out.stdout
+    dep = (await store.read_snapshot()).deployments["blue"]
+    assert dep.url == a and dep.urls == (a, b)
+
+
+async def test_replica_urls_survive_the_redis_store(redis_store: Any) -> None:
+    await redis_store.create_deployment(Deployment(name="blue", url="http://a:1", urls=("http://a:1", "http://b:2"),
+                                                   state=State.READY, external=True))
+    dep = (await redis_store.read_snapshot()).deployments["blue"]
+    assert dep.replica_urls == ("http://a:1", "http://b:2")
+    await redis_store.create_deployment(Deployment(name="green", url="http://c:3", state=State.READY, external=True))
+    assert (await redis_store.read_snapshot()).deployments["green"].replica_urls == ("http://c:3",)
+
