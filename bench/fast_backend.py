@@ -39,7 +39,10 @@ def main() -> None:
     app.router.add_post("/invocations", invocations)
     app.router.add_get("/ping", ping)
     app.router.add_post("/fault", fault)
-    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None, loop=uvloop.new_event_loop())
+    # An optional second argument: the address to listen on ("0.0.0.0" answers on every loopback address,
+    # so several replica URLs can lead to one process).
+    host = sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1"
+    web.run_app(app, host=host, port=int(sys.argv[1]), access_log=None, print=None, loop=uvloop.new_event_loop())
 
 
 if __name__ == "__main__":

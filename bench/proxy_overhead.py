@@ -24,14 +24,16 @@ from bench.common import (
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
-async def _route(namespace: str, url: str, action: str) -> None:
+async def _route(namespace: str, url: str | list[str], action: str) -> None:
     from gateway.records import Deployment, State
     from gateway.store import RedisStore
 
     store = RedisStore.from_url(REDIS_URL, namespace)
+    urls = [url] if isinstance(url, str) else url
     try:
         if action == "set":
-            await store.create_deployment(Deployment(name="blue", url=url, state=State.READY, external=True))
+            await store.create_deployment(Deployment(name="blue", url=urls[0], urls=tuple(urls) if len(urls) > 1 else (),
+                                                     state=State.READY, external=True))
             await store.set_route("blue", None)
         else:
             await store.drop_namespace()
@@ -40,8 +42,9 @@ async def _route(namespace: str, url: str, action: str) -> None:
 
 
 @contextlib.contextmanager
-def gateway_in_front_of(backend_url: str, processes: int = 1, **settings: str) -> Iterator[tuple[str, list[Any]]]:
-    """``turnout gateway`` process(es) on the shared Redis (private namespace) routed to ``backend_url``."""
+def gateway_in_front_of(backend_url: str | list[str], processes: int = 1, **settings: str) -> Iterator[tuple[str, list[Any]]]:
+    """``turnout gateway`` process(es) on the shared Redis (private namespace) routed to ``backend_url`` (a
+    list: the replicas of one deployment)."""
     namespace = f"turnout-bench-{uuid.uuid4().hex[:8]}"
     asyncio.run(_route(namespace, backend_url, "set"))
     port = free_port()
@@ -117,17 +120,17 @@ def mlflow_backend(seconds: float, rounds: int) -> dict[str, Any]:
                 "c8": {"direct": [], "gateway": [], "nginx": []},
             }
             with nginx(host_port, nginx_port) as ngx, gateway_in_front_of(backend) as (gw, gw_procs):
-                targets = {"direct": (backend, []), "gateway": (gw, [p.pid for p in gw_procs])}
+                paths = {"direct": (backend, []), "gateway": (gw, [p.pid for p in gw_procs])}
                 if ngx is not None:
-                    targets["nginx"] = (f"http://127.0.0.1:{nginx_port}", [nginx_worker_pid(ngx)])
-                names = list(targets)
+                    paths["nginx"] = (f"http://127.0.0.1:{nginx_port}", [nginx_worker_pid(ngx)])
+                names = list(paths)
                 for i in range(rounds):
                     # The model server's own speed drifts over a run (±5%): each round starts with a
                     # different path so no path always measures it at the same moment.
                     order = names[i % len(names):] + names[: i % len(names)]
                     for conns, key in ((1, "c1"), (8, "c8")):
                         for name in order:
-                            url, pids = targets[name]
+                            url, pids = paths[name]
                             out[key][name].append(_measure(url, IRIS_ROW, pids, conns, seconds))
     summary = {key: {name: _median(runs) for name, runs in per.items() if runs} for key, per in out.items()}
     c1 = summary["c1"]

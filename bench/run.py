@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from bench import instructions, memory, proxy_overhead, reaction, services, switching
+from bench import instructions, memory, proxy_overhead, reaction, replicas, services, switching
 from bench.common import HERE, machine, save
 
 SCENARIOS = {
@@ -23,6 +23,7 @@ SCENARIOS = {
     "reaction": reaction,
     "memory": memory,
     "services": services,
+    "replicas": replicas,
 }
 
 

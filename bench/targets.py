@@ -22,3 +22,9 @@ MEMORY_MAX_GROWTH_MB = 2.0
 SERVICES_CPU_VS_ONE = 1.05
 SERVICES_IDLE_RSS_MB = 100.0
 SERVICES_POLL_LOOP_MS_PER_S = 5.0
+# replicas: N latency-bound replicas at 2N connections serve at least this share of N × one replica.
+REPLICAS_SCALING = 0.95
+# replicas: one of four replicas 10x slower; least-request's p99 at most this share of round-robin's.
+REPLICAS_SLOW_P99_RATIO = 0.5
+# replicas: gateway CPU per request with 8 replicas against 1.
+REPLICAS_CPU_8_VS_1 = 1.05

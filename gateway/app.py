@@ -84,7 +84,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
                                    consecutive_failures=settings.outlier_consecutive_failures,
                                    base_ejection=settings.outlier_base_ejection,
                                    max_ejection_percent=settings.outlier_max_ejection_percent,
-                               ))
+                               ), round_robin=settings.balance == "round_robin")
     store = app[STORE]
     app[REGISTRY] = registry = RegistrySync(
         settings.registry_alias, lambda entry, service: store.append_history(entry, service=service),

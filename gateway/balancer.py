@@ -63,10 +63,14 @@ class ReplicaSet(Generic[T]):
     """The replicas of one deployment of one service, balanced and watched for outliers."""
 
     def __init__(self, service: str, deployment: str, policy: OutlierPolicy,
-                 clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None,
+                 round_robin: bool = False) -> None:
         self.service = service
         self.deployment = deployment
         self.policy = policy
+        # In turn instead of the less busy of two (nginx's default; kept to compare against).
+        self.round_robin = round_robin
+        self._turn = 0
         self._clock = clock
         self._rng = rng or random.Random()
         self.replicas: list[Replica[T]] = []
@@ -100,6 +104,9 @@ class ReplicaSet(Generic[T]):
             return rotation[0]
         if count == 0:
             return None
+        if self.round_robin:
+            self._turn += 1
+            return rotation[self._turn % count]
         rng = self._rng
         first = rotation[int(rng.random() * count)]
         second = rotation[int(rng.random() * (count - 1))]
@@ -156,8 +163,9 @@ class Balancer(Generic[T]):
     """Every deployment's :class:`ReplicaSet` in this process, kept across route snapshots."""
 
     def __init__(self, policy: OutlierPolicy, target_of: Callable[[str], T],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, round_robin: bool = False) -> None:
         self.policy = policy
+        self.round_robin = round_robin
         self._target_of = target_of
         self._clock = clock
         self._sets: dict[tuple[str, str], ReplicaSet[T]] = {}
@@ -167,7 +175,7 @@ class Balancer(Generic[T]):
         key = (service, deployment)
         found = self._sets.get(key)
         if found is None:
-            found = self._sets[key] = ReplicaSet(service, deployment, self.policy, self._clock)
+            found = self._sets[key] = ReplicaSet(service, deployment, self.policy, self._clock, round_robin=self.round_robin)
         found.update(urls, self._target_of)
         return found
 

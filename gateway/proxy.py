@@ -315,7 +315,7 @@ class Proxy:
     def __init__(
         self, watcher: RouteWatcher, pool: UpstreamPool, metrics: GatewayMetrics, traffic: Traffic, max_body_bytes: int,
         limits: ServerLimits, bad_requests: BadRequests, default_service: str = DEFAULT_SERVICE, *,
-        replay_crashes: bool = True, outliers: OutlierPolicy | None = None,
+        replay_crashes: bool = True, outliers: OutlierPolicy | None = None, round_robin: bool = False,
     ) -> None:
         self.watcher = watcher
         self.default_service = default_service
@@ -327,7 +327,7 @@ class Proxy:
         self.bad_requests = bad_requests
         self._targets: dict[str, Target] = {}
         self._choices: dict[tuple[str, str | None], tuple[Snapshot, Choice | Refusal]] = {}
-        self.balancer: Balancer[Target] = Balancer(outliers or OutlierPolicy(), self._target)
+        self.balancer: Balancer[Target] = Balancer(outliers or OutlierPolicy(), self._target, round_robin=round_robin)
         metrics.watch_replicas(self.balancer, watcher)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.attribution = Attribution(watcher, pool, metrics, self._record, self._target, build_request_head,

@@ -95,6 +95,10 @@ class Settings:
         "is taken from X-Forwarded-For (for the admin API's loopback check and the history).",
         default="",
     )
+    balance: str = _doc(
+        "How a gateway process spreads a deployment's requests over its replicas: least_request (the less busy of two "
+        "drawn at random, Envoy's default) or round_robin (in turn, whatever their load).", default="least_request",
+    )
     outlier_consecutive_failures: int = _doc(
         "Consecutive failures (connect error, reset, timeout, 5xx) after which a replica leaves this gateway's "
         "rotation; a model's own failures (MLflow's 400 crash) never count.", default=5,
@@ -172,6 +176,8 @@ class Settings:
             raise SettingsError(f"guard_error_rate must be in (0, 1], got {self.guard_error_rate!r}")
         if self.guard_p99 is not None and self.guard_p99 <= 0:
             raise SettingsError("guard_p99 must be positive (or unset)")
+        if self.balance not in ("least_request", "round_robin"):
+            raise SettingsError(f"balance must be least_request or round_robin, got {self.balance!r}")
         if not 0 <= self.outlier_max_ejection_percent <= 100:
             raise SettingsError(f"outlier_max_ejection_percent must be 0-100, got {self.outlier_max_ejection_percent!r}")
         for name in ("max_body_bytes", "upstream_max_connections", "max_start_attempts", "history_max", "guard_min_requests",

@@ -53,6 +53,14 @@ def test_two_choices_spread_evenly_when_all_are_idle() -> None:
     assert all(800 < picks[r.url] < 1200 for r in replicas.replicas), picks
 
 
+def test_round_robin_takes_replicas_in_turn_whatever_their_load() -> None:
+    replicas: ReplicaSet[str] = ReplicaSet("svc", "blue", OutlierPolicy(), Clock(), round_robin=True)
+    replicas.update(["http://a:1", "http://b:1", "http://c:1"], lambda url: url)
+    replicas.replicas[0].inflight = 50
+    picks = [replicas.pick().url for _ in range(6)]  # type: ignore[union-attr]
+    assert sorted(Counter(picks).values()) == [2, 2, 2] and picks[:3] != picks[1:4]
+
+
 def test_consecutive_failures_eject_and_the_replica_comes_back_after_the_base_time() -> None:
     clock = Clock()
     replicas = replica_set(4, clock, consecutive_failures=3, base_ejection=10)
