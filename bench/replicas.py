@@ -11,8 +11,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from bench import targets
-from bench.common import BODY, HERE, cpu_seconds, free_port, process, wrk
-from bench.proxy_overhead import gateway_in_front_of
+from bench.common import BODY, HERE, ROOT, free_port, process, wrk
+from bench.instructions import count as count_instructions
+from bench.proxy_overhead import _route, gateway_in_front_of
 
 DELAY_MS = 20.0
 
@@ -59,32 +60,39 @@ def one_slow(seconds: int) -> dict[str, Any]:
     return {"connections": 6, "balances": out, "p99_ratio": ratio, "target_met": ratio <= targets.REPLICAS_SLOW_P99_RATIO}
 
 
-def cpu(seconds: int) -> dict[str, Any]:
-    """Gateway CPU per proxied request with 8 replicas against 1 (32 connections). The 8 replica URLs
-    (127.0.0.1 … 127.0.0.8) lead to one fast stand-in, so the model servers' capacity and their share of
-    the two cores stay the same: the difference is the gateway's balancing alone."""
-    out: dict[str, Any] = {}
+def _eight_urls(backend: str) -> list[str]:
+    """Eight replica URLs that all lead to ``backend``'s port (the stand-in listens on every loopback address)."""
+    port = backend.rsplit(":", 1)[1]
+    return [f"http://127.0.0.{i + 1}:{port}" for i in range(8)]
+
+
+def _route_to(replicas: int) -> Any:
+    """An instructions ``setup``: blue, active, with ``replicas`` URLs to the backend."""
+    async def setup(namespace: str, backend: str, action: str) -> None:
+        await _route(namespace, _eight_urls(backend)[:replicas] if replicas > 1 else backend, action)
+    return setup
+
+
+def cpu(requests: int) -> dict[str, Any]:
+    """Instructions per proxied request with 8 replicas against 1, on both paths (callgrind: exact, so the
+    balancer's own cost shows whatever the machine's load). The 8 replica URLs (127.0.0.1 … 127.0.0.8)
+    lead to one fast stand-in."""
     port = free_port()
-    with process([sys.executable, str(HERE / "fast_backend.py"), str(port), "0.0.0.0"], f"http://127.0.0.1:{port}/ping"):
-        for count in (1, 8):
-            out[str(count)] = _cpu_with([f"http://127.0.0.{i + 1}:{port}" for i in range(count)], seconds)
-    ratio = out["8"]["cpu_us_per_request"] / out["1"]["cpu_us_per_request"]
-    return {"replicas": out, "ratio": ratio, "target_met": ratio <= targets.REPLICAS_CPU_8_VS_1}
-
-
-def _cpu_with(urls: list[str], seconds: int) -> dict[str, Any]:
-    with gateway_in_front_of(urls) as (url, procs):
-        wrk(url + "/invocations", BODY, connections=32, seconds=1)
-        before = cpu_seconds(procs[0].pid)
-        result = wrk(url + "/invocations", BODY, connections=32, seconds=seconds)
-        used = cpu_seconds(procs[0].pid) - before
-    return {"rps": result.rps, "cpu_us_per_request": used / max(1, result.requests) * 1e6, "errors": result.errors}
+    backend = f"http://127.0.0.1:{port}"
+    out: dict[str, Any] = {}
+    with process([sys.executable, str(HERE / "fast_backend.py"), str(port), "0.0.0.0"], backend + "/ping"):
+        for path in ("fast", "aiohttp"):
+            one = count_instructions(ROOT, backend, path == "fast", requests, setup=_route_to(1))
+            eight = count_instructions(ROOT, backend, path == "fast", requests, setup=_route_to(8))
+            out[path] = {"one_replica": one, "eight_replicas": eight, "ratio": eight / one}
+    met = all(v["ratio"] <= targets.REPLICAS_CPU_8_VS_1 for v in out.values())
+    return {"requests": requests, "paths": out, "target_met": met}
 
 
 def run(quick: bool = False) -> dict[str, Any]:
     """All three measurements."""
     seconds = 4 if quick else 10
-    return {"scaling": scaling(seconds), "one_slow": one_slow(seconds), "cpu": cpu(seconds)}
+    return {"scaling": scaling(seconds), "one_slow": one_slow(seconds), "cpu": cpu(800 if quick else 2000)}
 
 
 def table(result: dict[str, Any]) -> list[str]:
@@ -114,12 +122,12 @@ def table(result: dict[str, Any]) -> list[str]:
         f"least_request p99 / round_robin p99: **{slow['p99_ratio']:.2f}** (target ≤ {targets.REPLICAS_SLOW_P99_RATIO}): "
         f"{'met' if slow['target_met'] else 'NOT met'}.",
         "",
-        "### Replicas — gateway CPU per request, 8 replica URLs against 1 (all to one fast stand-in, 32 connections)",
+        "### Replicas — instructions per proxied request, 8 replicas against 1 (callgrind; 8 URLs to one fast stand-in)",
         "",
-        "| replicas | req/s | gateway CPU µs/req | errors |",
-        "|---:|---:|---:|---:|",
+        "| path | 1 replica | 8 replicas | ratio |",
+        "|---|---:|---:|---:|",
     ]
-    for count, row in c["replicas"].items():
-        lines.append(f"| {count} | {row['rps']:.0f} | {row['cpu_us_per_request']:.1f} | {row['errors']} |")
-    lines += ["", f"8 / 1: **{c['ratio']:.3f}×** (target ≤ {targets.REPLICAS_CPU_8_VS_1}×): {'met' if c['target_met'] else 'NOT met'}."]
+    for path, row in c["paths"].items():
+        lines.append(f"| {path} | {row['one_replica']:,.0f} | {row['eight_replicas']:,.0f} | {row['ratio']:.3f}× |")
+    lines += ["", f"Target ≤ {targets.REPLICAS_CPU_8_VS_1}× on both paths: {'met' if c['target_met'] else 'NOT met'}."]
     return lines
