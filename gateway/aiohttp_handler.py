@@ -15,7 +15,7 @@ import asyncio
 import itertools
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion10, HttpVersion11, web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
@@ -42,12 +42,16 @@ def _unserved(message: Any) -> _Unserved | None:
     """An HTTP version other than 1.0/1.1 (aiohttp would answer ``HTTP/2.0 200`` in HTTP/1 framing), a
     transfer coding other than chunked (forwarded still encoded), or a request not for a path (``CONNECT
     host:port``, ``OPTIONS *``)."""
-    if message.version not in ((1, 1), (1, 0)):
-        return _Unserved(code=505, message=f"HTTP/{message.version[0]}.{message.version[1]} is not supported; use HTTP/1.1")
-    coding = message.headers.get("Transfer-Encoding")
-    if coding is not None and coding.strip().lower() != "chunked":
-        return _Unserved(code=501, message=f"transfer coding {coding!r} is not supported; send the body chunked or with a Content-Length")
-    if not message.path.startswith("/") and "://" not in message.path:
+    # Checked per request: the parser hands out its own 1.1 and 1.0 objects, so identity is enough.
+    version = message.version
+    if version is not HttpVersion11 and version is not HttpVersion10:
+        return _Unserved(code=505, message=f"HTTP/{version[0]}.{version[1]} is not supported; use HTTP/1.1")
+    if message.chunked:
+        # aiohttp takes any coding list ending in chunked as chunked, and refuses the others itself.
+        coding = message.headers.get("Transfer-Encoding", "")
+        if coding.strip().lower() != "chunked":
+            return _Unserved(code=501, message=f"transfer coding {coding!r} is not supported; send the body chunked or with a Content-Length")
+    if message.path[:1] != "/" and "://" not in message.path:
         return _Unserved(code=405, message=f"{message.method} {message.path} is not served: requests name a path")
     return None
 
@@ -60,19 +64,19 @@ def head_size(message: Any) -> int:
     return size
 
 
-def _left_over(new: list[Any], data: bytes) -> bytes:
-    """What follows the complete requests parsed from ``data`` (which starts at or inside a head), or
-    nothing when that cannot be told (a chunked or unfinished body)."""
+def _left_over(new: list[Any], data: bytes) -> int:
+    """How many bytes of ``data`` (which starts at or inside a head) follow the complete requests parsed
+    from it, or 0 when that cannot be told (a chunked or unfinished body)."""
     position = 0
     for message, payload in new:
         if isinstance(message, _ErrInfo) or not payload.is_eof() or message.chunked:
-            return b""
+            return 0
         end = data.find(b"\r\n\r\n", position)
         if end < 0:
-            return b""
-        length = message.headers.get("Content-Length")
-        position = end + 4 + (int(length) if length is not None and length.isdigit() else 0)
-    return data[position:]
+            return 0
+        # A complete body of a Content-Length request: all of it was fed to its payload.
+        position = end + 4 + payload.total_bytes
+    return len(data) - position
 
 
 class Drain:
@@ -207,10 +211,11 @@ class GuardedRequestHandler(RequestHandler):
             if in_head or starting:
                 # A read that ended inside the next head (pipelined behind a complete request): that
                 # head's deadline starts now, as for any other head.
-                rest = _left_over(new, data)
-                if rest and not self._force_close and not self._close and plausible_partial_head(rest):
+                pending = _left_over(new, data)
+                if pending > 0 and not self._force_close and not self._close \
+                        and plausible_partial_head(data[-pending:]):
                     self._begin_head(self._loop.time())
-                    self._head_bytes = len(rest)
+                    self._head_bytes = pending
         elif in_head or (starting and data):
             if not in_head:
                 self._begin_head(self._loop.time())

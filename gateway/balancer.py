@@ -12,6 +12,7 @@ it sees), so nothing here touches the store.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -21,6 +22,7 @@ from typing import Generic, TypeVar
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_NEVER = math.inf
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +76,9 @@ class ReplicaSet(Generic[T]):
         self._clock = clock
         self._rng = rng or random.Random()
         self.replicas: list[Replica[T]] = []
-        self._next_return = float("inf")
+        # The one replica of a deployment that has one (never ejected): picked without a draw.
+        self.only: Replica[T] | None = None
+        self._next_return = _NEVER
         # Replicas in rotation (all of them unless some are ejected), rebuilt when that changes.
         self._rotation: list[Replica[T]] = []
 
@@ -84,17 +88,18 @@ class ReplicaSet(Generic[T]):
             return
         known = {r.url: r for r in self.replicas}
         self.replicas = [known.get(url) or Replica(url, target_of(url)) for url in urls]
+        self.only = self.replicas[0] if len(self.replicas) == 1 else None
         self._rebuild(self._clock())
 
     def _rebuild(self, now: float) -> None:
         self._rotation = [r for r in self.replicas if not r.ejected(now)]
-        self._next_return = min((r.ejected_until for r in self.replicas if r.ejected(now)), default=float("inf"))
+        self._next_return = min((r.ejected_until for r in self.replicas if r.ejected(now)), default=_NEVER)
 
     def pick(self, avoid: Replica[T] | None = None) -> Replica[T] | None:
         """The replica for the next request (None when none can take it): the one with fewer requests in
         flight of two distinct ones drawn at random from those in rotation, never ``avoid``."""
         rotation = self._rotation
-        if self._next_return != float("inf") and self._clock() >= self._next_return:
+        if self._next_return != _NEVER and self._clock() >= self._next_return:
             self._return_due()
             rotation = self._rotation
         if avoid is not None:
@@ -154,7 +159,7 @@ class ReplicaSet(Generic[T]):
 
     def in_rotation(self) -> int:
         """How many replicas take requests now."""
-        if self._next_return != float("inf") and self._clock() >= self._next_return:
+        if self._next_return != _NEVER and self._clock() >= self._next_return:
             self._return_due()
         return len(self._rotation)
 

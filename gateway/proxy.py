@@ -406,7 +406,7 @@ class Proxy:
         more on another replica; nothing that may have reached a model server is ever sent twice. The
         replica's in-flight count stays raised until :meth:`release`."""
         replicas = chosen.replicas
-        replica = replicas.pick()
+        replica = replicas.only or replicas.pick()
         if replica is None:
             raise UpstreamError(NO_REPLICA, f"no replica of deployment {chosen.name!r} is in rotation (all ejected)")
         retried = False
