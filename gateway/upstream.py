@@ -367,6 +367,8 @@ class UpstreamPool:
         self.max_per_host = max_per_host
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._slots: dict[tuple[str, int], asyncio.Semaphore] = {}
+        # Requests waiting for a slot, per upstream: while there are any, a finished connection is not idled.
+        self._waiting: dict[tuple[str, int], int] = {}
         self.loops = loops or Loops()
         self._reaper: Loop | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -448,6 +450,7 @@ class UpstreamPool:
         if slots.locked():
             self._evict_idle(key)
         pool_wait = self._remaining(deadline, self.timeouts.pool)
+        self._waiting[key] = self._waiting.get(key, 0) + 1
         try:
             async with asyncio.timeout(pool_wait):
                 await slots.acquire()
@@ -456,6 +459,8 @@ class UpstreamPool:
                 POOL_FULL,
                 f"all {self.max_per_host} connections to {key[0]}:{key[1]} stayed busy for {pool_wait:.3g} s",
             ) from None
+        finally:
+            self._waiting[key] -= 1
         connect_wait = self._remaining(deadline, self.timeouts.connect)
         try:
             async with asyncio.timeout(connect_wait):
@@ -472,7 +477,7 @@ class UpstreamPool:
         return conn
 
     def _put_back(self, key: tuple[str, int], conn: _Connection, reusable: bool) -> None:
-        if reusable and not self._closed:
+        if reusable and not self._closed and not self._waiting.get(key):
             # llhttp is at a message boundary here, ready for the next response on this connection.
             conn._reset_message()
             assert self._loop is not None
@@ -480,6 +485,8 @@ class UpstreamPool:
             conn.idle = True
             self._idle.setdefault(key, []).append(conn)
         else:
+            # Closed, also when a request waits for a slot: its slot goes to that request (which connects
+            # afresh) rather than idling for whoever arrives next while the waiter times out.
             conn.close()
             self._slots[key].release()
 

@@ -223,6 +223,20 @@ async def test_stalled_clients_cannot_starve_the_others(gateway_to: Any, echo_ba
     assert 'turnout_bad_requests_total{reason="body_timeout"} 2.0' in text
 
 
+async def test_requests_waiting_for_a_pool_slot_get_the_connections_that_come_free(gateway_to: Any, echo_backend: str) -> None:
+    # Five times more concurrent requests than connections, to a fast model server: each waits far less
+    # than the pool timeout, so none may be refused while connections keep coming free.
+    url = await gateway_to(echo_backend, upstream_max_connections=4, upstream_pool_timeout=0.5)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=20)) as session:
+        async def one(i: int) -> int:
+            async with session.post(url + "/invocations", data=b"{}", headers={"Content-Type": "application/json"}) as resp:
+                await resp.read()
+                return resp.status
+
+        statuses = await asyncio.gather(*(one(i) for i in range(400)))
+    assert set(statuses) == {200}, sorted(set(statuses))
+
+
 async def test_a_client_that_stops_reading_its_answer_releases_the_model_server(gateway_to: Any, echo_backend: str) -> None:
     url = await gateway_to(echo_backend, upstream_max_connections=1, upstream_pool_timeout=0.2, client_timeout=1.0)
     reader = await RawConnection.open(url)
