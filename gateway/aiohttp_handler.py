@@ -268,6 +268,12 @@ class GuardedRequestHandler(RequestHandler):
             reason, answer_status, text = HEAD_TOO_LARGE, 431, exc.message
         elif isinstance(exc, _Unserved):
             reason, answer_status, text = MALFORMED, exc.code, exc.message
+            if answer_status == 405:
+                # RFC 9110 §15.5.6: a 405 names what the resource allows; scoring is POST only.
+                self._bad.record(reason, request.remote, str(exc.message))
+                response = errors.error_response(405, errors.BAD_REQUEST, text, headers={"Allow": "POST"})
+                response.force_close()
+                return response
         elif isinstance(exc, LineTooLong):
             reason, answer_status, text = HEAD_TOO_LARGE, 431, f"a request line or header exceeds {MAX_LINE_BYTES} bytes"
         elif "Too many headers" in str(exc.message):

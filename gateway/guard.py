@@ -115,7 +115,11 @@ class Guard:
         decision — ``pending`` while that decision is about an older ``generation`` of the route."""
         s = self.settings_for(config) if config is not None else self.settings
         last = self.last.get(service, {})
-        if generation is not None and last.get("generation") != generation:
+        if not self.leader:
+            # Only the leader looks; this replica's last view (from when it led, if ever) would be stale.
+            last = {"status": "standby",
+                    "detail": "another gateway replica's guard decides (turnout_guard_leader is 1 there)"}
+        elif generation is not None and last.get("generation") != generation:
             last = {"status": "pending", "generation": generation,
                     "detail": f"generation {generation} is judged at the guard's next look (every {s.guard_interval:g} s)"}
         return {

@@ -420,6 +420,14 @@ async def test_the_replica_that_answers_a_change_serves_it_at_once(redis_store_f
 
 async def test_the_guard_view_right_after_a_switch_says_it_is_pending_not_stale(admin: dict[str, Any]) -> None:
     s, url = admin["s"], admin["url"]
+
+    async def leading() -> bool:
+        async with s.get(url + "/admin/guard") as resp:
+            view = await resp.json()
+        # Until this replica leads, its guard does not look at all and says so.
+        return view["this_replica_decides"] or view["status"] != "standby"
+
+    await eventually(leading, timeout=10)
     status, body = await post(s, url + "/admin/switch", {"target": "green"})
     assert status == 200
     generation = body["route"]["generation"]

@@ -178,6 +178,9 @@ async def test_leader_dies_another_replica_takes_over_real_redis(
 
     await eventually(lambda: _one_leader(leaders), timeout=10)
     first = (await leaders()).index(True)
+    async with aiohttp.ClientSession() as s, s.get(urls[1 - first] + "/admin/guard") as resp:
+        # The replica that does not decide says so instead of showing a view it never took.
+        assert (await resp.json())["status"] == "standby"
     await gateway_factory.gateways[first].stop()
     survivor = urls[1 - first]
     urls[:] = [survivor]

@@ -389,6 +389,8 @@ async def test_requests_the_gateway_does_not_serve_get_a_precise_json_answer_nev
             conn.close()
     assert got[0] == status and got[1]["content-type"].startswith("application/json"), got
     assert fragment in json.loads(got[2])["message"], got
+    if status == 405:
+        assert got[1]["allow"] == "POST", got
     assert not seen, "never reaches the model server"
 
 
