@@ -32,7 +32,7 @@ class Strict(BaseModel):
 def _check_url(url: str) -> None:
     """The shape the url field's pattern enforces, plus what the gateway needs to reach it."""
     if len(url) > 2000 or not _URL.fullmatch(url):
-        raise ValueError(f"not an http://host:port URL: {url!r}")
+        raise ValueError(f"not an http://host[:port][/path] URL (letters, digits, '.', '-', IPv6 in brackets): {url!r}")
     parse_target(url)
 
 
@@ -48,7 +48,7 @@ class CreateDeployment(Strict):
         description="runs:/<run_id>/<path>, models:/<name>/<version>, models:/<name>@<alias> or models:/m-<id>: a worker with --claim serves it.",
     )
     url: str | None = Field(
-        default=None, max_length=2000, pattern=r"^http://[A-Za-z0-9.\-\[\]:]+(/\S*)?$",
+        default=None, max_length=2000, json_schema_extra={"pattern": f"^{_URL.pattern}$"},
         description="http://host:port of a model server run elsewhere (trusted as ready).",
     )
     urls: list[str] | None = Field(

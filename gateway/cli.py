@@ -303,7 +303,7 @@ def deploy(name: str, source: str, mlflow_name: str | None, mlflow_version: str 
         if len(urls) > 1:
             body["urls"] = urls
         else:
-            body["url"] = source
+            body["url"] = urls[0] if urls else source
         if mlflow_name:
             body["mlflow_name"] = mlflow_name
         if mlflow_version:

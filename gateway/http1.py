@@ -105,6 +105,36 @@ def refusal(reason: str, limits: ServerLimits, detail: str = "") -> bytes:
     return own_response(400, errors.BAD_REQUEST, f"malformed request: {detail}" if detail else "malformed request")
 
 
+class LogBudget:
+    """At most ``burst`` log lines per ``period`` seconds for one kind of event; once a new period
+    begins, one line says how many were not logged in the last."""
+
+    def __init__(self, what: str, burst: int = 10, period: float = 10.0, level: int = logging.INFO,
+                 clock: Callable[[], float] = time.monotonic, logger: logging.Logger = log) -> None:
+        self._what = what
+        self._log = logger
+        self._burst = burst
+        self._period = period
+        self._level = level
+        self._clock = clock
+        self._window_start = -period
+        self._logged = 0
+        self._suppressed = 0
+
+    def allow(self) -> bool:
+        """Whether the next line may be logged."""
+        now = self._clock()
+        if now - self._window_start >= self._period:
+            if self._suppressed:
+                self._log.log(self._level, "%d more %s were not logged in the last %.0f s", self._suppressed, self._what, self._period)
+            self._window_start, self._logged, self._suppressed = now, 0, 0
+        if self._logged >= self._burst:
+            self._suppressed += 1
+            return False
+        self._logged += 1
+        return True
+
+
 class BadRequests:
     """Clients that broke the protocol or a limit: counted by reason, logged one line each at INFO,
     at most ``burst`` lines per ``period`` seconds (then one line saying how many were not logged)."""
@@ -112,26 +142,14 @@ class BadRequests:
     def __init__(self, count: Callable[[str], None] | None = None, burst: int = 10, period: float = 10.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._count = count
-        self._burst = burst
-        self._period = period
-        self._clock = clock
-        self._window_start = -period
-        self._logged = 0
-        self._suppressed = 0
+        self._budget = LogBudget("bad requests", burst, period, clock=clock)
 
     def record(self, reason: str, peer: object, detail: str = "") -> None:
         """Count one refused request and log it unless the log is already flooded."""
         if self._count is not None:
             self._count(reason)
-        now = self._clock()
-        if now - self._window_start >= self._period:
-            if self._suppressed:
-                log.info("%d more bad requests were not logged in the last %.0f s", self._suppressed, self._period)
-            self._window_start, self._logged, self._suppressed = now, 0, 0
-        if self._logged >= self._burst:
-            self._suppressed += 1
+        if not self._budget.allow():
             return
-        self._logged += 1
         detail = one_line(detail)[:200]
         log.info("bad request from %s: %s%s", _peer_text(peer), reason, f" ({detail})" if detail else "")
 

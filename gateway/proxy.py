@@ -17,7 +17,7 @@ from .aiohttp_handler import HEAD_STARTED, abandon_body
 from .attribution import Attribution, Replay
 from .balancer import Balancer, OutlierPolicy, Replica, ReplicaSet
 from .classify import classify
-from .http1 import BODY_TIMEOUT, MALFORMED, MISSING_CONTENT_TYPE, BadRequests, ServerLimits
+from .http1 import BODY_TIMEOUT, MALFORMED, MISSING_CONTENT_TYPE, BadRequests, LogBudget, ServerLimits
 from .metrics import CLIENT_ERROR, MODEL_ERROR, OVERLOADED, UPSTREAM_ERROR, DeploymentMetrics, GatewayMetrics
 from .records import DEFAULT_SERVICE, Snapshot
 from .traffic import Traffic
@@ -327,6 +327,7 @@ class Proxy:
         self.bad_requests = bad_requests
         self._targets: dict[str, Target] = {}
         self._choices: dict[tuple[str, str | None], tuple[Snapshot, Choice | Refusal]] = {}
+        self._failure_log = LogBudget("upstream failures", level=logging.WARNING, logger=log)
         self.balancer: Balancer[Target] = Balancer(outliers or OutlierPolicy(), self._target, round_robin=round_robin)
         metrics.watch_replicas(self.balancer, watcher)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -468,11 +469,12 @@ class Proxy:
         if outcome != OVERLOADED:
             self.traffic.record(dm.key, outcome, elapsed)
 
-    @staticmethod
-    def upstream_failed(dm: DeploymentMetrics, exc: UpstreamError, when: str = "") -> None:
-        """Count and log a failure to reach or hear from a model server."""
+    def upstream_failed(self, dm: DeploymentMetrics, exc: UpstreamError, when: str = "") -> None:
+        """Count and log a failure to reach or hear from a model server (a model server that is down fails
+        every request: the log keeps to a few lines per ten seconds, the metric counts them all)."""
         dm.upstream_error(exc.kind)
-        log.warning("service %s deployment %s: %s%s", dm.service, dm.name, when, exc)
+        if self._failure_log.allow():
+            log.warning("service %s deployment %s: %s%s", dm.service, dm.name, when, exc)
 
     def untyped(self, peer: object) -> Refusal:
         """The answer to a prediction request without Content-Type (counted as a bad request)."""

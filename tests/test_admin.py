@@ -287,7 +287,8 @@ async def test_switch_to_starting_refused_then_accepted_forced_recorded(admin: d
     ("http://127.0.0.1:0", "bad port (1-65535)"),
     ("http://127.0.0.1:http", "bad port (1-65535)"),
     ("http://127.0.0.1:5000/?model=a", "no user, query or fragment"),
-    ("https://127.0.0.1:5000", "String should match pattern"),
+    ("https://127.0.0.1:5000", "not an http://host[:port][/path] URL"),
+    ("http://127.0.0.1:5000,", "not an http://host[:port][/path] URL"),
 ])
 async def test_a_deployment_url_the_gateway_could_not_reach_is_refused(admin: dict[str, Any], url: str, fragment: str) -> None:
     status, body = await post(admin["s"], admin["url"] + "/admin/deployments", {"name": "red", "url": url})

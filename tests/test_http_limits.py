@@ -420,6 +420,21 @@ async def test_bad_requests_are_counted_and_logged_in_one_rate_limited_line(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "no tracebacks for a client's mistake"
 
 
+async def test_a_dead_model_server_is_logged_in_a_few_lines_and_counted_in_full(
+    gateway_to: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from gateway.local import free_port
+
+    url = await gateway_to(f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    caplog.set_level(logging.INFO)
+    for _ in range(40):
+        (got,) = await exchange(url, post("/invocations", b"{}"), 1)
+        assert got[0] == 502
+    assert 'turnout_upstream_errors_total{deployment="blue",kind="connect_refused",service="default"} 40.0' in await metrics(url)
+    lines = [r for r in caplog.records if r.name == "gateway.proxy" and "connection refused" in r.getMessage()]
+    assert 1 <= len(lines) <= 10, len(lines)
+
+
 async def test_upgrade_requests_are_answered_as_plain_requests(gateway_to: Any) -> None:
     async with scripted_backend(echo_id) as (backend, seen):
         url = await gateway_to(backend)
