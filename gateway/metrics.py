@@ -112,9 +112,10 @@ class _ReplicaCollector(Collector):
     """Per-replica series of every deployment this process has sent requests to (bounded by the
     replicas deployments have): readiness as this process sees it, requests in flight, requests answered."""
 
-    def __init__(self, balancer: Any, watcher: Any) -> None:
-        self._balancer = balancer
-        self._watcher = watcher
+    def __init__(self) -> None:
+        # Set by GatewayMetrics.watch_replicas; until then the families are exposed empty.
+        self.balancer: Any = None
+        self.watcher: Any = None
 
     def describe(self) -> Iterable[Metric]:
         return self._families(describe=True)
@@ -131,9 +132,9 @@ class _ReplicaCollector(Collector):
         answered = CounterMetricFamily(
             "turnout_replica_requests", "Requests a replica answered or failed, as this gateway sent them.", labels=labels,
         )
-        if not describe:
-            snapshots = self._watcher.snapshots
-            for replicas in self._balancer.sets():
+        if not describe and self.balancer is not None:
+            snapshots = self.watcher.snapshots
+            for replicas in self.balancer.sets():
                 snapshot = snapshots.get(replicas.service)
                 if snapshot is None or replicas.deployment not in snapshot.deployments:
                     continue  # deleted: its series go
@@ -165,6 +166,8 @@ class GatewayMetrics:
         self._deployments: dict[tuple[str, str], DeploymentMetrics] = {}
         self._services: set[str] = set()
         r.register(_ProxyCollector(self._deployments))
+        self._replicas = _ReplicaCollector()
+        r.register(self._replicas)
         self.upstream_errors = Counter(
             "turnout_upstream_errors", "Failures to reach or hear from a model server, by kind.",
             ["service", "deployment", "kind"], registry=r,
@@ -234,7 +237,7 @@ class GatewayMetrics:
     def watch_replicas(self, balancer: Any, watcher: Any) -> None:
         """Expose the replicas of ``balancer`` (a :class:`gateway.balancer.Balancer`), skipping deployments
         the ``watcher``'s snapshots no longer hold."""
-        self.registry.register(_ReplicaCollector(balancer, watcher))
+        self._replicas.balancer, self._replicas.watcher = balancer, watcher
 
     def deployment(self, service: str, name: str) -> DeploymentMetrics:
         """The bound metrics of one deployment of a service."""
