@@ -343,9 +343,11 @@ class UpstreamResponse:
             return
         self._released = True
         conn = self._conn
+        # Not after a 5xx either: uvicorn (under mlflow models serve) answers an unhandled exception with
+        # a 500 and then closes without saying so, and the next request would race that close.
         reusable = (
             conn.complete and conn.error is None and not conn.truncated and not conn.overrun
-            and conn.framed and conn.usable and conn.keep_alive
+            and conn.framed and conn.usable and conn.keep_alive and conn.status < 500
         )
         self._pool._put_back(self._key, conn, reusable)
 

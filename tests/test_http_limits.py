@@ -182,6 +182,10 @@ async def test_a_streamed_body_right_after_a_500_that_closed_the_connection_succ
             big = post("/invocations", b"x" * 100_000, "X-Id: big")
             (got,) = await exchange(url, big, 1)
             assert (got[0], got[2]) == (200, b"big:100000"), (attempt, got)
+            # A small one right after the 500, with no pause: the 500's connection is never reused.
+            (crashed,) = await exchange(url, post("/invocations", b"{}", "X-Id: crash"), 1)
+            (got,) = await exchange(url, post("/invocations", b"{}", "X-Id: small"), 1)
+            assert (crashed[0], got[0], got[2]) == (500, 200, b"small:2"), (attempt, got)
 
 
 async def test_a_prediction_without_content_type_is_refused_not_forwarded(gateway_to: Any) -> None:
