@@ -20,14 +20,13 @@ DELAY_MS = 20.0
 
 @contextlib.contextmanager
 def backends(delays_ms: list[float]) -> Iterator[list[str]]:
-    """One stand-in per delay (0: the fast backend, as much throughput as it has)."""
+    """One latency-bound stand-in per delay."""
     with contextlib.ExitStack() as stack:
         urls = []
         for delay in delays_ms:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            script = [str(HERE / "fast_backend.py"), str(port)] if delay == 0 else [str(HERE / "serial_backend.py"), str(port), str(delay)]
-            stack.enter_context(process([sys.executable, *script], url + "/ping"))
+            stack.enter_context(process([sys.executable, str(HERE / "serial_backend.py"), str(port), str(delay)], url + "/ping"))
             urls.append(url)
         yield urls
 

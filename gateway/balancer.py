@@ -15,7 +15,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -183,12 +183,6 @@ class Balancer(Generic[T]):
             found = self._sets[key] = ReplicaSet(service, deployment, self.policy, self._clock, round_robin=self.round_robin)
         found.update(urls, self._target_of)
         return found
-
-    def forget(self, keep: Iterable[tuple[str, str]]) -> None:
-        """Drop the sets of deployments that no longer exist."""
-        kept = set(keep)
-        for key in [k for k in self._sets if k not in kept]:
-            del self._sets[key]
 
     def known(self, service: str, deployment: str) -> list[Replica[T]]:
         """The replicas this process has sent a deployment's requests to (none before its first request)."""

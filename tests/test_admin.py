@@ -357,9 +357,9 @@ async def test_twenty_concurrent_switches_one_wins_real_redis(redis_store_factor
     assert len(refused_reasons) == 19 and all(r.startswith("script ") for r in refused_reasons)
 
 
-def run_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+def run_cli(url: str, *args: str, token: str = TOKEN) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(BIN / "turnout"), *args], env=child_env(TURNOUT_URL=url, TURNOUT_ADMIN_TOKEN=TOKEN),
+        [str(BIN / "turnout"), *args], env=child_env(TURNOUT_URL=url, TURNOUT_ADMIN_TOKEN=token),
         capture_output=True, text=True, timeout=30,
     )
 

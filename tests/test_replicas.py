@@ -215,16 +215,11 @@ async def test_admin_and_cli_take_several_urls(gateway_factory: Any) -> None:
             async with session.post(url + "/admin/deployments", json={"name": "blue", "urls": [a, "http://h:99999"]}) as resp:
                 assert resp.status == 400 and "bad port" in (await resp.json())["message"]
         loop = asyncio.get_running_loop()
-        out = await loop.run_in_executor(None, lambda: run_cli(url, "deploy", "blue", f"{a},{b}"))
-        assert out.returncode == 1 and "refused (401)" in out.stderr  # run_cli uses the suite's token
-        env_url = url
+        out = await loop.run_in_executor(None, lambda: run_cli(url, "deploy", "blue", f"{a},{b}", token="wrong"))
+        assert out.returncode == 1 and "refused (401)" in out.stderr
 
         def cli(*args: str) -> Any:
-            import subprocess
-
-            from tests.support import BIN, child_env
-            return subprocess.run([str(BIN / "turnout"), *args], env=child_env(TURNOUT_URL=env_url, TURNOUT_ADMIN_TOKEN="t0ken-1"),
-                                  capture_output=True, text=True, timeout=30)
+            return run_cli(url, *args, token="t0ken-1")
 
         out = await loop.run_in_executor(None, lambda: cli("deploy", "blue", f"{a},{b}"))
         assert out.returncode == 0, out.stderr
