@@ -29,11 +29,13 @@ from workers.metrics import WorkerMetrics
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARD = json.loads((GRAFANA / "dashboards" / "turnout.json").read_text())
 NAMESPACE = "turnout-test"
+# The panels that query (rows only group the panels below them).
+PANELS = [p for p in DASHBOARD["panels"] if p["type"] != "row"]
 
 
 def queries() -> list[tuple[str, str]]:
     """(where, expression) of every panel target and annotation."""
-    out = [(f"panel {p['id']} {p['title']} / {t['refId']}", t["expr"]) for p in DASHBOARD["panels"] for t in p["targets"]]
+    out = [(f"panel {p['id']} {p['title']} / {t['refId']}", t["expr"]) for p in PANELS for t in p["targets"]]
     out += [(f"annotation {a['name']}", a["expr"]) for a in DASHBOARD["annotations"]["list"]]
     return out
 
@@ -51,7 +53,7 @@ def test_dashboard_json_is_sane() -> None:
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     assert DASHBOARD["uid"] and DASHBOARD["schemaVersion"] >= 36
     datasource = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())["datasources"][0]
-    refs = [p["datasource"] for p in DASHBOARD["panels"]] + [t["datasource"] for p in DASHBOARD["panels"] for t in p["targets"]]
+    refs = [p["datasource"] for p in PANELS] + [t["datasource"] for p in PANELS for t in p["targets"]]
     refs += [v["datasource"] for v in DASHBOARD["templating"]["list"]] + [a["datasource"] for a in DASHBOARD["annotations"]["list"]]
     assert all(r == {"type": "prometheus", "uid": datasource["uid"]} for r in refs), "every query uses the provisioned datasource"
     variables = {v["name"] for v in DASHBOARD["templating"]["list"]}
@@ -61,8 +63,20 @@ def test_dashboard_json_is_sane() -> None:
         assert used <= variables, (where, used)
     provider = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "turnout.yml").read_text())
     assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
-    for panel in DASHBOARD["panels"]:
+    for panel in PANELS:
         assert {"x", "y", "w", "h"} <= set(panel["gridPos"]) and panel["targets"]
+    for row in DASHBOARD["panels"]:
+        if row["type"] == "row":
+            assert "targets" not in row and row["gridPos"]["x"] == 0 and row["gridPos"]["w"] == 24, row["title"]
+    # On the 24-column grid, and no two panels (rows included) cover the same cell.
+    cells: dict[tuple[int, int], str] = {}
+    for panel in DASHBOARD["panels"]:
+        g = panel["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24, panel["title"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, (panel["title"], cells.get((x, y)))
+                cells[x, y] = panel["title"]
 
 
 def exposed_names(text: str) -> set[str]:
@@ -104,7 +118,12 @@ async def test_every_dashboard_query_returns_data(
         await store.create_deployment(Deployment(name="blue", url=green_url, state=State.READY, external=True),
                                       service="loans")
         await store.set_route("blue", None, service="loans")
-        url = await gateway_factory(store, **FAST_GUARD)
+        # Two replicas, one of them dead: the gateway retries its requests on the other and ejects it
+        # (for longer than the test lasts), so the Replicas row sees a retry, an ejection and a replica out.
+        dead = f"http://127.0.0.1:{free_port()}"
+        await store.create_deployment(Deployment(name="pair", url=blue_url, urls=(blue_url, dead), state=State.READY,
+                                                 external=True))
+        url = await gateway_factory(store, **FAST_GUARD, outlier_base_ejection=300.0)
         worker_port = free_port()
         worker = Worker(Settings(deployments="served=models:/iris/1", lease_ttl=5.0, health_interval=1.0), store)
         await worker.start()
@@ -150,6 +169,14 @@ async def test_every_dashboard_query_returns_data(
                             assert resp.status == 502
                         async with s.post(url + "/invocations?mode=status&code=400", json={}) as resp:
                             assert resp.status == 400
+                    for _ in range(200):  # half land on the dead replica first; its fifth failure ejects it
+                        async with s.post(url + "/deployments/pair/invocations", json={}) as resp:
+                            assert resp.status == 200  # retried on the live replica
+                        async with s.get(url + "/metrics") as resp:
+                            if "turnout_replica_ejections_total{" in await resp.text():
+                                break
+                    else:
+                        pytest.fail("the dead replica was never ejected")
                     async with s.post(url + "/admin/switch", json={"target": "green"}) as resp:
                         assert resp.status == 200
                 green[FAILURES]["ratio"] = 0.4
@@ -183,14 +210,27 @@ async def test_every_dashboard_query_returns_data(
                 await asyncio.sleep(1)
                 empty = await empty_queries()
             assert empty == [], f"queries that returned no data: {empty}"
-            # Per-service panels tell the services apart: both appear in the request rate and generation.
-            for title in ("Request rate", "Route generation"):
+            # Per-service panels tell the services apart: both appear in the request rates and generation.
+            for title in ("Request rate", "Route generation", "Replica request rate"):
                 panel = next(p for p in DASHBOARD["panels"] if p["title"] == title)
                 async with aiohttp.ClientSession() as s, s.get(
                     f"http://127.0.0.1:{prom_port}/api/v1/query", params={"query": substitute(panel["targets"][0]["expr"])}
                 ) as resp:
                     services = {r["metric"]["service"] for r in (await resp.json())["data"]["result"]}
                 assert services == {"default", "loans"}, (title, services)
+
+            async def replica_values(title: str) -> dict[str, float]:
+                panel = next(p for p in PANELS if p["title"] == title)
+                async with aiohttp.ClientSession() as s, s.get(
+                    f"http://127.0.0.1:{prom_port}/api/v1/query", params={"query": substitute(panel["targets"][0]["expr"])}
+                ) as resp:
+                    result = (await resp.json())["data"]["result"]
+                return {r["metric"]["replica"]: float(r["value"][1]) for r in result if r["metric"]["deployment"] == "pair"}
+
+            # The dead replica is out of rotation and its one ejection is counted, though its counter was
+            # born with it (a plain increase() would read 0); the live replica stays in.
+            assert await replica_values("Replica readiness") == {blue_url: 1.0, dead: 0.0}
+            assert await replica_values("Replica ejections") == {dead: 1.0}
         finally:
             prom.terminate()
             prom.wait(10)
