@@ -70,12 +70,65 @@ class State(str, enum.Enum):
     UNHEALTHY = "unhealthy"
     STOPPED = "stopped"
     FAILED = "failed"
+    # A replica removed by a scale-down: it takes no new requests and stops once its in-flight ones are done.
+    DRAINING = "draining"
     # A state this release does not know (written by a newer one): read safely as not ready.
     UNKNOWN = "unknown"
 
     @classmethod
     def _missing_(cls, value: object) -> State:
         return cls.UNKNOWN
+
+
+# Most replicas one deployment may have (per-replica fields, leases and metric series are bounded by it).
+MAX_REPLICAS = 64
+
+
+def replica_key(name: str, index: int) -> str:
+    """How a replica is named in its lease and the live set: the deployment's name for the first one (the
+    key a single-replica deployment always had), ``name#index`` for the others ('#' is never in a name)."""
+    return name if index == 0 else f"{name}#{index}"
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One replica of a deployment as its worker reports it."""
+
+    index: int
+    url: str | None = None
+    state: State = State.STARTING
+    reason: str = ""
+    worker: str | None = None
+    restarts: int = 0
+    started_at: float | None = None
+    ready_at: float | None = None
+    updated_at: float | None = None
+
+
+# Fields each replica has for itself. The first replica keeps them as the deployment's own fields (the
+# layout a single-replica deployment always had); replica i > 0 stores them as ``r{i}.{field}``.
+MEMBER_FIELDS = frozenset({"url", "state", "reason", "worker", "restarts", "started_at", "ready_at", "updated_at"})
+_MEMBER_FIELD = re.compile(r"r([1-9][0-9]?)\.([a-z_]+)")
+
+
+def _decode(name: str, raw: str) -> Any:
+    """A stored field's value (None when this release cannot read it: left out rather than failing a snapshot)."""
+    if name == "state":
+        return State(raw)
+    if name == "external":
+        return raw == "1"
+    if name == "urls":
+        return tuple(raw.split())
+    if name in ("restarts", "replicas"):
+        return int(raw) if raw.isdigit() else None
+    if name == "min_ready":
+        return int(raw) if raw.isdigit() else None
+    if name in ("started_at", "ready_at", "created_at", "updated_at"):
+        try:
+            return float(raw)
+        except ValueError:
+            return None
+    return raw
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,10 +165,18 @@ class Deployment:
     created_at: float | None = None
     updated_at: float | None = None
     restarts: int = 0
+    # Model-server processes a worker-served deployment should have, and how many must be ready before
+    # it may take over (None: all of them).
+    replicas: int = 1
+    min_ready: int | None = None
+    # Replicas after the first, as their workers report them (including ones draining after a scale-down).
+    extra: tuple[Member, ...] = ()
 
     def to_fields(self) -> dict[str, str]:
         """Flat string fields for storage; unset values are left out."""
-        encoded = encode_changes({f.name: getattr(self, f.name) for f in fields(self)})
+        encoded = encode_changes({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
+        for member in self.extra:
+            encoded.update(encode_changes({k: getattr(member, k) for k in MEMBER_FIELDS}, replica=member.index))
         return {k: v for k, v in encoded.items() if v is not None}
 
     @classmethod
@@ -124,32 +185,41 @@ class Deployment:
         kwargs: dict[str, Any] = {}
         for f in fields(cls):
             raw = data.get(f.name)
-            if raw is None:
-                continue
-            if f.name == "state":
-                kwargs[f.name] = State(raw)
-            elif f.name == "external":
-                kwargs[f.name] = raw == "1"
-            elif f.name == "urls":
-                kwargs[f.name] = tuple(raw.split())
-            elif f.name == "restarts":
-                kwargs[f.name] = int(raw) if raw.isdigit() else 0
-            elif f.name in ("started_at", "ready_at", "created_at", "updated_at"):
-                # A value this release cannot read is left out rather than failing the whole snapshot.
-                try:
-                    kwargs[f.name] = float(raw)
-                except ValueError:
-                    continue
-            else:
-                kwargs[f.name] = raw
+            if raw is not None and f.name != "extra":
+                value = _decode(f.name, raw)
+                if value is not None:
+                    kwargs[f.name] = value
+        members: dict[int, dict[str, Any]] = {}
+        for key, raw in data.items():
+            match = _MEMBER_FIELD.fullmatch(key)
+            if match and match.group(2) in MEMBER_FIELDS and int(match.group(1)) < MAX_REPLICAS:
+                value = _decode(match.group(2), raw)
+                if value is not None:
+                    members.setdefault(int(match.group(1)), {})[match.group(2)] = value
+        if members:
+            kwargs["extra"] = tuple(Member(index=i, **members[i]) for i in sorted(members))
+        if kwargs.get("replicas", 1) < 1:
+            kwargs["replicas"] = 1
         return cls(**kwargs)
 
     @property
-    def replica_urls(self) -> tuple[str, ...]:
-        """Where its replicas answer (one, unless it was given several URLs)."""
-        if self.urls:
-            return self.urls
-        return (self.url,) if self.url else ()
+    def members(self) -> tuple[Member, ...]:
+        """Every replica: the wanted ones (a missing one as ``starting``: no worker has claimed it yet),
+        then any still draining after a scale-down. An external deployment's replicas are its URLs."""
+        if self.external:
+            return tuple(Member(i, url, self.state, self.reason) for i, url in enumerate(self.urls or ((self.url,) if self.url else ())))
+        first = Member(0, self.url, self.state, self.reason, self.worker, self.restarts, self.started_at, self.ready_at,
+                       self.updated_at)
+        known = {m.index: m for m in self.extra}
+        wanted = [known.pop(i, None) or Member(i, reason="waiting for a worker to host it") for i in range(1, self.replicas)]
+        return (first, *wanted, *known.values())
+
+    @property
+    def needed(self) -> int:
+        """Ready replicas it needs to take over traffic."""
+        if self.external:
+            return 1
+        return max(1, min(self.min_ready or self.replicas, self.replicas))
 
     def with_changes(self, **changes: Any) -> Deployment:
         """A copy with some fields changed."""
@@ -159,12 +229,14 @@ class Deployment:
 _FIELD_NAMES = frozenset(f.name for f in fields(Deployment))
 
 
-def encode_changes(changes: Mapping[str, Any]) -> dict[str, str | None]:
-    """Stored string form of some record fields; None means "remove the field"."""
+def encode_changes(changes: Mapping[str, Any], replica: int = 0) -> dict[str, str | None]:
+    """Stored string form of some record fields (a replica's own fields under its ``r{i}.`` prefix when
+    ``replica`` > 0); None means "remove the field"."""
     out: dict[str, str | None] = {}
-    for key, value in changes.items():
-        if key not in _FIELD_NAMES:
-            raise ValueError(f"unknown deployment field {key!r}")
+    for name, value in changes.items():
+        if name not in _FIELD_NAMES or name == "extra":
+            raise ValueError(f"unknown deployment field {name!r}")
+        key = f"r{replica}.{name}" if replica and name in MEMBER_FIELDS else name
         if value is None:
             out[key] = None
         elif isinstance(value, State):
@@ -176,6 +248,11 @@ def encode_changes(changes: Mapping[str, Any]) -> dict[str, str | None]:
         else:
             out[key] = str(value)
     return out
+
+
+def cleared(replica: int) -> dict[str, None]:
+    """Changes that remove every field of a replica (once it has drained and stopped)."""
+    return {name: None for name in MEMBER_FIELDS} if replica else {}
 
 
 # Guard settings a service may set for itself: the threshold's name in the API → the gateway-wide
@@ -242,26 +319,49 @@ class Snapshot:
 
     route: Route
     deployments: Mapping[str, Deployment] = field(default_factory=lambda: MappingProxyType({}))
-    # Deployments whose hosting worker holds a live lease; external ones count as live.
+    # Replicas (by :func:`replica_key`) whose hosting worker holds a live lease; external deployments
+    # count as live.
     live: frozenset[str] = frozenset()
     service: str = DEFAULT_SERVICE
     config: ServiceConfig = field(default_factory=ServiceConfig)
 
+    def member_state(self, dep: Deployment, member: Member) -> State:
+        """A replica's state as the gateway should treat it: one past the wanted count is draining, a
+        ready one whose worker died is unhealthy."""
+        if dep.external:
+            return dep.state
+        if member.index >= dep.replicas and member.state is not State.STOPPED:
+            return State.DRAINING
+        if member.state is State.READY and (member.url is None or replica_key(dep.name, member.index) not in self.live):
+            return State.UNHEALTHY
+        return member.state
+
+    def serving(self, name: str | None) -> tuple[str, ...]:
+        """Where the deployment's requests may go now: the URLs of its ready replicas (none while it has none)."""
+        dep = self.deployments.get(name) if name is not None else None
+        if dep is None:
+            return ()
+        return tuple(m.url for m in dep.members if m.url and self.member_state(dep, m) is State.READY)
+
     def is_ready(self, name: str | None) -> bool:
-        """True when the deployment exists, reports ready, and its worker is alive."""
-        if name is None:
-            return False
-        dep = self.deployments.get(name)
-        return dep is not None and dep.url is not None and dep.state is State.READY and name in self.live
+        """True when the deployment may take over traffic: at least its ``min_ready`` replicas are ready
+        and their workers alive."""
+        dep = self.deployments.get(name) if name is not None else None
+        return dep is not None and len(self.serving(name)) >= dep.needed
 
     def effective_state(self, name: str) -> State | None:
-        """The state as the gateway should treat it: a ready deployment whose worker died is unhealthy."""
+        """The deployment's state as the gateway should treat it: ``ready`` when :meth:`is_ready`, else
+        what holds its wanted replicas back (starting before unhealthy before failed)."""
         dep = self.deployments.get(name)
         if dep is None:
             return None
-        if dep.state is State.READY and name not in self.live:
-            return State.UNHEALTHY
-        return dep.state
+        if self.is_ready(name):
+            return State.READY
+        states = {self.member_state(dep, m) for m in dep.members[: 1 if dep.external else dep.replicas]}
+        for state in (State.STARTING, State.UNHEALTHY, State.FAILED, State.STOPPED, State.DRAINING):
+            if state in states:
+                return state
+        return State.UNHEALTHY if State.READY in states else State.UNKNOWN
 
 
 def now_iso() -> str:

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from gateway.balancer import OutlierPolicy, ReplicaSet
 from gateway.classify import MODEL_CRASH_MESSAGE
-from gateway.records import Deployment, State
+from gateway.records import Deployment, HistoryEntry, State, Who, cleared
 from gateway.store import EmbeddedStore
 from gateway.local import free_port
 from tests.support import serve_app
@@ -237,8 +237,149 @@ async def test_admin_and_cli_take_several_urls(gateway_factory: Any) -> None:
 async def test_replica_urls_survive_the_redis_store(redis_store: Any) -> None:
     await redis_store.create_deployment(Deployment(name="blue", url="http://a:1", urls=("http://a:1", "http://b:2"),
                                                    state=State.READY, external=True))
-    dep = (await redis_store.read_snapshot()).deployments["blue"]
-    assert dep.replica_urls == ("http://a:1", "http://b:2")
+    assert (await redis_store.read_snapshot()).serving("blue") == ("http://a:1", "http://b:2")
     await redis_store.create_deployment(Deployment(name="green", url="http://c:3", state=State.READY, external=True))
-    assert (await redis_store.read_snapshot()).deployments["green"].replica_urls == ("http://c:3",)
+    assert (await redis_store.read_snapshot()).serving("green") == ("http://c:3",)
 
+
+# --- worker-served replicas in the store (embedded, fakeredis and the real server) --------------------
+async def test_each_replica_has_its_own_fields_lease_and_liveness(any_store: Any) -> None:
+    store = any_store
+    await store.create_deployment(Deployment(name="blue", model_uri="models:/m/1", replicas=3, min_ready=2))
+    snapshot = await store.read_snapshot()
+    dep = snapshot.deployments["blue"]
+    assert [m.index for m in dep.members] == [0, 1, 2] and dep.needed == 2
+    assert snapshot.effective_state("blue") is State.STARTING and not snapshot.is_ready("blue")
+
+    # Each replica is leased on its own: two workers may host replicas of one deployment.
+    assert await store.claim("blue", "w1", 30, replica=0)
+    assert await store.claim("blue", "w2", 30, replica=1)
+    assert not await store.claim("blue", "w1", 30, replica=1), "w2 holds replica 1"
+    # A worker writes only the replica it holds.
+    assert await store.update_deployment("blue", owner="w1", replica=0, state=State.READY, url="http://h1:5000")
+    assert not await store.update_deployment("blue", owner="w1", replica=1, state=State.READY, url="http://x:1")
+    assert await store.update_deployment("blue", owner="w2", replica=1, state=State.READY, url="http://h2:5000",
+                                         worker="w2", restarts=2)
+    snapshot = await store.read_snapshot()
+    dep = snapshot.deployments["blue"]
+    assert snapshot.live == frozenset({"blue", "blue#1"})
+    assert dep.url == "http://h1:5000" and dep.state is State.READY, "replica 0 keeps the fields a deployment always had"
+    assert dep.members[1].url == "http://h2:5000" and dep.members[1].worker == "w2" and dep.members[1].restarts == 2
+    assert dep.members[2].state is State.STARTING and dep.members[2].url is None
+    assert snapshot.serving("blue") == ("http://h1:5000", "http://h2:5000")
+    assert snapshot.is_ready("blue") and snapshot.effective_state("blue") is State.READY, "2 of 3 ready, 2 needed"
+
+    # A replica whose worker died is not served, and the deployment drops below min_ready.
+    await store.release("blue", "w2", replica=1)
+    snapshot = await store.read_snapshot()
+    assert snapshot.member_state(snapshot.deployments["blue"], snapshot.deployments["blue"].members[1]) is State.UNHEALTHY
+    assert snapshot.serving("blue") == ("http://h1:5000",) and not snapshot.is_ready("blue")
+
+    # Scaling down makes the removed replica draining (not served) until its worker removes its fields.
+    assert await store.claim("blue", "w2", 30, replica=1)
+    assert await store.update_deployment("blue", replicas=1, min_ready=None)
+    snapshot = await store.read_snapshot()
+    dep = snapshot.deployments["blue"]
+    assert [snapshot.member_state(dep, m) for m in dep.members] == [State.READY, State.DRAINING]
+    assert snapshot.serving("blue") == ("http://h1:5000",) and snapshot.is_ready("blue")
+    assert await store.update_deployment("blue", owner="w2", replica=1, **cleared(1))
+    assert [m.index for m in (await store.read_snapshot()).deployments["blue"].members] == [0]
+
+    # Deleting the deployment takes every replica's lease with it.
+    await store.update_deployment("blue", replicas=2)
+    await store.update_deployment("blue", owner="w2", replica=1, state=State.STARTING)
+    assert await store.delete_deployment("blue") is None
+    await store.create_deployment(Deployment(name="blue", model_uri="models:/m/2", replicas=2))
+    assert await store.claim("blue", "w3", 30, replica=1), "the old lease went with the old deployment"
+
+
+async def test_a_scale_and_its_history_entry_are_one_step(any_store: Any) -> None:
+    store = any_store
+    await store.create_deployment(Deployment(name="blue", model_uri="models:/m/1"))
+    entry = HistoryEntry("scale", Who("ops", None, "api"), target="blue", detail="replicas 1 → 3")
+    assert await store.update_deployment("blue", history=entry, replicas=3)
+    assert (await store.read_snapshot()).deployments["blue"].replicas == 3
+    entries, _ = await store.read_history()
+    assert entries[0].action == "scale" and entries[0].detail == "replicas 1 → 3"
+    assert not await store.update_deployment("gone", history=entry, replicas=3)
+    assert (await store.read_history())[1] == 1, "no entry for a change that did not apply"
+
+
+def test_a_record_from_a_newer_release_or_a_stray_field_reads_safely() -> None:
+    dep = Deployment.from_fields({"name": "b", "replicas": "x", "min_ready": "-1", "r1.state": "ready", "r1.url": "http://a:1",
+                                  "r99.state": "ready", "r1.colour": "red", "rx.state": "ready", "r0.state": "ready"})
+    assert dep.replicas == 1 and dep.min_ready is None
+    assert [(m.index, m.state) for m in dep.members] == [(0, State.STARTING), (1, State.READY)], "r1 drains, r99 is out of bounds"
+    assert Deployment.from_fields(dep.to_fields()) == dep
+
+
+
+# --- scaling through the admin API and the CLI ---------------------------------------------------------
+async def test_scaling_through_the_admin_api_and_the_cli_and_every_refusal(gateway_factory: Any) -> None:
+    from tests.test_admin import run_cli
+
+    store = EmbeddedStore()
+    url = await gateway_factory(store, admin_token="t0ken-1")
+    loop = asyncio.get_running_loop()
+
+    def cli(*args: str) -> Any:
+        return run_cli(url, *args, token="t0ken-1")
+
+    out = await loop.run_in_executor(None, lambda: cli("deploy", "blue", "models:/iris/1", "--replicas", "3", "--min-ready", "2"))
+    assert out.returncode == 0, out.stderr
+    dep = (await store.read_snapshot()).deployments["blue"]
+    assert (dep.replicas, dep.min_ready, dep.needed) == (3, 2, 2)
+    out = await loop.run_in_executor(None, lambda: cli("scale", "blue", "5", "--reason", "black friday", "--json"))
+    assert out.returncode == 0, out.stderr
+    assert '"desired_replicas": 5' in out.stdout and '"min_ready": 2' in out.stdout, out.stdout
+    entry = (await store.read_history())[0][0]
+    assert (entry.action, entry.target, entry.reason, entry.detail) == (
+        "scale", "blue", "black friday", "replicas 3 → 5, min_ready 2 → 2")
+
+    headers = {"Authorization": "Bearer t0ken-1"}
+    async with aiohttp.ClientSession(headers=headers) as s:
+        async def put(path: str, body: Any) -> tuple[int, Any]:
+            async with s.put(url + path, json=body) as resp:
+                return resp.status, await resp.json()
+
+        refusals = [
+            ("/admin/deployments/blue", {}, 400, "give replicas"),
+            ("/admin/deployments/blue", {"replicas": 0}, 400, "replicas"),
+            ("/admin/deployments/blue", {"replicas": 65}, 400, "replicas"),
+            ("/admin/deployments/blue", {"replicas": "2"}, 400, "replicas"),
+            ("/admin/deployments/blue", {"replicas": None}, 400, "null"),
+            ("/admin/deployments/blue", {"replicas": 1, "min_ready": 2}, 400, "min_ready (2) cannot exceed replicas (1)"),
+            ("/admin/deployments/blue", {"min_ready": 6}, 400, "min_ready (6) cannot exceed replicas (5)"),
+            ("/admin/deployments/blue", {"urls": ["http://a:1"]}, 409, "served by workers"),
+            ("/admin/deployments/blue", {"urls": ["http://a:1"], "replicas": 2}, 400, "goes alone"),
+            ("/admin/deployments/nope", {"replicas": 2}, 404, "no deployment named 'nope'"),
+            ("/admin/services/nope/deployments/blue", {"replicas": 2}, 404, "no service named 'nope'"),
+        ]
+        for path, body, status, message in refusals:
+            code, answer = await put(path, body)
+            assert (code, answer["error_code"] is not None) == (status, True) and message in answer["message"], (body, answer)
+        dep = (await store.read_snapshot()).deployments["blue"]
+        assert (dep.replicas, dep.min_ready) == (5, 2), "no refused change wrote anything"
+        assert len((await store.read_history())[0]) == 2, "refusals leave the history alone"
+
+        # min_ready null goes back to "all of them".
+        code, view = await put("/admin/deployments/blue", {"min_ready": None})
+        assert code == 200 and view["min_ready"] == 5, view
+        # An external deployment is scaled by its URLs; replicas are refused for it.
+        async with s.post(url + "/admin/deployments", json={"name": "ext", "urls": ["http://a:1", "http://b:2"]}) as resp:
+            assert resp.status == 201
+        code, answer = await put("/admin/deployments/ext", {"replicas": 3})
+        assert code == 409 and "urls" in answer["message"], answer
+        code, view = await put("/admin/deployments/ext", {"urls": ["http://a:1", "http://b:2", "http://c:3"]})
+        assert code == 200 and view["desired_replicas"] == 3 and [r["url"] for r in view["replicas"]] == [
+            "http://a:1", "http://b:2", "http://c:3"], view
+        async with s.post(url + "/admin/deployments", json={"name": "x", "url": "http://a:1", "replicas": 2}) as resp:
+            answer = await resp.json()
+            assert resp.status == 400 and "replicas and min_ready are for a model_uri deployment" in answer["message"], answer
+        async with s.post(url + "/admin/deployments", json={"name": "y", "model_uri": "models:/m/1", "replicas": 2,
+                                                              "min_ready": 3}) as resp:
+            assert resp.status == 400 and "cannot exceed" in (await resp.json())["message"]
+    out = await loop.run_in_executor(None, lambda: cli("scale", "blue", "0"))
+    assert out.returncode == 2 and "0 is not in the range 1<=x<=64" in out.stderr, out.stderr
+    out = await loop.run_in_executor(None, lambda: cli("scale", "nope", "2"))
+    assert out.returncode == 1 and "no deployment named 'nope'" in out.stderr + out.stdout, out.stderr

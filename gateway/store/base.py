@@ -114,9 +114,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def update_deployment(
-        self, name: str, *, service: str = DEFAULT_SERVICE, owner: str | None = None, **changes: Any
+        self, name: str, *, service: str = DEFAULT_SERVICE, owner: str | None = None, replica: int = 0,
+        history: HistoryEntry | None = None, **changes: Any
     ) -> bool:
-        """Change fields of an existing record; with ``owner``, only while that worker holds its lease."""
+        """Change fields of an existing record (a replica's own fields, such as its state, of ``replica``)
+        and append ``history``, in one step; with ``owner``, only while that worker holds the replica's lease."""
 
     @abc.abstractmethod
     async def delete_deployment(
@@ -127,12 +129,12 @@ class Store(abc.ABC):
         ``force``). A forced delete of the previous deployment clears ``previous``."""
 
     @abc.abstractmethod
-    async def claim(self, name: str, owner: str, ttl: float, *, service: str = DEFAULT_SERVICE) -> bool:
-        """Take or renew the hosting lease of ``name`` for ``owner``; False if another owner holds it."""
+    async def claim(self, name: str, owner: str, ttl: float, *, service: str = DEFAULT_SERVICE, replica: int = 0) -> bool:
+        """Take or renew the hosting lease of a replica of ``name`` for ``owner``; False if another owner holds it."""
 
     @abc.abstractmethod
-    async def release(self, name: str, owner: str, *, service: str = DEFAULT_SERVICE) -> None:
-        """Drop ``owner``'s lease of ``name`` if it still holds it."""
+    async def release(self, name: str, owner: str, *, service: str = DEFAULT_SERVICE, replica: int = 0) -> None:
+        """Drop ``owner``'s lease of a replica of ``name`` if it still holds it."""
 
     @abc.abstractmethod
     async def append_history(self, entry: HistoryEntry, *, service: str = DEFAULT_SERVICE) -> None:

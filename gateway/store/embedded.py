@@ -11,7 +11,9 @@ from types import MappingProxyType
 from typing import Any
 
 from ..keys import DEPLOYMENT_CHANGED, ROUTE_CHANGED, SERVICE_CHANGED, SUBSCRIBED
-from ..records import DEFAULT_SERVICE, Deployment, HistoryEntry, Route, ServiceConfig, Snapshot, encode_changes
+from ..records import (
+    DEFAULT_SERVICE, Deployment, HistoryEntry, Route, ServiceConfig, Snapshot, encode_changes, replica_key,
+)
 from ..traffic import add_row
 from .base import DEFAULT_HISTORY_MAX, Reading, RouteChange, StatsRows, Store
 
@@ -39,10 +41,13 @@ class _Service:
         return lease is not None and lease[1] > now
 
     def snapshot(self, now: float) -> Snapshot:
+        live = {n for n in self.deployments if self.live(n, now)}
+        # The other replicas' leases (``name#index``) of deployments that still exist.
+        live.update(k for k, (_, until) in self.leases.items() if until > now and k.partition("#")[0] in self.deployments)
         return Snapshot(
             route=self.route,
             deployments=MappingProxyType(dict(self.deployments)),
-            live=frozenset(n for n in self.deployments if self.live(n, now)),
+            live=frozenset(live),
             service=self.name,
             config=self.config,
         )
@@ -174,19 +179,22 @@ class EmbeddedStore(Store):
         return True
 
     async def update_deployment(
-        self, name: str, *, service: str = DEFAULT_SERVICE, owner: str | None = None, **changes: Any
+        self, name: str, *, service: str = DEFAULT_SERVICE, owner: str | None = None, replica: int = 0,
+        history: HistoryEntry | None = None, **changes: Any
     ) -> bool:
         svc = self._services.get(service)
         dep = svc.deployments.get(name) if svc is not None else None
         if svc is None or dep is None:
             return False
         if owner is not None:
-            lease = svc.leases.get(name)
+            lease = svc.leases.get(replica_key(name, replica))
             if lease is None or lease[0] != owner or lease[1] <= time.monotonic():
                 return False
         # Round-trip through the stored form so both stores accept and return the same values.
-        merged: dict[str, str | None] = {**dep.to_fields(), **encode_changes(changes)}
+        merged: dict[str, str | None] = {**dep.to_fields(), **encode_changes(changes, replica)}
         svc.deployments[name] = Deployment.from_fields({k: v for k, v in merged.items() if v is not None})
+        if history is not None:
+            svc.history.appendleft(history.to_json())
         self._changed(svc, DEPLOYMENT_CHANGED, name=name)
         return True
 
@@ -204,31 +212,34 @@ class EmbeddedStore(Store):
         if svc.route.previous == name:
             svc.route = Route(svc.route.active, None, svc.route.generation, svc.route.changed_at)
         del svc.deployments[name]
-        svc.leases.pop(name, None)
+        for key in [k for k in svc.leases if k.partition("#")[0] == name]:
+            del svc.leases[key]
         if history is not None:
             svc.history.appendleft(history.to_json())
         self._changed(svc, DEPLOYMENT_CHANGED, name=name)
         return None
 
-    async def claim(self, name: str, owner: str, ttl: float, *, service: str = DEFAULT_SERVICE) -> bool:
+    async def claim(self, name: str, owner: str, ttl: float, *, service: str = DEFAULT_SERVICE, replica: int = 0) -> bool:
         svc = self._services.get(service)
         if svc is None:
             return False
         now = time.monotonic()
-        lease = svc.leases.get(name)
+        key = replica_key(name, replica)
+        lease = svc.leases.get(key)
         if lease is not None and lease[0] != owner and lease[1] > now:
             return False
-        newly_live = not svc.live(name, now)
-        svc.leases[name] = (owner, now + ttl)
+        newly_live = not svc.live(key, now)
+        svc.leases[key] = (owner, now + ttl)
         if newly_live:
             self._changed(svc, DEPLOYMENT_CHANGED, name=name)
         return True
 
-    async def release(self, name: str, owner: str, *, service: str = DEFAULT_SERVICE) -> None:
+    async def release(self, name: str, owner: str, *, service: str = DEFAULT_SERVICE, replica: int = 0) -> None:
         svc = self._services.get(service)
-        lease = svc.leases.get(name) if svc is not None else None
+        key = replica_key(name, replica)
+        lease = svc.leases.get(key) if svc is not None else None
         if svc is not None and lease is not None and lease[0] == owner:
-            del svc.leases[name]
+            del svc.leases[key]
             self._changed(svc, DEPLOYMENT_CHANGED, name=name)
 
     async def append_history(self, entry: HistoryEntry, *, service: str = DEFAULT_SERVICE) -> None:

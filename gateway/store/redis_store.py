@@ -25,18 +25,41 @@ from ..keys import (
     DEPLOYMENT_CHANGED, LEGACY_SERVICE, SERVICE_CHANGED, SUBSCRIBED, Keys, ServiceKeys, decode_event, encode_event,
     route_event_parts,
 )
-from ..records import DEFAULT_SERVICE, Deployment, HistoryEntry, Route, ServiceConfig, Snapshot, encode_changes
+from ..records import (
+    DEFAULT_SERVICE, Deployment, HistoryEntry, Route, ServiceConfig, Snapshot, encode_changes, replica_key,
+)
 from .base import DEFAULT_HISTORY_MAX, Reading, RouteChange, StatsRows, Store, StoreUnavailable
 
+# Replica i > 0 of a deployment keeps its fields as r{i}.{field} and its lease under lease:{name}#{i}
+# (records.replica_key). The indices of the replicas a record holds fields for: both reads and deletes
+# find their leases from them.
+_REPLICAS = """
+local function replica_indices(record)
+  local out = {}
+  for i = 1, #record, 2 do
+    local index = string.match(record[i], '^r(%d+)%.state$')
+    if index then out[#out + 1] = tonumber(index) end
+  end
+  table.sort(out)
+  return out
+end
+"""
+
 # Reads one service: KEYS route, deployments, config; ARGV deployment prefix, lease prefix.
-# Returns {route hash, {{name, record hash, live}...} sorted by name, config hash}.
-_READ_SERVICE = """
+# Returns {route hash, {{name, record hash, live, {indices of other live replicas}}...} sorted by name,
+# config hash}.
+_READ_SERVICE = _REPLICAS + """
 local function read(route_key, deployments_key, config_key, dep_prefix, lease_prefix)
   local names = redis.call('SMEMBERS', deployments_key)
   table.sort(names)
   local deps = {}
   for i, name in ipairs(names) do
-    deps[i] = {name, redis.call('HGETALL', dep_prefix .. name), redis.call('EXISTS', lease_prefix .. name)}
+    local record = redis.call('HGETALL', dep_prefix .. name)
+    local live = {}
+    for _, index in ipairs(replica_indices(record)) do
+      if redis.call('EXISTS', lease_prefix .. name .. '#' .. index) == 1 then live[#live + 1] = index end
+    end
+    deps[i] = {name, record, redis.call('EXISTS', lease_prefix .. name), live}
   end
   return {redis.call('HGETALL', route_key), deps, redis.call('HGETALL', config_key)}
 end
@@ -132,14 +155,16 @@ redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 """
 
-# KEYS: record, lease. ARGV: owner or '', changes JSON (null = remove), channel, message.
-_UPDATE = """
+# KEYS: record, the replica's lease, history. ARGV: owner or '', changes JSON (null = remove), channel,
+# message, history entry, bound.
+_UPDATE = _HISTORY + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 local changes = cjson.decode(ARGV[2])
 for k, v in pairs(changes) do
   if v == cjson.null then redis.call('HDEL', KEYS[1], k) else redis.call('HSET', KEYS[1], k, v) end
 end
+record(KEYS[3], ARGV[5], ARGV[6])
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 """
@@ -147,7 +172,7 @@ return 1
 # KEYS: route, deployments, record, lease, history. ARGV: name, force '1'/'0', channel, message,
 # history entry, bound. Deleting the previous deployment (forced) clears previous; the active one stays
 # named in the route (the gateway answers 503 for it) until an operator switches.
-_DELETE = _HISTORY + """
+_DELETE = _HISTORY + _REPLICAS + """
 if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 0 then return 'unknown' end
 local active = redis.call('HGET', KEYS[1], 'active')
 local previous = redis.call('HGET', KEYS[1], 'previous')
@@ -156,6 +181,7 @@ if ARGV[2] ~= '1' then
   if previous == ARGV[1] then return 'previous' end
 end
 if previous == ARGV[1] then redis.call('HDEL', KEYS[1], 'previous') end
+for _, index in ipairs(replica_indices(redis.call('HGETALL', KEYS[3]))) do redis.call('DEL', KEYS[4] .. '#' .. index) end
 redis.call('DEL', KEYS[3], KEYS[4])
 redis.call('SREM', KEYS[2], ARGV[1])
 record(KEYS[5], ARGV[5], ARGV[6])
@@ -178,12 +204,17 @@ return 1
 
 # KEYS: services, route, deployments, config, history, guard, history to record in. ARGV: name, force,
 # channel, message, deployment prefix, lease prefix, legacy service, history entry, bound.
-_DELETE_SERVICE = _HISTORY + """
+_DELETE_SERVICE = _HISTORY + _REPLICAS + """
 if ARGV[1] == ARGV[7] then return 'default' end
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return 'unknown' end
 local names = redis.call('SMEMBERS', KEYS[3])
 if #names > 0 and ARGV[2] ~= '1' then return 'not_empty' end
-for _, name in ipairs(names) do redis.call('DEL', ARGV[5] .. name, ARGV[6] .. name) end
+for _, name in ipairs(names) do
+  for _, index in ipairs(replica_indices(redis.call('HGETALL', ARGV[5] .. name))) do
+    redis.call('DEL', ARGV[6] .. name .. '#' .. index)
+  end
+  redis.call('DEL', ARGV[5] .. name, ARGV[6] .. name)
+end
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 redis.call('SREM', KEYS[1], ARGV[1])
 record(KEYS[7], ARGV[8], ARGV[9])
@@ -273,13 +304,15 @@ def _snapshot(service: str, raw_route: list[Any], raw_deps: list[Any], raw_confi
     )
     deployments: dict[str, Deployment] = {}
     live: set[str] = set()
-    for name, record, is_live in raw_deps:
+    for name, record, is_live, *others in raw_deps:
         if not record:
             continue
         dep = Deployment.from_fields({**_pairs(record), "name": name})
         deployments[name] = dep
         if is_live or dep.external:
             live.add(name)
+        for index in others[0] if others else ():
+            live.add(replica_key(name, int(index)))
     return Snapshot(route=route, deployments=MappingProxyType(deployments), live=frozenset(live), service=service,
                     config=ServiceConfig.from_fields(_pairs(raw_config)))
 
@@ -434,14 +467,16 @@ class RedisStore(Store):
         return bool(created)
 
     async def update_deployment(
-        self, name: str, *, service: str = DEFAULT_SERVICE, owner: str | None = None, **changes: Any
+        self, name: str, *, service: str = DEFAULT_SERVICE, owner: str | None = None, replica: int = 0,
+        history: HistoryEntry | None = None, **changes: Any
     ) -> bool:
-        encoded = encode_changes(changes)
+        encoded = encode_changes(changes, replica)
         sk = self._sk(service)
         with _unavailable_on_connection_errors():
             updated = await self._update(
-                keys=[sk.deployment(name), sk.lease(name)],
-                args=[owner or "", _json(encoded), self.keys.events, self._deployment_event(service, name)],
+                keys=[sk.deployment(name), sk.lease(replica_key(name, replica)), sk.history],
+                args=[owner or "", _json(encoded), self.keys.events, self._deployment_event(service, name),
+                      *self._history_args(history)],
             )
         return bool(updated)
 
@@ -457,18 +492,18 @@ class RedisStore(Store):
             )
         return refusal or None
 
-    async def claim(self, name: str, owner: str, ttl: float, *, service: str = DEFAULT_SERVICE) -> bool:
+    async def claim(self, name: str, owner: str, ttl: float, *, service: str = DEFAULT_SERVICE, replica: int = 0) -> bool:
         with _unavailable_on_connection_errors():
             ok = await self._claim(
-                keys=[self._sk(service).lease(name)],
+                keys=[self._sk(service).lease(replica_key(name, replica))],
                 args=[owner, str(max(1, int(ttl * 1000))), self.keys.events, self._deployment_event(service, name)],
             )
         return bool(ok)
 
-    async def release(self, name: str, owner: str, *, service: str = DEFAULT_SERVICE) -> None:
+    async def release(self, name: str, owner: str, *, service: str = DEFAULT_SERVICE, replica: int = 0) -> None:
         with _unavailable_on_connection_errors():
             await self._release(
-                keys=[self._sk(service).lease(name)], args=[owner, self.keys.events, self._deployment_event(service, name)]
+                keys=[self._sk(service).lease(replica_key(name, replica))], args=[owner, self.keys.events, self._deployment_event(service, name)]
             )
 
     async def append_history(self, entry: HistoryEntry, *, service: str = DEFAULT_SERVICE) -> None:
