@@ -21,7 +21,7 @@ from aiohttp import web
 from . import errors
 from .admin_models import (
     AlertmanagerPayload, CreateDeployment, CreateService, GuardRequest, GuardThresholds, RollbackRequest,
-    SwitchRequest, openapi_document,
+    ScaleDeployment, SwitchRequest, check_min_ready, openapi_document,
 )
 from .records import GUARD_FIELDS, Deployment, HistoryEntry, ServiceConfig, Snapshot, State, Who, check_service_name
 from .settings import Settings, SettingsError
@@ -119,6 +119,7 @@ class Admin:
                 web.get(prefix + "/deployments", self._wrap(self.list_deployments)),
                 web.post(prefix + "/deployments", self._wrap(self.create_deployment, mutation=True), expect_handler=errors.expect_handler),
                 web.get(prefix + "/deployments/{name}", self._wrap(self.get_deployment)),
+                web.put(prefix + "/deployments/{name}", self._wrap(self.scale_deployment, mutation=True), expect_handler=errors.expect_handler),
                 web.delete(prefix + "/deployments/{name}", self._wrap(self.delete_deployment, mutation=True, body=False)),
                 web.post(prefix + "/switch", self._wrap(self.switch, mutation=True), expect_handler=errors.expect_handler),
                 web.post(prefix + "/rollback", self._wrap(self.rollback, mutation=True), expect_handler=errors.expect_handler),
@@ -289,20 +290,28 @@ class Admin:
             "ready_at": dep.ready_at,
             "traffic": {"window_seconds": TRAFFIC_WINDOW, "scope": "this gateway replica",
                         **self.traffic.local((snapshot.service, dep.name), TRAFFIC_WINDOW).as_dict()},
-            "replicas": self._replicas_view(snapshot, dep, state),
+            "desired_replicas": len(dep.members) if dep.external else dep.replicas,
+            "min_ready": dep.needed,
+            "ready_replicas": len(snapshot.serving(dep.name)),
+            "replicas": self._replicas_view(snapshot, dep),
         }
 
-    def _replicas_view(self, snapshot: Snapshot, dep: Deployment, state: State | None) -> list[dict[str, Any]]:
-        """Each replica: its URL, its state (the deployment's, or ``ejected`` while this gateway keeps it out
-        of rotation), and what this gateway sent it."""
+    def _replicas_view(self, snapshot: Snapshot, dep: Deployment) -> list[dict[str, Any]]:
+        """Each replica: where it is, its state (``ejected`` while this gateway keeps it out of rotation),
+        who hosts it, and what this gateway sent it."""
         seen = {r.url: r for r in self.balancer.known(snapshot.service, dep.name)}
         out = []
-        for url in dep.replica_urls:
-            replica = seen.get(url)
-            ejected = replica is not None and replica.ejected_until > 0
+        for member in dep.members:
+            state = snapshot.member_state(dep, member)
+            replica = seen.get(member.url) if member.url else None
+            ejected = replica is not None and replica.ejected_until > 0 and state is State.READY
             out.append({
-                "url": url,
-                "state": "ejected" if ejected else (state.value if state else None),
+                "index": member.index,
+                "url": member.url,
+                "state": "ejected" if ejected else state.value,
+                "reason": member.reason,
+                "worker": member.worker,
+                "restarts": member.restarts,
                 "inflight": replica.inflight if replica else 0,
                 "answered": replica.answered if replica else 0,
                 "ejections": replica.ejections if replica else 0,
@@ -453,8 +462,10 @@ class Admin:
             )
         else:
             dep = Deployment(name=body.name, model_uri=body.model_uri, state=State.STARTING,
-                             reason="waiting for a worker to claim it", created_at=now)
-        entry = HistoryEntry("deploy", who, target=body.name, detail=" ".join(urls) or body.model_uri or "")
+                             reason="waiting for a worker to claim it", created_at=now, replicas=body.replicas or 1,
+                             min_ready=body.min_ready)
+        detail = " ".join(urls) or f"{body.model_uri}" + (f" × {dep.replicas} replicas" if dep.replicas > 1 else "")
+        entry = HistoryEntry("deploy", who, target=body.name, detail=detail)
         if not await self.store.create_deployment(dep, service=service, history=entry):
             raise AdminError(409, errors.RESOURCE_ALREADY_EXISTS,
                              f"service {service!r} already has a deployment named {body.name!r}")
@@ -462,6 +473,46 @@ class Admin:
         snapshot = await self.store.read_snapshot(service=service)
         view = self._deployment_view(snapshot, snapshot.deployments[body.name]) if body.name in snapshot.deployments else dep.to_fields()
         return _json(view, 201)
+
+    async def scale_deployment(self, request: web.Request) -> web.Response:
+        """``PUT /admin/[services/{service}/]deployments/{name}``: its replicas and min_ready (an external
+        one's urls). Workers warm new replicas before they take requests and drain removed ones."""
+        service = await self._service(request)
+        name = request.match_info["name"]
+        body = await self._parse(request, ScaleDeployment)
+        snapshot = await self.store.read_snapshot(service=service)
+        dep = snapshot.deployments.get(name)
+        if dep is None:
+            raise AdminError(404, errors.RESOURCE_DOES_NOT_EXIST, f"service {service!r} has no deployment named {name!r}")
+        changes: dict[str, Any] = {}
+        if body.urls is not None:
+            if not dep.external:
+                raise AdminError(409, errors.INVALID_STATE,
+                                 f"deployment {name!r} is served by workers: scale it with replicas, not urls")
+            urls = tuple(url.rstrip("/") for url in body.urls)
+            changes = {"url": urls[0], "urls": urls if len(urls) > 1 else None}
+            detail = f"urls {' '.join(dep.urls or (dep.url or '',))} → {' '.join(urls)}"
+        else:
+            if dep.external:
+                raise AdminError(409, errors.INVALID_STATE, f"deployment {name!r} is an external server: "
+                                 "give its replicas' urls instead of replicas or min_ready")
+            replicas = body.replicas if body.replicas is not None else dep.replicas
+            min_ready = body.min_ready if "min_ready" in body.model_fields_set else dep.min_ready
+            try:
+                check_min_ready(replicas, min_ready)
+            except ValueError as exc:
+                raise AdminError(400, errors.INVALID_PARAMETER_VALUE, str(exc)) from None
+            changes = {"replicas": replicas, "min_ready": min_ready}
+            shown = lambda n: "all" if n is None else str(n)
+            detail = f"replicas {dep.replicas} → {replicas}, min_ready {shown(dep.min_ready)} → {shown(min_ready)}"
+        entry = HistoryEntry("scale", self._who(request), target=name, reason=body.reason, detail=detail)
+        if not await self.store.update_deployment(name, service=service, history=entry, **changes):
+            raise AdminError(404, errors.RESOURCE_DOES_NOT_EXIST, f"service {service!r} has no deployment named {name!r}")
+        await self._apply_here(service)
+        snapshot = await self.store.read_snapshot(service=service)
+        if name not in snapshot.deployments:
+            raise AdminError(404, errors.RESOURCE_DOES_NOT_EXIST, f"service {service!r} has no deployment named {name!r}")
+        return _json(self._deployment_view(snapshot, snapshot.deployments[name]))
 
     async def delete_deployment(self, request: web.Request) -> web.Response:
         """``DELETE /admin/[services/{service}/]deployments/{name}?force=true&reason=``: refused while

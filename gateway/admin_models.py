@@ -9,7 +9,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from . import __version__
 from .proxy import parse_target
-from .records import NAME_PATTERN, check_name, check_service_name
+from .records import MAX_REPLICAS, NAME_PATTERN, check_name, check_service_name
 
 # Names are checked by the records' own rules (a message that says what is allowed); the pattern stays in
 # the OpenAPI document for clients.
@@ -36,6 +36,16 @@ def _check_url(url: str) -> None:
     parse_target(url)
 
 
+def _check_urls(urls: list[str] | None) -> list[str] | None:
+    """Every replica URL checked, none given twice."""
+    if urls is not None:
+        for url in urls:
+            _check_url(url)
+        if len({url.rstrip("/") for url in urls}) != len(urls):
+            raise ValueError("a replica URL is given twice")
+    return urls
+
+
 _URL = re.compile(r"http://[A-Za-z0-9.\-\[\]:]+(/\S*)?")
 
 
@@ -57,6 +67,14 @@ class CreateDeployment(Strict):
     )
     mlflow_name: str | None = Field(default=None, min_length=1, max_length=500, description="Registered model of an external server.")
     mlflow_version: str | None = Field(default=None, pattern=r"^\d{1,9}$", description="Its registered version.")
+    replicas: int | None = Field(
+        default=None, ge=1, le=MAX_REPLICAS,
+        description="Model-server processes workers run for a model_uri deployment (default 1); the gateway balances them.",
+    )
+    min_ready: int | None = Field(
+        default=None, ge=1, le=MAX_REPLICAS,
+        description="Ready replicas needed before a switch may make it active (default: all of them).",
+    )
 
     @field_validator("url")
     @classmethod
@@ -68,12 +86,7 @@ class CreateDeployment(Strict):
     @field_validator("urls")
     @classmethod
     def _all_reachable(cls, urls: list[str] | None) -> list[str] | None:
-        if urls is not None:
-            for url in urls:
-                _check_url(url)
-            if len({url.rstrip("/") for url in urls}) != len(urls):
-                raise ValueError("a replica URL is given twice")
-        return urls
+        return _check_urls(urls)
 
     @model_validator(mode="after")
     def _one_source(self) -> CreateDeployment:
@@ -81,6 +94,49 @@ class CreateDeployment(Strict):
             raise ValueError("give exactly one of model_uri, url and urls")
         if self.model_uri is not None and (self.mlflow_name or self.mlflow_version):
             raise ValueError("mlflow_name/mlflow_version are resolved from model_uri by the worker")
+        if self.model_uri is None and (self.replicas is not None or self.min_ready is not None):
+            raise ValueError("replicas and min_ready are for a model_uri deployment; an external one has a replica per URL in urls")
+        check_min_ready(self.replicas or 1, self.min_ready)
+        return self
+
+
+def check_min_ready(replicas: int, min_ready: int | None) -> None:
+    """``ValueError`` unless ``min_ready`` (when set) is at most ``replicas``."""
+    if min_ready is not None and min_ready > replicas:
+        raise ValueError(f"min_ready ({min_ready}) cannot exceed replicas ({replicas})")
+
+
+class ScaleDeployment(Strict):
+    """Change how many replicas a deployment has: new ones warm up before they take requests, removed ones
+    drain (no new requests; in-flight ones finish) before their servers stop. An external deployment
+    takes a new list of URLs instead."""
+
+    replicas: int | None = Field(default=None, ge=1, le=MAX_REPLICAS, description="Model-server processes wanted.")
+    min_ready: int | None = Field(
+        default=None, ge=1, le=MAX_REPLICAS,
+        description="Ready replicas needed before a switch may make it active; null: all of them.",
+    )
+    urls: list[str] | None = Field(
+        default=None, min_length=1, max_length=MAX_REPLICAS, description="An external deployment's replica URLs.",
+    )
+    reason: str = _REASON
+
+    @field_validator("urls")
+    @classmethod
+    def _all_reachable(cls, urls: list[str] | None) -> list[str] | None:
+        return _check_urls(urls)
+
+    @model_validator(mode="after")
+    def _something(self) -> ScaleDeployment:
+        given = self.model_fields_set - {"reason"}
+        if not given:
+            raise ValueError("give replicas and/or min_ready (or urls, for an external deployment)")
+        if "urls" in given and given != {"urls"}:
+            raise ValueError("urls (an external deployment) goes alone: replicas and min_ready are for a model_uri deployment")
+        if "urls" in given and self.urls is None:
+            raise ValueError("urls cannot be null")
+        if "replicas" in given and self.replicas is None:
+            raise ValueError("replicas cannot be null")
         return self
 
 
@@ -208,6 +264,8 @@ def _per_service(service_param: dict[str, Any] | None, suffix: str) -> dict[str,
         "/deployments/{name}": {
             "parameters": [*params, name_param],
             "get": op({"summary": "One deployment", "operationId": "getDeployment", "responses": _responses(200, 400, 401, 403, 404, 503)}),
+            "put": op({"summary": "Scale a deployment (replicas, min_ready; an external one's urls)", "operationId": "scaleDeployment",
+                       "requestBody": _body(ScaleDeployment), "responses": _responses(200, 400, 401, 403, 404, 409, 413, 415, 503)}),
             "delete": op({
                 "summary": "Delete a deployment (409 while active or previous, unless force=true)",
                 "operationId": "deleteDeployment",
@@ -238,7 +296,7 @@ def _per_service(service_param: dict[str, Any] | None, suffix: str) -> dict[str,
 def openapi_document() -> dict[str, Any]:
     """OpenAPI 3.0 description of the admin API."""
     schemas: dict[str, Any] = {"Error": _ERROR}
-    for model in (CreateDeployment, CreateService, SwitchRequest, RollbackRequest, GuardRequest, AlertmanagerPayload):
+    for model in (CreateDeployment, ScaleDeployment, CreateService, SwitchRequest, RollbackRequest, GuardRequest, AlertmanagerPayload):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         # Nested models (pydantic's $defs) become components of their own.
         for name, definition in schema.pop("$defs", {}).items():

@@ -208,7 +208,8 @@ def _service_readiness(watcher: RouteWatcher, service: str, named: bool = True) 
     active = snapshot.route.active
     if active is None:
         return errors.error_response(503, errors.TEMPORARILY_UNAVAILABLE, f"service {service!r} has no active deployment")
-    if not snapshot.is_ready(active):
+    # Ready while the active deployment has a replica to serve (its min_ready gates switches, not serving).
+    if not snapshot.serving(active):
         state = snapshot.effective_state(active)
         return errors.error_response(
             503, errors.TEMPORARILY_UNAVAILABLE,

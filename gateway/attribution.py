@@ -81,15 +81,15 @@ class Attribution:
         previous = route.previous
         if route.active != dm.name or previous is None or not snapshot.is_ready(previous):
             return False
-        dep = snapshot.deployments.get(previous)
-        if dep is None or not dep.replica_urls:
+        urls = snapshot.serving(previous)
+        if not urls:
             return False
         if self.in_flight >= MAX_IN_FLIGHT:
             self.metrics.replays.labels(dm.service, SKIPPED).inc()
             return False
         self.in_flight += 1
         # Any replica of the previous version can judge the input (replays are rare: no balancing needed).
-        url = random.choice(dep.replica_urls)
+        url = random.choice(urls)
         task = asyncio.get_running_loop().create_task(self._judge(dm, code, elapsed, replay, previous, url))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -15,7 +15,7 @@ from typing import Any, TypeVar, get_type_hints
 import click
 
 from . import __version__
-from .records import HistoryEntry
+from .records import MAX_REPLICAS, HistoryEntry
 from .settings import BOTH, ENV_PREFIX, GATEWAY, WORKER, Settings, SettingsError, base_type
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -260,20 +260,24 @@ def _status_text(body: dict[str, Any], wide: bool = False) -> str:
         replicas = d.get("replicas") or []
         where = d["url"] or "-"
         if len(replicas) > 1:
-            where = f"{len(replicas)} replicas"
+            where = f"{d.get('ready_replicas', '?')}/{d.get('desired_replicas', len(replicas))} replicas ready"
         rows.append([d["name"], d["role"] or "", d["state"] or "?", mlflow, where, str(t["requests"]),
                      f"{t['error_rate'] * 100:.1f}", _fmt_ms(t["p99_seconds"]), cut(d["state_detail"] or "", 70)])
         if len(replicas) > 1:
-            # One line per replica under its deployment: where it is, its state, what this gateway sent it.
+            # One line per replica under its deployment: where it is, its state, who hosts it, what this
+            # gateway sent it.
             for r in replicas:
                 state = r["state"] + (f" (ejected {r['ejections']}x)" if r["ejections"] else "")
-                rows.append(["", "", state, "", "  " + r["url"], "", "", "",
-                             f"{r['answered']} answered, {r['inflight']} in flight (this gateway)"])
+                host = f"worker {r['worker']}; " if r.get("worker") else ""
+                rows.append(["", "", state, f"  #{r.get('index', '')}", "  " + (r["url"] or "-"), "", "", "",
+                             cut(f"{host}{r['answered']} answered, {r['inflight']} in flight (this gateway)", 70)])
     lines.append(_table(rows) if len(rows) > 1 else "no deployments yet: turnout deploy NAME MODEL_URI")
     return cut.footer("\n".join(lines))
 
 
 _WIDE = click.option("--wide", is_flag=True, help="Show long reasons and details whole.")
+_WAIT = click.option("--wait", "wait_seconds", type=click.FloatRange(min=0), default=None, is_flag=False, flag_value=300.0,
+                     metavar="[SECONDS]", help="Wait (up to SECONDS, default 300) until it is ready; exit 1 if it fails or time runs out.")
 
 
 @main.command()
@@ -290,14 +294,22 @@ def status(wide: bool, url: str, token: str | None, as_json: bool, service: str 
 @click.argument("source")
 @click.option("--mlflow-name", default=None, help="Registered model name of an external server (SOURCE is a URL).")
 @click.option("--mlflow-version", default=None, help="Its registered version.")
-@click.option("--wait", "wait_seconds", type=click.FloatRange(min=0), default=None, is_flag=False, flag_value=300.0,
-              metavar="[SECONDS]", help="Wait (up to SECONDS, default 300) until it is ready; exit 1 if it fails or time runs out.")
+@click.option("--replicas", type=click.IntRange(1, MAX_REPLICAS), default=None,
+              help="Model-server processes for a model URI (default 1): workers run them, the gateway balances them.")
+@click.option("--min-ready", type=click.IntRange(1, MAX_REPLICAS), default=None,
+              help="Ready replicas needed before it may be switched to (default: all).")
+@_WAIT
 @_client_options
-def deploy(name: str, source: str, mlflow_name: str | None, mlflow_version: str | None, wait_seconds: float | None,
-           url: str, token: str | None, as_json: bool, service: str | None) -> None:
+def deploy(name: str, source: str, mlflow_name: str | None, mlflow_version: str | None, replicas: int | None,
+           min_ready: int | None, wait_seconds: float | None, url: str, token: str | None, as_json: bool,
+           service: str | None) -> None:
     """Create deployment NAME from a model URI (a --claim worker serves it) or the http:// URL of a running
     server (several, comma-separated: replicas the gateway balances)."""
     body: dict[str, Any] = {"name": name}
+    if replicas is not None:
+        body["replicas"] = replicas
+    if min_ready is not None:
+        body["min_ready"] = min_ready
     if source.startswith(("http://", "https://")):
         urls = [part.strip() for part in source.split(",") if part.strip()]
         if len(urls) > 1:
@@ -317,6 +329,52 @@ def deploy(name: str, source: str, mlflow_name: str | None, mlflow_version: str 
         return
     code, answer = _wait_ready(url, token, service, name, wait_seconds, as_json)
     _finish(code, answer, as_json, lambda d: f"{d['name']} is ready; `{_cmd('switch', service, d['name'])}` sends traffic to it")
+
+
+@main.command()
+@click.argument("name")
+@click.argument("replicas", type=click.IntRange(1, MAX_REPLICAS))
+@click.option("--min-ready", type=click.IntRange(1, MAX_REPLICAS), default=None,
+              help="Ready replicas needed before it may be switched to (default: unchanged).")
+@click.option("--reason", default="", help="Why (recorded in the history).")
+@_WAIT
+@_client_options
+def scale(name: str, replicas: int, min_ready: int | None, reason: str, wait_seconds: float | None, url: str,
+          token: str | None, as_json: bool, service: str | None) -> None:
+    """Run REPLICAS model servers for deployment NAME: new ones warm up before they take requests, removed
+    ones drain (no new requests, those in flight finish) before they stop."""
+    body: dict[str, Any] = {"replicas": replicas, **({"min_ready": min_ready} if min_ready is not None else {}),
+                            **({"reason": reason} if reason else {})}
+    code, answer = _call(url, token, "PUT", _admin(service, f"/deployments/{name}"), body)
+    if wait_seconds is None or code >= 400:
+        _finish(code, answer, as_json, lambda d: f"{d['name']}: {d['desired_replicas']} replica(s) wanted, "
+                f"{d['ready_replicas']} ready now; watch them with `{_cmd('status', service)}`")
+        return
+    code, answer = _wait_scaled(url, token, service, name, replicas, wait_seconds, as_json)
+    _finish(code, answer, as_json, lambda d: f"{d['name']}: {d['ready_replicas']} of {d['desired_replicas']} replicas ready")
+
+
+def _wait_scaled(url: str, token: str | None, service: str | None, name: str, replicas: int, seconds: float,
+                 quiet: bool) -> tuple[int, Any]:
+    """Poll a deployment until exactly ``replicas`` replicas are ready and none is left draining."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    shown = ""
+    while True:
+        code, answer = _call(url, token, "GET", _admin(service, f"/deployments/{name}"))
+        if code >= 400:
+            return code, answer
+        if answer.get("ready_replicas") == replicas and len(answer.get("replicas") or []) == replicas:
+            return code, answer
+        if time.monotonic() > deadline:
+            return 504, {"message": f"{name}: {answer.get('ready_replicas')} of {replicas} replicas ready after "
+                         f"{seconds:g} s: {answer.get('state_detail')}"}
+        states = ", ".join(f"#{r['index']} {r['state']}" for r in answer.get("replicas") or [])
+        if not quiet and states != shown:
+            shown = states
+            click.echo(f"{name}: {states}", err=True)
+        time.sleep(0.5)
 
 
 def _cmd(command: str, service: str | None, *args: str) -> str:

@@ -379,12 +379,16 @@ class Proxy:
             name = pinned
         generation = str(snapshot.route.generation)
         dep = snapshot.deployments.get(name)
-        if dep is None or not dep.replica_urls or not snapshot.is_ready(name):
+        # Requests go to whichever replicas are ready now: once a deployment took over, one ready replica is
+        # enough to serve (its min_ready gates a switch, not traffic), and a scale-up or a restart of one
+        # replica never interrupts it.
+        serving = snapshot.serving(name)
+        if dep is None or not serving:
             state = snapshot.effective_state(name)
             detail = "is unknown" if state is None else f"is {state.value}" + (f": {dep.reason}" if dep and dep.reason else "")
             return Refusal(503, errors.TEMPORARILY_UNAVAILABLE, f"deployment {name!r} {detail}", name, generation, service)
         try:
-            replicas = self.balancer.replicas(service, name, dep.replica_urls)
+            replicas = self.balancer.replicas(service, name, serving)
         except ValueError as exc:
             # A record written around the admin API's checks: the model server cannot be reached.
             return Refusal(502, errors.TEMPORARILY_UNAVAILABLE, f"deployment {name!r}: {exc}", name, generation, service)

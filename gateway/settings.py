@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, get_args, get_type_hints
 
-from .records import check_service_name
+from .records import MAX_REPLICAS, check_service_name
 
 ENV_PREFIX = "TURNOUT_"
 
@@ -153,6 +153,19 @@ class Settings:
     max_start_attempts: int = _doc("Failed starts in a row before a deployment is marked failed.", scope=WORKER, default=3)
     restart_backoff: float = _doc("First delay before restarting a crashed server; doubles per crash, up to 30 s.", scope=WORKER, default=1.0)
     stop_timeout: float = _doc("Seconds a model server may drain on stop before it is killed.", scope=WORKER, default=10.0)
+    replicas: int = _doc(
+        "Replicas (model-server processes) of each deployment a worker registers from --deployment; the admin API and "
+        "turnout scale change them later.", scope=WORKER, default=1,
+    )
+    drain_grace: float = _doc(
+        "Seconds a replica removed by a scale-down keeps its server up after saying it is draining, before it waits "
+        "for its requests in flight: every gateway has stopped choosing it by then (they re-read within poll_interval).",
+        scope=WORKER, default=3.0,
+    )
+    drain_timeout: float = _doc(
+        "Most seconds a draining replica waits for its requests in flight (its open connections) before its server stops.",
+        scope=WORKER, default=60.0,
+    )
     worker_metrics_port: int | None = _doc("Port of the worker's /metrics and /health; unset = not served.", scope=WORKER, default=None)
     warmup_payload: str | None = _doc(
         "JSON file used as the warm-up request for models logged without an input example.", scope=WORKER, default=None
@@ -169,6 +182,7 @@ class Settings:
             "header_timeout", "keepalive_timeout", "client_timeout", "upstream_pool_timeout",
             "health_interval", "lease_ttl", "start_timeout", "restart_backoff", "stop_timeout",
             "guard_window", "guard_interval", "guard_bake", "stats_flush_interval", "outlier_base_ejection",
+            "drain_timeout",
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive, got {getattr(self, name)!r}")
@@ -178,6 +192,10 @@ class Settings:
             raise SettingsError("guard_p99 must be positive (or unset)")
         if self.balance not in ("least_request", "round_robin"):
             raise SettingsError(f"balance must be least_request or round_robin, got {self.balance!r}")
+        if self.drain_grace < 0:
+            raise SettingsError(f"drain_grace must be 0 or more, got {self.drain_grace!r}")
+        if not 1 <= self.replicas <= MAX_REPLICAS:
+            raise SettingsError(f"replicas must be 1-{MAX_REPLICAS}, got {self.replicas!r}")
         if not 0 <= self.outlier_max_ejection_percent <= 100:
             raise SettingsError(f"outlier_max_ejection_percent must be 0-100, got {self.outlier_max_ejection_percent!r}")
         for name in ("max_body_bytes", "upstream_max_connections", "max_start_attempts", "history_max", "guard_min_requests",

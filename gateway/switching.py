@@ -42,6 +42,11 @@ def describe_state(snapshot: Snapshot, name: str) -> str:
     assert state is not None
     if state is State.STARTING and dep.started_at:
         return f"starting ({max(0, time.time() - dep.started_at):.0f} s)"
+    if len(dep.members) > 1:
+        ready = len(snapshot.serving(name))
+        held = next((m for m in dep.members[: dep.replicas] if snapshot.member_state(dep, m) is not State.READY), None)
+        why = f"; replica {held.index} is {snapshot.member_state(dep, held).value}" + (f": {held.reason}" if held.reason else "") if held else ""
+        return f"{state.value}: {ready} of {dep.replicas} replicas ready, {dep.needed} needed{why}"
     if state is State.UNHEALTHY and dep.state is State.READY:
         return "unhealthy: no live worker holds it"
     return f"{state.value}: {dep.reason}" if dep.reason else state.value

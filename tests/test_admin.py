@@ -204,7 +204,7 @@ async def test_bad_switch_bodies_get_precise_errors_and_change_nothing(
 @pytest.mark.parametrize(("method", "path", "allow"), [
     ("PUT", "/admin/switch", "POST"),
     ("GET", "/admin/rollback", "POST"),
-    ("PATCH", "/admin/deployments/green", "DELETE, GET, HEAD"),
+    ("PATCH", "/admin/deployments/green", "DELETE, GET, HEAD, PUT"),
     ("POST", "/admin/services/default/history", "GET, HEAD"),
 ])
 async def test_a_wrong_method_on_an_admin_path_gets_405_naming_the_right_ones(

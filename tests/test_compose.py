@@ -68,6 +68,11 @@ def test_ports_and_urls_are_wired_consistently() -> None:
     worker_env = env_of(SERVICES["worker"])
     assert targets["turnout-worker"] == [f"worker:{worker_env['TURNOUT_WORKER_METRICS_PORT']}"]
     assert worker_env["TURNOUT_ADVERTISE_HOST"] == "worker" and worker_env["TURNOUT_MODEL_HOST"] == "0.0.0.0"
+    # Each version runs two replicas, and the port range holds them all (plus a restart's new port).
+    replicas = int(worker_env["TURNOUT_REPLICAS"])
+    first, last = map(int, worker_env["TURNOUT_MODEL_PORTS"].split("-"))
+    hosted = len([a for a in TURNOUT_SERVICES["worker"]["command"] if a.startswith(("blue=", "green="))])
+    assert replicas == 2 and last - first + 1 > hosted * replicas
     assert prometheus["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == ["alertmanager:9093"]
     alertmanager = yaml.safe_load((ROOT / "deploy/alertmanager/alertmanager.yml").read_text())
     hooks = [h for r in alertmanager["receivers"] for h in r.get("webhook_configs", [])]

@@ -40,7 +40,7 @@ def _get(path: str) -> dict:
 
 def test_the_readme_walkthrough_runs_as_written() -> None:
     blocks = walkthrough()
-    assert list(blocks) == ["up", "cli", "curl", "services"], "the README's walkthrough blocks"
+    assert list(blocks) == ["up", "cli", "curl", "services", "replicas"], "the README's walkthrough blocks"
     assert _port_free(8080), "the walkthrough uses port 8080, as the README says; something else holds it"
     env = child_env()
     up = subprocess.Popen(["bash", "-c", blocks["up"]], cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -59,7 +59,7 @@ def test_the_readme_walkthrough_runs_as_written() -> None:
     reader.start()
     try:
         assert ready.wait(300), "".join(lines[-40:])
-        story = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", "\n".join(blocks[b] for b in ("cli", "curl", "services"))],
+        story = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", "\n".join(blocks[b] for b in ("cli", "curl", "services", "replicas"))],
                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         output = story.stdout + story.stderr
         assert story.returncode == 0, output[-4000:]
@@ -78,6 +78,15 @@ def test_the_readme_walkthrough_runs_as_written() -> None:
         assert loans["route"]["active"] == "green" and loans["route"]["generation"] == 2, loans
         assert _get("/admin/state")["route"]["active"] == "blue"
         assert [s["name"] for s in _get("/admin/services")["services"]] == ["default", "loans"]
+        # loans' green ran two warm replicas that both answered, and is back to one.
+        assert "2/2 replicas ready" in story.stdout, output[-4000:]
+        shown = story.stdout[story.stdout.index("2/2 replicas ready"):]
+        answered = [int(n) for n in re.findall(r"(\d+) answered", shown)[:2]]
+        assert len(answered) == 2 and min(answered) > 0, shown
+        scales = [e["detail"] for e in _get("/admin/services/loans/history")["entries"] if e["action"] == "scale"]
+        assert scales == ["replicas 2 → 1, min_ready all → all", "replicas 1 → 2, min_ready all → all"], scales
+        green = _get("/admin/services/loans/deployments/green")
+        assert (green["desired_replicas"], green["ready_replicas"], len(green["replicas"])) == (1, 1, 1), green
     finally:
         os.killpg(up.pid, signal.SIGINT)
         try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 from prometheus_client.exposition import generate_latest
 
@@ -18,15 +20,15 @@ class WorkerMetrics:
         r = self.registry
         self.restarts = Counter(
             "turnout_model_server_restarts", "Model servers restarted after a crash or failed health checks.",
-            ["service", "deployment"], registry=r,
+            ["service", "deployment", "replica"], registry=r,
         )
         self.state = Gauge(
-            "turnout_model_server_state", "1 for the state each hosted deployment is in, 0 for the others.",
-            ["service", "deployment", "state"], registry=r,
+            "turnout_model_server_state", "1 for the state each hosted replica is in, 0 for the others.",
+            ["service", "deployment", "replica", "state"], registry=r,
         )
         self.startup_seconds = Gauge(
             "turnout_model_server_startup_seconds", "Seconds from launch to ready (warm-up included) of the last start.",
-            ["service", "deployment"], registry=r,
+            ["service", "deployment", "replica"], registry=r,
         )
         self.background_errors = background_errors_counter(r)
 
@@ -34,10 +36,19 @@ class WorkerMetrics:
         """One unexpected failure of a background loop (logged with its traceback, then retried)."""
         self.background_errors.labels(task).inc()
 
-    def set_state(self, service: str, deployment: str, state: State) -> None:
-        """Mark ``state`` as the deployment's current one."""
+    def set_state(self, service: str, deployment: str, replica: int, state: State) -> None:
+        """Mark ``state`` as the replica's current one."""
         for candidate in State:
-            self.state.labels(service, deployment, candidate.value).set(1 if candidate is state else 0)
+            self.state.labels(service, deployment, str(replica), candidate.value).set(1 if candidate is state else 0)
+
+    def forget(self, service: str, deployment: str, replica: int) -> None:
+        """Drop a replica's series once a scale-down removed it (the series stay bounded by the replicas there are)."""
+        for candidate in State:
+            with contextlib.suppress(KeyError):
+                self.state.remove(service, deployment, str(replica), candidate.value)
+        for family in (self.restarts, self.startup_seconds):
+            with contextlib.suppress(KeyError):
+                family.remove(service, deployment, str(replica))
 
     def exposition(self) -> bytes:
         """Text exposition of every metric."""

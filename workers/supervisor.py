@@ -18,7 +18,9 @@ from typing import TypeVar
 import aiohttp
 
 from gateway.loops import Loops
-from gateway.records import Deployment, HistoryEntry, ServiceConfig, Snapshot, State, Who, parse_specs
+from gateway.records import (
+    Deployment, HistoryEntry, ServiceConfig, Snapshot, State, Who, cleared, parse_specs, replica_key,
+)
 from gateway.settings import Settings
 from gateway.store import Store, StoreUnavailable
 
@@ -40,35 +42,46 @@ class LeaseLost(Exception):
     """This worker no longer holds the deployment (another worker took it, or it was deleted)."""
 
 
-class Hosted:
-    """One deployment this worker hosts: its model server and the lifecycle loop that keeps it warm."""
+# Which replica of which deployment: (service, deployment, replica index).
+Unit = tuple[str, str, int]
 
-    def __init__(self, worker: Worker, service: str, name: str, model_uri: str) -> None:
+
+class Hosted:
+    """One replica of a deployment this worker hosts: its model server and the lifecycle loop that keeps it warm."""
+
+    def __init__(self, worker: Worker, service: str, name: str, model_uri: str, index: int = 0) -> None:
         self.worker = worker
         self.service = service
         self.name = name
+        self.index = index
         self.model_uri = model_uri
         self.state: State | None = None
         self.server: ModelServer | None = None
         self.restarts = 0
         self.task: asyncio.Task[None] | None = None
+        self.draining = False
+
+    @property
+    def unit(self) -> Unit:
+        """(service, deployment, replica)."""
+        return (self.service, self.name, self.index)
 
     @property
     def label(self) -> str:
-        """``service/name`` for logs."""
-        return f"{self.service}/{self.name}"
+        """``service/name`` (``service/name#index`` for a replica after the first) for logs."""
+        return f"{self.service}/{replica_key(self.name, self.index)}"
 
     async def set_state(self, state: State, reason: str, **fields: object) -> None:
-        """Write the state (fenced by this worker's lease); log and count only transitions."""
+        """Write the replica's state (fenced by this worker's lease); log and count only transitions."""
         ok = await self.worker.store.update_deployment(
-            self.name, service=self.service, owner=self.worker.id, state=state, reason=reason, updated_at=time.time(),
-            **fields,
+            self.name, service=self.service, owner=self.worker.id, replica=self.index, state=state, reason=reason,
+            updated_at=time.time(), **fields,
         )
         if not ok:
             raise LeaseLost(self.label)
         if state is not self.state:
             log.info("deployment %s: %s — %s", self.label, state.value, reason)
-            self.worker.metrics.set_state(self.service, self.name, state)
+            self.worker.metrics.set_state(self.service, self.name, self.index, state)
         self.state = state
 
     async def run(self) -> None:
@@ -116,7 +129,7 @@ class Hosted:
                 continue
             failures = 0
             startup = time.monotonic() - started
-            w.metrics.startup_seconds.labels(self.service, self.name).set(startup)
+            w.metrics.startup_seconds.labels(self.service, self.name, str(self.index)).set(startup)
             detail = f"warm-up with the {warmup} succeeded" if warmup else "answered /ping (no warm-up request: the model has no input example)"
             await self.set_state(State.READY, f"ready {startup:.1f} s after launch; {detail}", ready_at=time.time())
             ready_since = time.monotonic()
@@ -124,7 +137,7 @@ class Hosted:
             crashes = 1 if time.monotonic() - ready_since > _STABLE_AFTER else crashes + 1
             delay = min(s.restart_backoff * 2 ** (crashes - 1), _BACKOFF_CAP)
             self.restarts += 1
-            w.metrics.restarts.labels(self.service, self.name).inc()
+            w.metrics.restarts.labels(self.service, self.name, str(self.index)).inc()
             await self.set_state(State.UNHEALTHY, f"{why}; restarting in {delay:.0f} s", restarts=self.restarts)
             await self._discard(server)
             await asyncio.sleep(delay)
@@ -206,13 +219,64 @@ class Hosted:
 
     async def stop(self, reason: str) -> None:
         """Cancel the lifecycle, stop the server, say so in the record (if still ours)."""
-        if self.task is not None:
+        if self.task is not None and self.task is not asyncio.current_task():
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
         if self.server is not None:
             await self._discard(self.server)
         with contextlib.suppress(LeaseLost, StoreUnavailable):
             await self.set_state(State.STOPPED, reason, url=None)
+
+    async def drain(self, replicas: int) -> None:
+        """Leave after a scale-down: say ``draining`` (every gateway stops sending it new requests), wait
+        for its in-flight requests to finish, then stop the server and remove the replica's record."""
+        w = self.worker
+        s = w.settings
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        server = self.server
+        serving = server is not None and not server.exited and self.state in (State.READY, State.UNHEALTHY)
+        await self.set_state(State.DRAINING, f"scaled down to {replicas} replica(s): taking no new requests"
+                             + ("; waiting for requests in flight" if serving else ""))
+        if serving and server is not None:
+            # Gateways stop choosing it at once (pub/sub) or within their poll interval; their idle
+            # connections to it close after the upstream keep-alive; what stays open carries requests.
+            await asyncio.sleep(s.drain_grace)
+            deadline = time.monotonic() + s.drain_timeout
+            while time.monotonic() < deadline and not server.exited and established(server.port) > 0:
+                await asyncio.sleep(0.2)
+            left = 0 if server.exited else established(server.port)
+            if left:
+                log.warning("deployment %s: %d connection(s) still open after %.0f s of draining; stopping it anyway",
+                            self.label, left, s.drain_timeout)
+        if server is not None:
+            await self._discard(server)
+        with contextlib.suppress(StoreUnavailable):
+            # The replica's fields go (the deployment no longer has it), then its lease.
+            await w.store.update_deployment(self.name, service=self.service, owner=w.id, replica=self.index,
+                                            **cleared(self.index))
+            await w.store.release(self.name, w.id, service=self.service, replica=self.index)
+        w.metrics.forget(self.service, self.name, self.index)
+        log.info("deployment %s: drained and stopped", self.label)
+
+
+def established(port: int) -> int:
+    """TCP connections established to ``port`` on this host (Linux): a draining model server's requests
+    in flight, once the gateways closed their idle connections to it."""
+    count = 0
+    wanted = f":{port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            # local_address is HEXIP:HEXPORT; state 01 is ESTABLISHED.
+            if len(parts) > 3 and parts[1].endswith(wanted) and parts[3] == "01":
+                count += 1
+    return count
 
 
 class Worker:
@@ -228,7 +292,11 @@ class Worker:
         self.child_env = server_env(os.environ, self.id)
         self.metrics = WorkerMetrics()
         self.sample_payload = Path(settings.warmup_payload).read_text() if settings.warmup_payload else None
-        self.hosted: dict[tuple[str, str], Hosted] = {}
+        self.hosted: dict[Unit, Hosted] = {}
+        # When each replica this worker could claim was first seen unheld (it leaves a second replica of a
+        # deployment it already hosts to other workers for a round, so replicas spread over hosts).
+        self._unheld_since: dict[Unit, float] = {}
+        self._drains: set[asyncio.Task[None]] = set()
         # One thread for MLflow's (blocking) client: concurrent first imports of mlflow deadlocked.
         self._registry_thread = ThreadPoolExecutor(1, thread_name_prefix="mlflow-registry")
         self.session: aiohttp.ClientSession
@@ -262,7 +330,8 @@ class Worker:
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         """Start the watchdog, register static deployments, begin heartbeats (and claiming)."""
-        self.session = aiohttp.ClientSession()
+        # No idle keep-alive connections to model servers: a draining one counts its open connections.
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
         await self._start_watchdog()
         for (service, name), uri in self.static.items():
             if not await self.store.service_exists(service):
@@ -271,24 +340,28 @@ class Worker:
                     "service_create", Who(self.id, None, "worker"), target=service, reason="named by a worker's --deployment",
                 ))
             created = await self.store.create_deployment(
-                Deployment(name=name, model_uri=uri, state=State.STARTING, reason="registered by a worker", created_at=time.time()),
+                Deployment(name=name, model_uri=uri, state=State.STARTING, reason="registered by a worker", created_at=time.time(),
+                           replicas=self.settings.replicas),
                 service=service,
             )
             if not created:
                 await self.store.update_deployment(name, service=service, model_uri=uri)
         await self._claim_round(await self._read())
         self.loops.every("worker-heartbeat", self.settings.lease_ttl / 3, self._heartbeat_once)
-        log.info("worker %s hosting %s%s", self.id, sorted(f"{s}/{n}" for s, n in self.hosted) or "nothing yet",
+        log.info("worker %s hosting %s%s", self.id, sorted(h.label for h in self.hosted.values()) or "nothing yet",
                  " and claiming unheld deployments" if self.settings.claim else "")
 
     async def stop(self) -> None:
         """Undo start in reverse: stop heartbeats, stop every server (in parallel), release leases, stop the watchdog."""
         await self.loops.cancel()
+        for task in list(self._drains):
+            task.cancel()
+        await asyncio.gather(*self._drains, return_exceptions=True)
         hosted = list(self.hosted.values())
         await asyncio.gather(*(h.stop("worker stopped") for h in hosted), return_exceptions=True)
         for h in hosted:
             with contextlib.suppress(StoreUnavailable):
-                await self.store.release(h.name, self.id, service=h.service)
+                await self.store.release(h.name, self.id, service=h.service, replica=h.index)
         self.hosted.clear()
         if self._watchdog is not None:
             assert self._watchdog.stdin is not None
@@ -297,15 +370,15 @@ class Worker:
         await self.session.close()
         self._registry_thread.shutdown(wait=False, cancel_futures=True)
 
-    async def _host(self, service: str, name: str, model_uri: str) -> None:
-        hosted = Hosted(self, service, name, model_uri)
+    async def _host(self, service: str, name: str, model_uri: str, index: int) -> None:
+        hosted = Hosted(self, service, name, model_uri, index)
         # The restart counter exists from the start (at 0), so dashboards show it before any crash.
-        self.metrics.restarts.labels(service, name)
-        self.hosted[(service, name)] = hosted
-        hosted.task = asyncio.create_task(self._run_hosted(hosted), name=f"deployment-{service}-{name}")
+        self.metrics.restarts.labels(service, name, str(index))
+        self.hosted[hosted.unit] = hosted
+        hosted.task = asyncio.create_task(self._run_hosted(hosted), name=f"deployment-{service}-{name}-{index}")
 
     async def _run_hosted(self, hosted: Hosted) -> None:
-        key = (hosted.service, hosted.name)
+        key = hosted.unit
         try:
             await hosted.run()
         except LeaseLost:
@@ -336,21 +409,52 @@ class Worker:
         return self.settings.claim and (not wanted or service in wanted)
 
     async def _claim_round(self, snapshots: dict[str, Snapshot]) -> None:
-        """Take every static deployment we can, and with ``claim`` every unheld one that has a model URI
-        (of the services in ``--services``, or of every service)."""
-        wanted: dict[tuple[str, str], str] = dict(self.static)
+        """Take every replica of a static deployment we can, and with ``claim`` every unheld replica of a
+        deployment that has a model URI (of the services in ``--services``, or of every service)."""
+        wanted: dict[Unit, str] = {}
+        for (service, name), uri in self.static.items():
+            dep = snapshots[service].deployments.get(name) if service in snapshots else None
+            for index in range(dep.replicas if dep is not None else 1):
+                wanted[(service, name, index)] = uri
+        now = time.monotonic()
+        unheld: set[Unit] = set()
         for service, snapshot in snapshots.items():
-            if not self._claims(service):
-                continue
             for name, dep in snapshot.deployments.items():
-                if dep.model_uri and not dep.external and name not in snapshot.live:
-                    wanted.setdefault((service, name), dep.model_uri)
-        for (service, name), uri in wanted.items():
+                if dep.external:
+                    continue
+                await self._forget_stale(service, snapshot, dep)
+                if not (dep.model_uri and self._claims(service)):
+                    continue
+                for index in range(dep.replicas):
+                    unit = (service, name, index)
+                    if replica_key(name, index) in snapshot.live or unit in self.hosted:
+                        continue
+                    unheld.add(unit)
+                    self._unheld_since.setdefault(unit, now)
+                    wanted.setdefault(unit, dep.model_uri)
+        self._unheld_since = {u: t for u, t in self._unheld_since.items() if u in unheld}
+        # Spread: a replica of a deployment this worker already hosts is left to other workers for a
+        # heartbeat round or two (they claim every lease_ttl/3 too), so a worker that hosts none of it
+        # gets there first; static deployments are this worker's own and are not spread.
+        patience = self.settings.lease_ttl / 2
+        for unit, uri in sorted(wanted.items()):
+            service, name, index = unit
             snapshot = snapshots.get(service)
-            if (service, name) in self.hosted or snapshot is None or name not in snapshot.deployments:
+            if unit in self.hosted or snapshot is None or name not in snapshot.deployments:
                 continue
-            if await self.store.claim(name, self.id, self.settings.lease_ttl, service=service):
-                await self._host(service, name, snapshot.deployments[name].model_uri or uri)
+            mine = any(h.service == service and h.name == name for h in self.hosted.values())
+            if mine and (service, name) not in self.static and now - self._unheld_since.get(unit, now) < patience:
+                continue
+            if await self.store.claim(name, self.id, self.settings.lease_ttl, service=service, replica=index):
+                self._unheld_since.pop(unit, None)
+                await self._host(service, name, snapshot.deployments[name].model_uri or uri, index)
+
+    async def _forget_stale(self, service: str, snapshot: Snapshot, dep: Deployment) -> None:
+        """Remove what a dead worker left of a replica a scale-down removed (nobody holds it: nobody drains it)."""
+        for member in dep.members[dep.replicas:]:
+            key = replica_key(dep.name, member.index)
+            if key not in snapshot.live and (service, dep.name, member.index) not in self.hosted:
+                await self.store.update_deployment(dep.name, service=service, replica=member.index, **cleared(member.index))
 
     async def _heartbeat_once(self) -> None:
         try:
@@ -361,11 +465,26 @@ class Worker:
             log.warning("store unavailable (%s); leases may lapse until it is back", exc)
 
     async def _heartbeat(self, snapshots: dict[str, Snapshot]) -> None:
-        """Renew every lease; stop what was deleted or taken by another worker."""
-        for (service, name), hosted in list(self.hosted.items()):
+        """Renew every lease; stop what was deleted or taken by another worker, drain what a scale-down removed."""
+        for unit, hosted in list(self.hosted.items()):
+            service, name, index = unit
             snapshot = snapshots.get(service)
-            gone = snapshot is None or name not in snapshot.deployments
-            if gone or not await self.store.claim(name, self.id, self.settings.lease_ttl, service=service):
-                log.info("deployment %s: %s; stopping its server", hosted.label, "deleted" if gone else "lease lost")
-                self.hosted.pop((service, name), None)
-                await hosted.stop("deployment deleted" if gone else "lease lost")
+            dep = snapshot.deployments.get(name) if snapshot is not None else None
+            if dep is None or not await self.store.claim(name, self.id, self.settings.lease_ttl, service=service, replica=index):
+                log.info("deployment %s: %s; stopping its server", hosted.label, "deleted" if dep is None else "lease lost")
+                self.hosted.pop(unit, None)
+                await hosted.stop("deployment deleted" if dep is None else "lease lost")
+            elif index >= dep.replicas and not hosted.draining:
+                hosted.draining = True
+                task = asyncio.create_task(self._drain(hosted, dep.replicas), name=f"drain-{hosted.label}")
+                self._drains.add(task)
+                task.add_done_callback(self._drains.discard)
+
+    async def _drain(self, hosted: Hosted, replicas: int) -> None:
+        try:
+            await hosted.drain(replicas)
+        except LeaseLost:
+            if hosted.server is not None:
+                await hosted._discard(hosted.server)
+        finally:
+            self.hosted.pop(hosted.unit, None)
