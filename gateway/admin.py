@@ -21,13 +21,14 @@ from aiohttp import web
 from . import errors
 from .admin_models import (
     AlertmanagerPayload, CreateDeployment, CreateService, GuardRequest, GuardThresholds, RollbackRequest,
-    ScaleDeployment, SwitchRequest, check_min_ready, openapi_document,
+    CanaryAction, CanaryRequest, ScaleDeployment, SwitchRequest, check_min_ready, openapi_document,
 )
 from .records import GUARD_FIELDS, Deployment, HistoryEntry, ServiceConfig, Snapshot, State, Who, check_service_name
 from .settings import Settings, SettingsError
 from .store import Store, StoreUnavailable
 from .aiohttp_handler import abandon_body
 from .balancer import Balancer
+from .rollout import PlanRefused, Rollouts
 from .guard import Guard
 from .http1 import client_address, is_loopback
 from .switching import RouteControl, describe_state
@@ -89,9 +90,10 @@ class Admin:
 
     def __init__(
         self, settings: Settings, store: Store, watcher: RouteWatcher, traffic: Traffic, control: RouteControl,
-        guard: Guard, balancer: Balancer[Any],
+        guard: Guard, balancer: Balancer[Any], rollouts: Rollouts,
     ) -> None:
         self.settings = settings
+        self.rollouts = rollouts
         self.store = store
         self.watcher = watcher
         self.traffic = traffic
@@ -123,6 +125,10 @@ class Admin:
                 web.delete(prefix + "/deployments/{name}", self._wrap(self.delete_deployment, mutation=True, body=False)),
                 web.post(prefix + "/switch", self._wrap(self.switch, mutation=True), expect_handler=errors.expect_handler),
                 web.post(prefix + "/rollback", self._wrap(self.rollback, mutation=True), expect_handler=errors.expect_handler),
+                web.get(prefix + "/canary", self._wrap(self.canary)),
+                web.post(prefix + "/canary", self._wrap(self.start_canary, mutation=True), expect_handler=errors.expect_handler),
+                web.post(prefix + "/canary/{action:pause|resume|promote|abort}", self._wrap(self.change_canary, mutation=True),
+                         expect_handler=errors.expect_handler),
                 web.get(prefix + "/history", self._wrap(self.history)),
                 web.get(prefix + "/guard", self._wrap(self.guard_state)),
                 web.post(prefix + "/guard", self._wrap(self.guard_change, mutation=True), expect_handler=errors.expect_handler),
@@ -272,7 +278,8 @@ class Admin:
     def _deployment_view(self, snapshot: Snapshot, dep: Deployment) -> dict[str, Any]:
         state = snapshot.effective_state(dep.name)
         route = snapshot.route
-        role = "active" if dep.name == route.active else "previous" if dep.name == route.previous else None
+        role = ("active" if dep.name == route.active else "previous" if dep.name == route.previous
+                else "candidate" if dep.name == route.candidate else None)
         return {
             "name": dep.name,
             "role": role,
@@ -326,9 +333,12 @@ class Admin:
         applied = self.watcher.snapshots.get(service)
         return _json({
             "service": service,
-            "route": {"active": route.active, "previous": route.previous, "generation": route.generation},
+            "route": {"active": route.active, "previous": route.previous, "generation": route.generation,
+                      "candidate": route.candidate, "weight": route.weight if route.candidate else None,
+                      "sticky_header": route.sticky},
             "deployments": [self._deployment_view(snapshot, d) for d in sorted(snapshot.deployments.values(), key=lambda d: d.name)],
             "guard": await self._guard_view(snapshot),
+            "canary": await self._canary_view(snapshot),
             "gateway": {
                 "applied_generation": applied.route.generation if applied else None,
                 "store_up": self.watcher.store_up,
@@ -527,9 +537,10 @@ class Admin:
         if refusal == "unknown":
             raise AdminError(404, errors.RESOURCE_DOES_NOT_EXIST, f"service {service!r} has no deployment named {name!r}")
         if refusal is not None:
-            message = (f"{name} is the {refusal} deployment"
-                       + ("; switch traffic elsewhere first, or use force" if refusal == "active"
-                          else " (the rollback target); use force to delete it anyway"))
+            message = f"{name} is the {refusal} deployment" + {
+                "active": "; switch traffic elsewhere first, or use force",
+                "candidate": " of a traffic split; abort the canary first (turnout abort), or use force",
+            }.get(refusal, " (the rollback target); use force to delete it anyway")
             await self.store.append_history(entry.but(result="refused", detail=message), service=service)
             raise AdminError(409, errors.INVALID_STATE, message)
         await self._apply_here(service)
@@ -558,6 +569,67 @@ class Admin:
         if outcome.applied:
             await self._apply_here(service)
         return _json({**outcome.body(), "service": service}, outcome.status)
+
+    # --- canary -------------------------------------------------------------------------------
+    async def _canary_view(self, snapshot: Snapshot) -> dict[str, Any] | None:
+        """The plan as an operator reads it, with the gate's live figures (computed here, on any replica)."""
+        plan = snapshot.plan
+        if plan is None:
+            return None
+        now = time.time()
+        view: dict[str, Any] = {
+            "candidate": plan.candidate, "baseline": plan.baseline, "state": plan.state,
+            "step": plan.step + 1, "steps": list(plan.steps), "weight": plan.weight if plan.active else 0.0,
+            "step_seconds": plan.step_seconds, "seconds_left": round(plan.left(now), 1) if plan.active else None,
+            "sticky_header": plan.sticky, "started_at": plan.started_at, "started_by": plan.started_by,
+            "gate": {"max_error_rate_increase": plan.max_error_rate_increase, "max_latency_ratio": plan.max_latency_ratio,
+                     "min_requests": plan.min_requests},
+            "outcome": plan.outcome or None,
+        }
+        if plan.active:
+            verdict = await self.rollouts.look(snapshot.service, plan, now)
+            view["live"] = {"status": verdict.status, "detail": verdict.why, **verdict.evidence}
+        elif plan.gate:
+            view["last_gate"] = dict(plan.gate)
+        return view
+
+    async def canary(self, request: web.Request) -> web.Response:
+        """``GET /admin/[services/{service}/]canary``."""
+        service = await self._service(request)
+        snapshot = await self.store.read_snapshot(service=service)
+        return _json({"service": service, "canary": await self._canary_view(snapshot)})
+
+    async def start_canary(self, request: web.Request) -> web.Response:
+        """``POST /admin/[services/{service}/]canary``: start a plan (the first step's weight applies at once)."""
+        service = await self._service(request)
+        body = await self._parse(request, CanaryRequest)
+        try:
+            await self.rollouts.start(
+                service, body.candidate, body.steps, body.step_seconds, self._who(request), sticky=body.sticky_header,
+                max_error_rate_increase=body.max_error_rate_increase, max_latency_ratio=body.max_latency_ratio,
+                min_requests=body.min_requests, reason=body.reason,
+            )
+        except PlanRefused as exc:
+            raise AdminError(exc.status, exc.code, exc.message) from None
+        await self._apply_here(service)
+        snapshot = await self.store.read_snapshot(service=service)
+        return _json({"service": service, "canary": await self._canary_view(snapshot)}, 201)
+
+    async def change_canary(self, request: web.Request) -> web.Response:
+        """``POST /admin/[services/{service}/]canary/{pause,resume,promote,abort}``."""
+        service = await self._service(request)
+        action = request.match_info["action"]
+        body = await self._parse(request, CanaryAction)
+        who = self._who(request)
+        r = self.rollouts
+        act = {"pause": r.pause, "resume": r.resume, "promote": r.promote, "abort": r.abort}[action]
+        try:
+            await act(service, who, body.reason)
+        except PlanRefused as exc:
+            raise AdminError(exc.status, exc.code, exc.message) from None
+        await self._apply_here(service)
+        snapshot = await self.store.read_snapshot(service=service)
+        return _json({"service": service, "canary": await self._canary_view(snapshot)})
 
     # --- guard and alerts ---------------------------------------------------------------------
     async def _guard_view(self, snapshot: Snapshot) -> dict[str, Any]:
@@ -636,6 +708,19 @@ class Admin:
                 continue
             who = Who(actor=f"alertmanager:{name}", client=self.client(request), trigger="alertmanager")
             reason = alert.annotations.get("summary") or alert.annotations.get("description") or f"alert {name} fired"
+            plan = (await self.store.read_snapshot(service=service)).plan
+            named = labels.get("deployment") or None
+            if plan is not None and plan.active and named in (None, plan.candidate):
+                # During a canary the rollback is the canary's: the candidate gets no more traffic.
+                try:
+                    await self.rollouts.abort(service, who, reason)
+                except PlanRefused as exc:
+                    results.append({"alert": name, "service": service, "action": "refused", "detail": exc.message})
+                    continue
+                await self._apply_here(service)
+                results.append({"alert": name, "service": service, "action": "canary_aborted",
+                                "detail": f"canary of {plan.candidate} aborted: {reason}"})
+                continue
             outcome = await self.control.rollback(
                 who, service=service, reason=reason, only_if_active=labels.get("deployment") or None,
                 evidence={"alert": name, "labels": labels, "startsAt": alert.startsAt},

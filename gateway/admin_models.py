@@ -140,6 +140,30 @@ class ScaleDeployment(Strict):
         return self
 
 
+class CanaryRequest(Strict):
+    """Start a canary rollout of ``candidate``: each step's weight is held ``step_seconds`` and judged against
+    the active deployment over the same seconds; every step passed promotes it, a breach aborts it."""
+
+    candidate: DeploymentName = _NAME
+    steps: list[float] = Field(min_length=1, max_length=20, description="Weights in percent, increasing, each in (0, 100].")
+    step_seconds: float = Field(gt=0, le=7 * 86400, description="Seconds each step holds its weight (at least).")
+    sticky_header: str | None = Field(
+        default=None, min_length=1, max_length=100,
+        description="A request header (e.g. X-User-Id) whose value keeps a user on one version for the whole rollout.",
+    )
+    max_error_rate_increase: float = Field(default=0.01, ge=0, le=1,
+                                           description="Candidate failure rate allowed above the baseline's (0.01: 1 point).")
+    max_latency_ratio: float = Field(default=1.5, ge=1, le=100, description="Candidate p99 allowed over the baseline's p99, as a ratio.")
+    min_requests: int = Field(default=50, ge=1, le=10**7, description="Judged requests each side needs before the gate judges.")
+    reason: str = _REASON
+
+
+class CanaryAction(Strict):
+    """Pause, resume, promote or abort the running canary."""
+
+    reason: str = _REASON
+
+
 class SwitchRequest(Strict):
     """Make ``target`` active; the current active becomes ``previous`` and stays warm."""
 
@@ -278,6 +302,19 @@ def _per_service(service_param: dict[str, Any] | None, suffix: str) -> dict[str,
                                                        "requestBody": _body(SwitchRequest), "responses": _responses(200, *_WRITE)})},
         "/rollback": {"parameters": params, "post": op({"summary": "Roll back to previous", "operationId": "rollback",
                                                          "requestBody": _body(RollbackRequest), "responses": _responses(200, *_WRITE)})},
+        "/canary": {
+            "parameters": params,
+            "get": op({"summary": "The canary plan (running, paused, or the last that ended) and its live gate",
+                       "operationId": "canary", "responses": _responses(*_READ, *not_found)}),
+            "post": op({"summary": "Start a canary rollout", "operationId": "startCanary",
+                        "requestBody": _body(CanaryRequest), "responses": _responses(201, *_WRITE)}),
+        },
+        "/canary/{action}": {
+            "parameters": [*params, {"name": "action", "in": "path", "required": True,
+                                     "schema": {"type": "string", "enum": ["pause", "resume", "promote", "abort"]}}],
+            "post": op({"summary": "Pause, resume, promote or abort the canary", "operationId": "changeCanary",
+                        "requestBody": _body(CanaryAction), "responses": _responses(200, *_WRITE)}),
+        },
         "/guard": {
             "parameters": params,
             "get": op({"summary": "Guard status", "operationId": "guardStatus", "responses": _responses(*_READ, *not_found)}),
@@ -296,7 +333,7 @@ def _per_service(service_param: dict[str, Any] | None, suffix: str) -> dict[str,
 def openapi_document() -> dict[str, Any]:
     """OpenAPI 3.0 description of the admin API."""
     schemas: dict[str, Any] = {"Error": _ERROR}
-    for model in (CreateDeployment, ScaleDeployment, CreateService, SwitchRequest, RollbackRequest, GuardRequest, AlertmanagerPayload):
+    for model in (CreateDeployment, ScaleDeployment, CanaryRequest, CanaryAction, CreateService, SwitchRequest, RollbackRequest, GuardRequest, AlertmanagerPayload):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         # Nested models (pydantic's $defs) become components of their own.
         for name, definition in schema.pop("$defs", {}).items():

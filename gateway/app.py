@@ -11,6 +11,7 @@ from . import __version__, errors
 from .admin import Admin
 from .aiohttp_handler import Drain, on_response_prepare
 from .balancer import OutlierPolicy
+from .rollout import Rollouts
 from .fastpath import FastPath
 from .guard import Guard
 from .http1 import BadRequests, ServerLimits
@@ -92,7 +93,12 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     )
     app[CONTROL] = control = RouteControl(app[STORE], metrics, registry)
     app[GUARD] = guard = Guard(settings, app[STORE], traffic, control, metrics, loops=loops, watcher=watcher)
-    app[ADMIN] = admin = Admin(settings, app[STORE], watcher, traffic, control, guard, proxy.balancer)
+    guard.rollouts = rollouts = Rollouts(
+        settings, app[STORE], control, metrics,
+        figures=lambda service, deployment, since: guard.figures(deployment, service=service, since=since),
+        settings_for=lambda snapshot: guard.settings_for(snapshot.config),
+    )
+    app[ADMIN] = admin = Admin(settings, app[STORE], watcher, traffic, control, guard, proxy.balancer, rollouts)
 
     # Started in this order, stopped in reverse.
     app.cleanup_ctx.append(_store_ctx(owned=store is None))

@@ -244,7 +244,8 @@ class _Cutter:
 
 def _status_text(body: dict[str, Any], wide: bool = False) -> str:
     route = body["route"]
-    lines = [f"route: active={route['active'] or '-'}  previous={route['previous'] or '-'}  "
+    split = f"  candidate={route['candidate']} at {route['weight']:g}%" if route.get("candidate") else ""
+    lines = [f"route: active={route['active'] or '-'}  previous={route['previous'] or '-'}{split}  "
              f"generation={route['generation']}  (service {body.get('service', '-')})"]
     guard = body.get("guard") or {}
     if guard:
@@ -272,7 +273,33 @@ def _status_text(body: dict[str, Any], wide: bool = False) -> str:
                 rows.append(["", "", state, f"  #{r.get('index', '')}", "  " + (r["url"] or "-"), "", "", "",
                              cut(f"{host}{r['answered']} answered, {r['inflight']} in flight (this gateway)", 70)])
     lines.append(_table(rows) if len(rows) > 1 else "no deployments yet: turnout deploy NAME MODEL_URI")
+    if body.get("canary"):
+        lines.append(_canary_text(body["canary"]))
     return cut.footer("\n".join(lines))
+
+
+def _canary_text(plan: dict[str, Any] | None, service: str | None = None) -> str:
+    """A canary plan in a few lines: where it stands and the live gate against the baseline."""
+    if not plan:
+        return "no canary: start one with " + _cmd("canary", service, "NAME", "--steps", "5,25,50", "--step-seconds", "60")
+    steps = " → ".join(f"{w:g}%" for w in plan["steps"])
+    head = (f"canary: {plan['candidate']} vs {plan['baseline']}, {plan['state']}"
+            + (f", step {plan['step']} of {len(plan['steps'])} at {plan['weight']:g}%, {plan['seconds_left']:.0f} s left"
+               if plan["state"] in ("running", "paused") else "") + f" (steps {steps}"
+            + (f", sticky on {plan['sticky_header']}" if plan.get("sticky_header") else "") + ")")
+    lines = [head]
+    live = plan.get("live") or plan.get("last_gate")
+    if live and "candidate" in live:
+        c, b = live["candidate"], live["baseline"]
+        for side, who in (("candidate", c), ("baseline", b)):
+            lines.append(f"  {side:9} {who['deployment']}: {who['judged_requests']} judged, "
+                         f"{who['error_rate'] * 100:.1f}% errors, p99 {_fmt_ms(who['p99_seconds'])} ms")
+        lines.append(f"  gate: errors ≤ baseline + {live['max_error_rate_increase'] * 100:g} points, "
+                     f"p99 ≤ baseline × {live['max_latency_ratio']:g}, {live['min_requests']} requests each"
+                     + (f" — {live['status']}: {live['detail']}" if "status" in live else ""))
+    if plan.get("outcome"):
+        lines.append(f"  {plan['state']}: {plan['outcome']}")
+    return "\n".join(lines)
 
 
 _WIDE = click.option("--wide", is_flag=True, help="Show long reasons and details whole.")
@@ -375,6 +402,57 @@ def _wait_scaled(url: str, token: str | None, service: str | None, name: str, re
             shown = states
             click.echo(f"{name}: {states}", err=True)
         time.sleep(0.5)
+
+
+def _weights(_ctx: click.Context, _param: click.Parameter, value: str) -> list[float]:
+    try:
+        return [float(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"give weights in percent separated by commas, e.g. 5,25,50 (got {value!r})") from None
+
+
+@main.command()
+@click.argument("name")
+@click.option("--steps", required=True, callback=_weights, metavar="W1,W2,...",
+              help="Weights in percent, increasing (e.g. 5,25,50); passing the last one promotes NAME.")
+@click.option("--step-seconds", type=click.FloatRange(min=0, min_open=True), required=True,
+              help="Seconds each step holds its weight before the gate lets it move on.")
+@click.option("--sticky-header", default=None, metavar="HEADER",
+              help="Keep each user on one version: a hash of this header's value (e.g. X-User-Id) decides.")
+@click.option("--max-error-rate-increase", type=float, default=None, help="Candidate failure rate allowed above the baseline's (default 0.01).")
+@click.option("--max-latency-ratio", type=float, default=None, help="Candidate p99 allowed over the baseline's, as a ratio (default 1.5).")
+@click.option("--min-requests", type=int, default=None, help="Judged requests each side needs before the gate judges (default 50).")
+@click.option("--reason", default="", help="Why (recorded in the history).")
+@_client_options
+def canary(name: str, steps: list[float], step_seconds: float, sticky_header: str | None,
+           max_error_rate_increase: float | None, max_latency_ratio: float | None, min_requests: int | None, reason: str,
+           url: str, token: str | None, as_json: bool, service: str | None) -> None:
+    """Roll NAME out gradually: each step's weight of requests goes to it, judged against the active deployment
+    over the same seconds; every step passed promotes it, a breach aborts it at once."""
+    body: dict[str, Any] = {"candidate": name, "steps": steps, "step_seconds": step_seconds}
+    for key, value in (("sticky_header", sticky_header), ("max_error_rate_increase", max_error_rate_increase),
+                       ("max_latency_ratio", max_latency_ratio), ("min_requests", min_requests)):
+        if value is not None:
+            body[key] = value
+    if reason:
+        body["reason"] = reason
+    code, answer = _call(url, token, "POST", _admin(service, "/canary"), body)
+    _finish(code, answer, as_json, lambda b: _canary_text(b["canary"], service) + f"\nwatch it with `{_cmd('status', service)}`")
+
+
+def _canary_action(action: str, doc: str) -> None:
+    @main.command(name=action, help=doc)
+    @click.option("--reason", default="", help="Why (recorded in the history).")
+    @_client_options
+    def command(reason: str, url: str, token: str | None, as_json: bool, service: str | None) -> None:
+        code, answer = _call(url, token, "POST", _admin(service, f"/canary/{action}"), {"reason": reason} if reason else {})
+        _finish(code, answer, as_json, lambda b: _canary_text(b["canary"], service))
+
+
+_canary_action("promote", "Make the running canary's candidate active now (its plan ends promoted).")
+_canary_action("abort", "Stop the running canary: its candidate gets no more requests, at once.")
+_canary_action("pause", "Hold the running canary at its current weight (a breach still aborts it).")
+_canary_action("resume", "Go on with a paused canary from where it stopped.")
 
 
 def _cmd(command: str, service: str | None, *args: str) -> str:

@@ -400,7 +400,7 @@ async def run_up(workdir: Path, base: Settings, ready: Callable[[dict[str, Any]]
                     names[0], Who(actor="turnout up", client=None, trigger="up"), reason="initial route"
                 )
             url = f"http://{settings.host}:{settings.port}"
-            info = {"url": url, "token": token, "deployments": names}
+            info = {"url": url, "token": token, "deployments": names, "replicas": settings.replicas}
             _print_up(info, names)
             if ready is not None:
                 ready(info)
@@ -422,7 +422,7 @@ async def _kept(store: Store) -> AsyncIterator[Store]:
 def _print_up(info: dict[str, Any], names: list[str]) -> None:
     url, token = info["url"], info["token"]
     print(f"""
-Turnout is up: {', '.join(names)} warm, {names[0]} active.
+Turnout is up: {', '.join(names)} warm{f" ({info['replicas']} replicas each)" if info.get("replicas", 1) > 1 else ""}, {names[0]} active.
   predictions  {url}/invocations     (pinned: {url}/deployments/<name>/invocations)
   metrics      {url}/metrics
   admin API    {url}/admin/state     token: {token}

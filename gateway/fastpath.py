@@ -38,6 +38,7 @@ from .proxy import (
     SMALL_BODY,
     Proxy,
     Refusal,
+    Split,
     Unanswered,
     build_request_head,
     read_small,
@@ -382,6 +383,8 @@ class _ServerConnection(FlowControl):
             keep_alive = self._keep_alive(keep_alive)
             self._write_own(chosen.status, chosen.body(), tags, keep_alive)
             return keep_alive
+        if type(chosen) is Split:
+            chosen = chosen.pick_from(headers)
         name = chosen.name
         tags = chosen.raw_tags
         dm = chosen.dm

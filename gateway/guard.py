@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .loops import Loop, Loops
+from .rollout import PlanRefused
 from .metrics import GatewayMetrics
 from .settings import Settings
 from .store import Store, StoreUnavailable
@@ -88,6 +89,8 @@ class Guard:
         # This replica's view of the last decision, per service.
         self.last: dict[str, dict[str, Any]] = {}
         self._held_generation: dict[str, int] = {}
+        # Canary plans, driven by whichever replica leads (set when the app is built).
+        self.rollouts: Any = None
         self.loops = loops or Loops(metrics.count_background_error)
         self._loops: list[Loop] = []
 
@@ -184,6 +187,14 @@ class Guard:
         for service, seen in sorted((await self._services()).items()):
             s = self.settings_for(seen.config)
             route = seen.route
+            if self.rollouts is not None and seen.plan is not None and seen.plan.active:
+                # A plan is driven whatever the guard's own state: it was asked for explicitly, and its gate
+                # judges the candidate (the guard goes on judging the active below).
+                try:
+                    await self.rollouts.drive(service, await self.store.read_snapshot(service=service))
+                except PlanRefused as exc:
+                    # An operator changed the plan in between: the next look starts from what is stored.
+                    log.info("canary plan of service %s: %s", service, exc.message)
             if route.active is None:
                 self.last[service] = {"generation": route.generation, "status": "idle", "detail": "no active deployment"}
                 continue

@@ -23,7 +23,8 @@ SUBSCRIBED = "subscribed"
 LEGACY_SERVICE = "default"
 
 # Suffixes of a service's keys after its prefix (scripts that discover services build keys from them).
-_ROUTE, _DEPLOYMENTS, _DEPLOYMENT, _LEASE, _CONFIG = ":route", ":deployments", ":deployment:", ":lease:", ":config"
+_ROUTE, _DEPLOYMENTS, _DEPLOYMENT, _LEASE, _CONFIG, _PLAN = (
+    ":route", ":deployments", ":deployment:", ":lease:", ":config", ":plan")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +81,11 @@ class ServiceKeys:
         """Hash: the guard's shared state for this service (paused, latched)."""
         return f"{self.prefix}:guard"
 
+    @property
+    def plan(self) -> str:
+        """String: the service's canary plan as JSON (``records.Plan``), kept after it ends until the next."""
+        return self.prefix + _PLAN
+
 
 @dataclass(frozen=True, slots=True)
 class Keys:
@@ -101,8 +107,9 @@ class Keys:
     def layout(self) -> list[str]:
         """How scripts that discover services build their keys: the legacy service's name and prefix, the
         prefix before any other service's name, and the suffixes of route, deployments, a deployment, a
-        lease and the config."""
-        return [LEGACY_SERVICE, self.namespace, f"{self.namespace}:svc:", _ROUTE, _DEPLOYMENTS, _DEPLOYMENT, _LEASE, _CONFIG]
+        lease, the config and the plan."""
+        return [LEGACY_SERVICE, self.namespace, f"{self.namespace}:svc:", _ROUTE, _DEPLOYMENTS, _DEPLOYMENT, _LEASE, _CONFIG,
+                _PLAN]
 
     def lease_of(self, role: str) -> str:
         """String with a TTL: which replica holds a singleton role (e.g. the guard's evaluator)."""

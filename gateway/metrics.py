@@ -183,6 +183,21 @@ class GatewayMetrics:
             "turnout_deployment_ready", "1 when a deployment is ready to serve (as this gateway sees it).",
             ["service", "deployment"], registry=r,
         )
+        self.weight = Gauge(
+            "turnout_route_weight", "Percent of a service's (unpinned) requests a deployment receives: 100 for the "
+            "active without a split, the split's weight for a canary candidate and the rest for the active.",
+            ["service", "deployment"], registry=r,
+        )
+        self.canary_running = Gauge(
+            "turnout_canary_running", "1 while a service's canary plan runs (paused or ended: 0).", ["service"], registry=r,
+        )
+        self.canary_step_started = Gauge(
+            "turnout_canary_step_started_timestamp_seconds", "When the running plan's current step began (Unix time).",
+            ["service"], registry=r,
+        )
+        self.canary_step_seconds = Gauge(
+            "turnout_canary_step_seconds", "How long each step of the service's plan holds its weight.", ["service"], registry=r,
+        )
         self.store_up = Gauge("turnout_store_up", "1 while the route store (Redis) answers, 0 during an outage.", registry=r)
         self.store_errors = Counter(
             "turnout_store_errors", "Failed reads of the route store (each is retried; the last route keeps serving).", registry=r,
@@ -256,10 +271,18 @@ class GatewayMetrics:
                 self.switches.labels(service, trigger)
                 self.rollbacks.labels(service, trigger)
         self.generation.labels(service).set(snapshot.route.generation)
+        route = snapshot.route
+        split = route.weight if route.candidate is not None else 0.0
         for name in snapshot.deployments:
-            self.active.labels(service, name).set(1 if name == snapshot.route.active else 0)
+            self.active.labels(service, name).set(1 if name == route.active else 0)
             self.ready.labels(service, name).set(1 if snapshot.is_ready(name) else 0)
-        for gauge in (self.active, self.ready):
+            self.weight.labels(service, name).set(100 - split if name == route.active else split if name == route.candidate else 0)
+        plan = snapshot.plan
+        running = plan is not None and plan.state == "running"
+        self.canary_running.labels(service).set(1 if running else 0)
+        self.canary_step_started.labels(service).set(plan.step_started_at if plan is not None and running else 0)
+        self.canary_step_seconds.labels(service).set(plan.step_seconds if plan is not None else 0)
+        for gauge in (self.active, self.ready, self.weight):
             for svc, name in list(gauge._metrics):
                 if svc == service and name not in snapshot.deployments:
                     gauge.remove(svc, name)
@@ -267,11 +290,12 @@ class GatewayMetrics:
     def forget_service(self, service: str) -> None:
         """A deleted service's gauges go (its counters stay: a rate must not see them drop)."""
         self._services.discard(service)
-        for gauge in (self.active, self.ready):
+        for gauge in (self.active, self.ready, self.weight):
             for svc, name in list(gauge._metrics):
                 if svc == service:
                     gauge.remove(svc, name)
-        for gauge in (self.generation, self.guard_paused, self.guard_latched):
+        for gauge in (self.generation, self.guard_paused, self.guard_latched, self.canary_running, self.canary_step_started,
+                      self.canary_step_seconds):
             if (service,) in gauge._metrics:
                 gauge.remove(service)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import random
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -249,6 +251,54 @@ class Choice:
         return self._tags
 
 
+# A split's share is decided in basis points: 10 % is buckets 0-999 of 10,000.
+_BUCKETS = 10_000
+
+
+class Split:
+    """A service's requests divided between its active deployment and a candidate while a snapshot lasts.
+
+    With a sticky header, a request's bucket is a hash of that header's value (salted with the service
+    and the candidate, so each rollout draws its own cohort): the same on every gateway and process, and
+    monotone, since a key is on the candidate exactly when its bucket is below the weight, so raising the
+    weight only moves keys from the active to the candidate. Without the header (or its value) the draw
+    is random.
+    """
+
+    __slots__ = ("active", "candidate", "threshold", "sticky", "sticky_raw", "_salt", "_random")
+
+    def __init__(self, active: Choice, candidate: Choice, weight: float, sticky: str | None) -> None:
+        self.active = active
+        self.candidate = candidate
+        self.threshold = round(weight * _BUCKETS / 100)
+        self.sticky = sticky
+        self.sticky_raw = sticky.encode("latin-1") if sticky else None
+        self._salt = f"{candidate.service}\0{candidate.name}\0".encode()
+        self._random = random.random
+
+    def bucket(self, key: bytes | None) -> int:
+        """Where a request falls in [0, 10,000): by its sticky key when it has one, else at random."""
+        if key is None:
+            return int(self._random() * _BUCKETS)
+        digest = hashlib.blake2b(self._salt + key, digest_size=8).digest()
+        return int.from_bytes(digest, "big") % _BUCKETS
+
+    def pick(self, key: bytes | None) -> Choice:
+        """The deployment for a request with this sticky key (None: none given)."""
+        return self.candidate if self.bucket(key) < self.threshold else self.active
+
+    def pick_from(self, headers: Sequence[tuple[bytes, bytes]]) -> Choice:
+        """:meth:`pick` with the key read from raw request headers (the fast path's)."""
+        wanted = self.sticky_raw
+        key = None
+        if wanted is not None:
+            for name, value in headers:
+                if len(name) == len(wanted) and name.lower() == wanted:
+                    key = value.strip() or None
+                    break
+        return self.pick(key)
+
+
 class _ClientStalled(Exception):
     """The client stopped sending its body for longer than the client timeout."""
 
@@ -326,7 +376,7 @@ class Proxy:
         self.limits = limits
         self.bad_requests = bad_requests
         self._targets: dict[str, Target] = {}
-        self._choices: dict[tuple[str, str | None], tuple[Snapshot, Choice | Refusal]] = {}
+        self._choices: dict[tuple[str, str | None], tuple[Snapshot, Choice | Refusal | Split]] = {}
         self._failure_log = LogBudget("upstream failures", level=logging.WARNING, logger=log)
         self.balancer: Balancer[Target] = Balancer(outliers or OutlierPolicy(), self._target, round_robin=round_robin)
         metrics.watch_replicas(self.balancer, watcher)
@@ -346,7 +396,7 @@ class Proxy:
             target = self._targets[url] = parse_target(url)
         return target
 
-    def choose(self, service: str | None = None, pinned: str | None = None) -> Choice | Refusal:
+    def choose(self, service: str | None = None, pinned: str | None = None) -> Choice | Refusal | Split:
         """The active deployment (or the ``pinned`` one) of a service's current snapshot (the default
         service's when None), if it can take a request."""
         if service is None:
@@ -366,12 +416,21 @@ class Proxy:
         self._choices[key] = (snapshot, chosen)
         return chosen
 
-    def _choose(self, snapshot: Snapshot, service: str, pinned: str | None) -> Choice | Refusal:
+    def _choose(self, snapshot: Snapshot, service: str, pinned: str | None) -> Choice | Refusal | Split:
         if pinned is None:
             name = snapshot.route.active
             if name is None:
                 return Refusal(503, errors.TEMPORARILY_UNAVAILABLE, f"no deployment is active in service {service!r} yet",
                                service=service)
+            route = snapshot.route
+            if route.candidate is not None and route.weight > 0 and route.candidate != name:
+                active = self._choose(snapshot, service, name)
+                candidate = self._choose(snapshot, service, route.candidate)
+                # A candidate that cannot take requests (not ready, deleted) gets none: its share stays
+                # with the active rather than failing clients.
+                if isinstance(active, Choice) and isinstance(candidate, Choice):
+                    return Split(active, candidate, route.weight, route.sticky)
+                return active
         elif pinned not in snapshot.deployments:
             return Refusal(404, errors.RESOURCE_DOES_NOT_EXIST, f"service {service!r} has no deployment named {pinned!r}",
                            service=service)
@@ -495,7 +554,10 @@ class Proxy:
             chosen = self.untyped(request.remote)
         if isinstance(chosen, Refusal):
             return chosen.response()
-        return await self._forward(request, chosen)
+        if type(chosen) is Split:
+            key = request.headers.get(chosen.sticky) if chosen.sticky else None
+            chosen = chosen.pick(key.strip().encode("utf-8", "surrogateescape") or None if key else None)
+        return await self._forward(request, chosen)  # type: ignore[arg-type]
 
     async def _forward(self, request: web.Request, chosen: Choice) -> web.StreamResponse:
         name = chosen.name

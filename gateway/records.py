@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import re
 import time
 from collections.abc import Iterable, Mapping
@@ -138,8 +139,110 @@ class Route:
     active: str | None = None
     previous: str | None = None
     generation: int = 0
-    # When the route last changed (wall clock): starts the guard's bake period.
+    # When the active deployment last changed (wall clock): starts the guard's bake period.
     changed_at: float = field(default=0.0, compare=False)
+    # A split: this share (percent) of requests goes to ``candidate`` instead of the active; with
+    # ``sticky`` (a lower-case header name) the share is chosen by a hash of that header's value.
+    candidate: str | None = None
+    weight: float = 0.0
+    sticky: str | None = None
+
+    @classmethod
+    def from_fields(cls, data: Mapping[str, str]) -> Route:
+        """From the stored hash (a weight this release cannot read is no split rather than a failed read)."""
+        try:
+            weight = min(max(float(data.get("weight", 0.0)), 0.0), 100.0)
+        except ValueError:
+            weight = 0.0
+        return cls(
+            active=data.get("active") or None,
+            previous=data.get("previous") or None,
+            generation=int(data.get("generation", 0)),
+            changed_at=float(data.get("changed_at", 0.0)),
+            candidate=data.get("candidate") or None,
+            weight=weight if math.isfinite(weight) else 0.0,
+            sticky=data.get("sticky") or None,
+        )
+
+    def split(self) -> str:
+        """``"10% to green (sticky on x-user-id)"`` or ``""`` when there is no split."""
+        if self.candidate is None:
+            return ""
+        return f"{self.weight:g}% to {self.candidate}" + (f" (sticky on {self.sticky})" if self.sticky else "")
+
+
+# Plan states: a plan runs (or is paused) until it ends promoted or aborted.
+RUNNING, PAUSED, PROMOTED, ABORTED = "running", "paused", "promoted", "aborted"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A canary rollout of one service: steps of weights, each held for ``step_seconds`` and judged
+    against the active deployment (the baseline) over the same seconds."""
+
+    candidate: str
+    baseline: str
+    steps: tuple[float, ...]
+    step_seconds: float
+    max_error_rate_increase: float = 0.01
+    max_latency_ratio: float = 1.5
+    min_requests: int = 50
+    sticky: str | None = None
+    state: str = RUNNING
+    # Index of the step being held, and when it began (wall clock, so every gateway and a new leader agree).
+    step: int = 0
+    step_started_at: float = 0.0
+    # While paused: seconds of the step that were left.
+    remaining: float | None = None
+    started_at: float = 0.0
+    started_by: str = ""
+    # Why it ended (promoted or aborted), and the gate's last view.
+    outcome: str = ""
+    gate: Mapping[str, Any] | None = None
+    # Rises on every write: writes are conditional on it (the leader and an operator never overwrite each other).
+    revision: int = 0
+
+    @property
+    def active(self) -> bool:
+        """Running or paused (not ended)."""
+        return self.state in (RUNNING, PAUSED)
+
+    @property
+    def weight(self) -> float:
+        """The weight of the step being held."""
+        return self.steps[min(self.step, len(self.steps) - 1)]
+
+    def left(self, now: float) -> float:
+        """Seconds left in the current step."""
+        if self.remaining is not None:
+            return self.remaining
+        return max(0.0, self.step_started_at + self.step_seconds - now)
+
+    def but(self, **changes: Any) -> Plan:
+        """A copy with some fields changed and the revision raised (unless given)."""
+        return replace(self, **{"revision": self.revision + 1, **changes})
+
+    def to_json(self) -> str:
+        """The stored form."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["steps"] = list(self.steps)
+        data["gate"] = dict(self.gate) if self.gate else None
+        return json.dumps(data, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | None) -> Plan | None:
+        """Inverse of :meth:`to_json`; None for nothing, or for a plan this release cannot read."""
+        if not raw:
+            return None
+        try:
+            data = json.loads(raw)
+            known = {f.name for f in fields(cls)}
+            kwargs = {k: v for k, v in data.items() if k in known}
+            kwargs["steps"] = tuple(float(w) for w in kwargs.get("steps", ()))
+            plan = cls(**kwargs)
+        except (ValueError, TypeError):
+            return None
+        return plan if plan.steps else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,6 +427,8 @@ class Snapshot:
     live: frozenset[str] = frozenset()
     service: str = DEFAULT_SERVICE
     config: ServiceConfig = field(default_factory=ServiceConfig)
+    # The service's canary rollout (running, paused, or the last one that ended), if any.
+    plan: Plan | None = None
 
     def member_state(self, dep: Deployment, member: Member) -> State:
         """A replica's state as the gateway should treat it: one past the wanted count is draining, a

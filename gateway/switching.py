@@ -10,7 +10,7 @@ from typing import Any
 
 from . import errors
 from .metrics import GatewayMetrics
-from .records import DEFAULT_SERVICE, HistoryEntry, Route, Snapshot, State, Who
+from .records import ABORTED, DEFAULT_SERVICE, HistoryEntry, Plan, Route, Snapshot, State, Who
 from .registry_sync import Job, RegistrySync
 from .store import Store
 
@@ -62,9 +62,10 @@ class RouteControl:
 
     async def switch(
         self, target: str, who: Who, *, service: str = DEFAULT_SERVICE, reason: str = "",
-        expected_generation: int | None = None, force: bool = False,
+        expected_generation: int | None = None, force: bool = False, plan: Plan | None = None,
     ) -> Outcome:
-        """Make ``target`` the service's active deployment; the current active becomes previous."""
+        """Make ``target`` the service's active deployment; the current active becomes previous (``plan``:
+        the canary plan as this switch leaves it, stored in the same step)."""
         snapshot = await self.store.read_snapshot(service=service)
         route = snapshot.route
         entry = self._entry(who, "switch", route.active, target, reason, force=force)
@@ -83,7 +84,7 @@ class RouteControl:
                 f"{target} is {describe_state(snapshot, target)}; wait until it is ready or use force",
                 state=snapshot.effective_state(target).value,  # type: ignore[union-attr]
             )
-        outcome = await self._apply(snapshot, entry, target, route.active, who)
+        outcome = await self._apply(snapshot, entry, target, route.active, who, plan)
         if outcome.applied:
             retired = route.previous if route.previous not in (target, route.active) else None
             outcome.job = self.registry.submit(Job(
@@ -161,12 +162,16 @@ class RouteControl:
         return Outcome(False, status, message, route, error_code=code, entry=record)
 
     async def _apply(
-        self, snapshot: Snapshot, entry: HistoryEntry, active: str, previous: str | None, who: Who
+        self, snapshot: Snapshot, entry: HistoryEntry, active: str, previous: str | None, who: Who,
+        plan: Plan | None = None,
     ) -> Outcome:
         route, service = snapshot.route, snapshot.service
         record = entry.but(result="applied")
+        if plan is None and snapshot.plan is not None and snapshot.plan.active:
+            # A switch or rollback ends any split: a canary under way ends with it, aborted, in the same step.
+            plan = snapshot.plan.but(state=ABORTED, outcome=f"ended by a {entry.action} to {active} ({who.trigger}, {who.actor})")
         change = await self.store.set_route(active, previous, service=service, expected_generation=route.generation,
-                                            history=record)
+                                            history=record, plan=plan)
         if not change.ok:
             why = {
                 "conflict": f"the route changed concurrently (now generation {change.route.generation}, "

@@ -326,7 +326,8 @@ async def test_state_shows_route_deployments_and_traffic(admin: dict[str, Any]) 
             assert resp.status == 200
     async with s.get(url + "/admin/state") as resp:
         state = await resp.json()
-    assert state["route"] == {"active": "blue", "previous": None, "generation": 1}
+    assert state["route"] == {"active": "blue", "previous": None, "generation": 1, "candidate": None, "weight": None,
+                              "sticky_header": None}
     blue = next(d for d in state["deployments"] if d["name"] == "blue")
     assert blue["role"] == "active" and blue["state"] == "ready" and blue["traffic"]["requests"] == 5
     assert blue["traffic"]["error_rate"] == 0 and blue["traffic"]["p99_seconds"] > 0

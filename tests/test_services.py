@@ -18,6 +18,9 @@ from tests.test_guard import FAST_GUARD
 
 ADMIN = {"X-Turnout-Actor": "tester"}
 
+# A route's view without a canary split.
+NO_SPLIT = {"candidate": None, "weight": None, "sticky_header": None}
+
 
 @pytest.fixture
 async def backends() -> AsyncIterator[dict[str, Any]]:
@@ -283,7 +286,7 @@ async def test_service_lifecycle_real_redis(backends: dict[str, Any], gateway_fa
     # A re-created service starts empty, at generation 0.
     assert (await admin(url, "POST", "/admin/services", {"name": "loans"}))[0] == 201
     status, body = await admin(url, "GET", "/admin/services/loans/state")
-    assert body["route"] == {"active": None, "previous": None, "generation": 0} and body["deployments"] == []
+    assert body["route"] == {"active": None, "previous": None, "generation": 0, **NO_SPLIT} and body["deployments"] == []
 
 
 async def test_the_previous_release_s_keys_are_read_as_they_are(
@@ -309,7 +312,7 @@ async def test_the_previous_release_s_keys_are_read_as_they_are(
         assert resp.status == 200 and resp.headers["X-Turnout-Deployment"] == "green"
         assert resp.headers["X-Turnout-Generation"] == "4" and resp.headers["X-Turnout-Service"] == "default"
     status, body = await admin(url, "GET", "/admin/state")
-    assert body["route"] == {"active": "green", "previous": "blue", "generation": 4}
+    assert body["route"] == {"active": "green", "previous": "blue", "generation": 4, **NO_SPLIT}
     green = next(d for d in body["deployments"] if d["name"] == "green")
     assert green["mlflow"]["name"] == "iris" and green["state"] == "ready"
     assert body["guard"]["paused"] == "paused by recorder: maintenance"

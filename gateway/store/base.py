@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..records import DEFAULT_SERVICE, Deployment, HistoryEntry, Route, ServiceConfig, Snapshot
+from ..records import DEFAULT_SERVICE, Deployment, HistoryEntry, Plan, Route, ServiceConfig, Snapshot
 
 DEFAULT_HISTORY_MAX = 10_000
 
@@ -99,11 +99,24 @@ class Store(abc.ABC):
         service: str = DEFAULT_SERVICE,
         expected_generation: int | None = None,
         history: HistoryEntry | None = None,
+        plan: Plan | None = None,
     ) -> RouteChange:
         """Atomically point the service's traffic at ``active``: applies only if the generation still
         equals ``expected_generation`` (when given) and ``active`` is a known deployment; on success the
-        generation rises by one, ``history`` (with the new generation filled in) is appended and the
-        change is published, all in one step."""
+        generation rises by one, any split ends, ``plan`` (when given) is stored, ``history`` (with the
+        new generation filled in) is appended and the change is published, all in one step."""
+
+    @abc.abstractmethod
+    async def change_rollout(
+        self, *, service: str = DEFAULT_SERVICE, split: tuple[str, float, str | None] | None | bool = False,
+        plan: Plan | None = None, expected_generation: int | None = None, expected_revision: int | None = None,
+        history: HistoryEntry | None = None,
+    ) -> RouteChange:
+        """Change a service's split and/or its canary plan in one step: ``split`` is (candidate, weight
+        percent, sticky header or None), None to end the split, False to leave it; a split change raises
+        the generation (the active's ``changed_at`` stays). Applies only while the generation equals
+        ``expected_generation`` and the stored plan's revision equals ``expected_revision`` (0: no plan)
+        when given; refusals: "conflict", "plan_conflict", "unknown" (candidate), "no_service"."""
 
     @abc.abstractmethod
     async def create_deployment(
@@ -125,8 +138,9 @@ class Store(abc.ABC):
         self, name: str, *, service: str = DEFAULT_SERVICE, force: bool = False, history: HistoryEntry | None = None
     ) -> str | None:
         """Remove a record and its lease (and append ``history``, in the same step). Returns None on
-        success, else why not: "unknown", "active" or "previous" (the latter two only without
-        ``force``). A forced delete of the previous deployment clears ``previous``."""
+        success, else why not: "unknown", "active", "previous" or "candidate" (the latter three only
+        without ``force``). A forced delete of the previous deployment clears ``previous``, of the
+        candidate the split."""
 
     @abc.abstractmethod
     async def claim(self, name: str, owner: str, ttl: float, *, service: str = DEFAULT_SERVICE, replica: int = 0) -> bool:

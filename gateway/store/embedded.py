@@ -7,12 +7,13 @@ import json
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
 
 from ..keys import DEPLOYMENT_CHANGED, ROUTE_CHANGED, SERVICE_CHANGED, SUBSCRIBED
 from ..records import (
-    DEFAULT_SERVICE, Deployment, HistoryEntry, Route, ServiceConfig, Snapshot, encode_changes, replica_key,
+    DEFAULT_SERVICE, Deployment, HistoryEntry, Plan, Route, ServiceConfig, Snapshot, encode_changes, replica_key,
 )
 from ..traffic import add_row
 from .base import DEFAULT_HISTORY_MAX, Reading, RouteChange, StatsRows, Store
@@ -30,6 +31,7 @@ class _Service:
         self.history: deque[dict[str, Any]] = deque(maxlen=history_max)
         self.stats: dict[str, dict[int, dict[int, int]]] = {}
         self.guard: dict[str, str] = {}
+        self.plan: Plan | None = None
         # Rises on every change: with the live set, the fingerprint a poll compares.
         self.version = 0
 
@@ -50,6 +52,7 @@ class _Service:
             live=frozenset(live),
             service=self.name,
             config=self.config,
+            plan=self.plan,
         )
 
 
@@ -151,6 +154,7 @@ class EmbeddedStore(Store):
         service: str = DEFAULT_SERVICE,
         expected_generation: int | None = None,
         history: HistoryEntry | None = None,
+        plan: Plan | None = None,
     ) -> RouteChange:
         svc = self._services.get(service)
         if svc is None:
@@ -161,9 +165,41 @@ class EmbeddedStore(Store):
         if active not in svc.deployments:
             return RouteChange(False, current, "unknown")
         svc.route = Route(active=active, previous=previous, generation=current.generation + 1, changed_at=time.time())
+        if plan is not None:
+            svc.plan = plan
         if history is not None:
             svc.history.appendleft(history.but(generation=svc.route.generation).to_json())
         self._changed(svc, ROUTE_CHANGED, generation=svc.route.generation)
+        return RouteChange(True, svc.route)
+
+    async def change_rollout(
+        self, *, service: str = DEFAULT_SERVICE, split: tuple[str, float, str | None] | None | bool = False,
+        plan: Plan | None = None, expected_generation: int | None = None, expected_revision: int | None = None,
+        history: HistoryEntry | None = None,
+    ) -> RouteChange:
+        svc = self._services.get(service)
+        if svc is None:
+            return RouteChange(False, Route(), "no_service")
+        current = svc.route
+        if expected_generation is not None and expected_generation != current.generation:
+            return RouteChange(False, current, "conflict")
+        if expected_revision is not None and (svc.plan.revision if svc.plan else 0) != expected_revision:
+            return RouteChange(False, current, "plan_conflict")
+        if isinstance(split, tuple) and split[0] not in svc.deployments:
+            return RouteChange(False, current, "unknown")
+        if split is not False:
+            candidate, weight, sticky = split if isinstance(split, tuple) else (None, 0.0, None)
+            svc.route = replace(current, generation=current.generation + 1, candidate=candidate, weight=float(weight),
+                                sticky=sticky)
+        if plan is not None:
+            # Through JSON, as the Redis store: what a reader gets is what was stored.
+            svc.plan = Plan.from_json(plan.to_json())
+        if history is not None:
+            svc.history.appendleft(history.but(generation=svc.route.generation).to_json())
+        if split is not False:
+            self._changed(svc, ROUTE_CHANGED, generation=svc.route.generation)
+        else:
+            self._changed(svc, SERVICE_CHANGED)
         return RouteChange(True, svc.route)
 
     async def create_deployment(
@@ -209,8 +245,12 @@ class EmbeddedStore(Store):
                 return "active"
             if svc.route.previous == name:
                 return "previous"
+            if svc.route.candidate == name:
+                return "candidate"
         if svc.route.previous == name:
-            svc.route = Route(svc.route.active, None, svc.route.generation, svc.route.changed_at)
+            svc.route = replace(svc.route, previous=None)
+        if svc.route.candidate == name:
+            svc.route = replace(svc.route, candidate=None, weight=0.0, sticky=None)
         del svc.deployments[name]
         for key in [k for k in svc.leases if k.partition("#")[0] == name]:
             del svc.leases[key]

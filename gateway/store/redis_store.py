@@ -26,7 +26,7 @@ from ..keys import (
     route_event_parts,
 )
 from ..records import (
-    DEFAULT_SERVICE, Deployment, HistoryEntry, Route, ServiceConfig, Snapshot, encode_changes, replica_key,
+    DEFAULT_SERVICE, Deployment, HistoryEntry, Plan, Route, ServiceConfig, Snapshot, encode_changes, replica_key,
 )
 from .base import DEFAULT_HISTORY_MAX, Reading, RouteChange, StatsRows, Store, StoreUnavailable
 
@@ -45,11 +45,11 @@ local function replica_indices(record)
 end
 """
 
-# Reads one service: KEYS route, deployments, config; ARGV deployment prefix, lease prefix.
+# Reads one service: KEYS route, deployments, config, plan; ARGV deployment prefix, lease prefix.
 # Returns {route hash, {{name, record hash, live, {indices of other live replicas}}...} sorted by name,
-# config hash}.
+# config hash, plan JSON or false}.
 _READ_SERVICE = _REPLICAS + """
-local function read(route_key, deployments_key, config_key, dep_prefix, lease_prefix)
+local function read(route_key, deployments_key, config_key, dep_prefix, lease_prefix, plan_key)
   local names = redis.call('SMEMBERS', deployments_key)
   table.sort(names)
   local deps = {}
@@ -61,23 +61,23 @@ local function read(route_key, deployments_key, config_key, dep_prefix, lease_pr
     end
     deps[i] = {name, record, redis.call('EXISTS', lease_prefix .. name), live}
   end
-  return {redis.call('HGETALL', route_key), deps, redis.call('HGETALL', config_key)}
+  return {redis.call('HGETALL', route_key), deps, redis.call('HGETALL', config_key), redis.call('GET', plan_key)}
 end
 """
 
 _SNAPSHOT = _READ_SERVICE + """
-return read(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])
+return read(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], KEYS[4])
 """
 
 # The poll: KEYS services set. ARGV: the layout (keys.Keys.layout: legacy name, legacy prefix, service
-# prefix, route/deployments/deployment/lease/config suffixes), then "service fingerprint" lines the caller
+# prefix, route/deployments/deployment/lease/config/plan suffixes), then "service fingerprint" lines the caller
 # holds. Returns {every service's name, space-separated; {{service, fingerprint, data}...} for those whose
 # fingerprint moved}.
 _READ_ALL = _READ_SERVICE + """
 local legacy, legacy_prefix, svc_prefix = ARGV[1], ARGV[2], ARGV[3]
-local route_s, deps_s, dep_s, lease_s, config_s = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local route_s, deps_s, dep_s, lease_s, config_s, plan_s = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 local known = {}
-for svc, fingerprint in string.gmatch(ARGV[9], '(%S+) (%S+)') do known[svc] = fingerprint end
+for svc, fingerprint in string.gmatch(ARGV[10], '(%S+) (%S+)') do known[svc] = fingerprint end
 local names = redis.call('SMEMBERS', KEYS[1])
 table.insert(names, legacy)
 table.sort(names)
@@ -88,7 +88,7 @@ for _, svc in ipairs(names) do
     last = svc
     all[#all + 1] = svc
     local p = (svc == legacy) and legacy_prefix or (svc_prefix .. svc)
-    local data = read(p .. route_s, p .. deps_s, p .. config_s, p .. dep_s, p .. lease_s)
+    local data = read(p .. route_s, p .. deps_s, p .. config_s, p .. dep_s, p .. lease_s, p .. plan_s)
     local fingerprint = redis.sha1hex(cjson.encode(data))
     if known[svc] ~= fingerprint then changed[#changed + 1] = {svc, fingerprint, data} end
   end
@@ -114,10 +114,11 @@ local function record(key, entry, bound)
 end
 """
 
-# KEYS: route, deployments, history, services. ARGV: expected generation or '', active, previous or '',
-# history entry JSON or '', history bound, events channel, now, route event head and tail (the message
-# is head .. generation .. tail, as keys.route_event_parts defines), service, legacy service.
-# Returns {applied 0/1, generation, active, previous, refusal}.
+# KEYS: route, deployments, history, services, plan. ARGV: expected generation or '', active, previous or
+# '', history entry JSON or '', history bound, events channel, now, route event head and tail (the
+# message is head .. generation .. tail, as keys.route_event_parts defines), service, legacy service,
+# the plan's new JSON or '' (unchanged). A switch ends any split. Returns {applied 0/1, generation,
+# active, previous, refusal}.
 _SET_ROUTE = _EXISTS + """
 if not exists(KEYS[4], ARGV[10], ARGV[11]) then return {0, 0, '', '', 'no_service'} end
 local gen = tonumber(redis.call('HGET', KEYS[1], 'generation') or '0')
@@ -129,8 +130,11 @@ if redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 0 then return current('unknown')
 -- Everything that can fail (decoding) before the first write: Redis does not undo a script's writes.
 local entry = nil
 if ARGV[4] ~= '' then entry = cjson.decode(ARGV[4]) end
+if ARGV[12] ~= '' then cjson.decode(ARGV[12]) end
 gen = gen + 1
 redis.call('HSET', KEYS[1], 'active', ARGV[2], 'generation', gen, 'changed_at', ARGV[7])
+redis.call('HDEL', KEYS[1], 'candidate', 'weight', 'sticky')
+if ARGV[12] ~= '' then redis.call('SET', KEYS[5], ARGV[12]) end
 if ARGV[3] == '' then redis.call('HDEL', KEYS[1], 'previous') else redis.call('HSET', KEYS[1], 'previous', ARGV[3]) end
 if entry ~= nil then
   entry['generation'] = gen
@@ -169,6 +173,50 @@ redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 """
 
+# KEYS: route, deployments, history, services, plan. ARGV: expected generation or '', expected plan
+# revision or '' (0: no plan), route change ('split', 'unsplit' or 'keep'), candidate, weight, sticky
+# header or '', the plan's new JSON or '' (unchanged), history entry or '', bound, channel, now, route
+# event head and tail, service, legacy service, service event message. A split's weight changes the
+# generation (every gateway applies the same split for the same generation) but not changed_at (the
+# active deployment's bake period and guard window go on). Returns {applied 0/1, generation, refusal}.
+_ROLLOUT = _EXISTS + """
+if not exists(KEYS[4], ARGV[14], ARGV[15]) then return {0, 0, 'no_service'} end
+local gen = tonumber(redis.call('HGET', KEYS[1], 'generation') or '0')
+if ARGV[1] ~= '' and tonumber(ARGV[1]) ~= gen then return {0, gen, 'conflict'} end
+if ARGV[2] ~= '' then
+  local raw = redis.call('GET', KEYS[5])
+  local revision = 0
+  if raw then revision = tonumber(cjson.decode(raw)['revision'] or 0) end
+  if revision ~= tonumber(ARGV[2]) then return {0, gen, 'plan_conflict'} end
+end
+if ARGV[3] == 'split' and redis.call('SISMEMBER', KEYS[2], ARGV[4]) == 0 then return {0, gen, 'unknown'} end
+local entry = nil
+if ARGV[8] ~= '' then entry = cjson.decode(ARGV[8]) end
+if ARGV[7] ~= '' then cjson.decode(ARGV[7]) end
+if ARGV[3] ~= 'keep' then
+  gen = gen + 1
+  redis.call('HSET', KEYS[1], 'generation', gen)
+  if ARGV[3] == 'split' then
+    redis.call('HSET', KEYS[1], 'candidate', ARGV[4], 'weight', ARGV[5])
+    if ARGV[6] == '' then redis.call('HDEL', KEYS[1], 'sticky') else redis.call('HSET', KEYS[1], 'sticky', ARGV[6]) end
+  else
+    redis.call('HDEL', KEYS[1], 'candidate', 'weight', 'sticky')
+  end
+end
+if ARGV[7] ~= '' then redis.call('SET', KEYS[5], ARGV[7]) end
+if entry ~= nil then
+  entry['generation'] = gen
+  redis.call('LPUSH', KEYS[3], cjson.encode(entry))
+  redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[9]) - 1)
+end
+if ARGV[3] ~= 'keep' then
+  redis.call('PUBLISH', ARGV[10], ARGV[12] .. gen .. ARGV[13])
+else
+  redis.call('PUBLISH', ARGV[10], ARGV[16])
+end
+return {1, gen, ''}
+"""
+
 # KEYS: route, deployments, record, lease, history. ARGV: name, force '1'/'0', channel, message,
 # history entry, bound. Deleting the previous deployment (forced) clears previous; the active one stays
 # named in the route (the gateway answers 503 for it) until an operator switches.
@@ -176,10 +224,13 @@ _DELETE = _HISTORY + _REPLICAS + """
 if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 0 then return 'unknown' end
 local active = redis.call('HGET', KEYS[1], 'active')
 local previous = redis.call('HGET', KEYS[1], 'previous')
+local candidate = redis.call('HGET', KEYS[1], 'candidate')
 if ARGV[2] ~= '1' then
   if active == ARGV[1] then return 'active' end
   if previous == ARGV[1] then return 'previous' end
+  if candidate == ARGV[1] then return 'candidate' end
 end
+if candidate == ARGV[1] then redis.call('HDEL', KEYS[1], 'candidate', 'weight', 'sticky') end
 if previous == ARGV[1] then redis.call('HDEL', KEYS[1], 'previous') end
 for _, index in ipairs(replica_indices(redis.call('HGETALL', KEYS[3]))) do redis.call('DEL', KEYS[4] .. '#' .. index) end
 redis.call('DEL', KEYS[3], KEYS[4])
@@ -202,7 +253,7 @@ redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 """
 
-# KEYS: services, route, deployments, config, history, guard, history to record in. ARGV: name, force,
+# KEYS: services, route, deployments, config, history, guard, history to record in, plan. ARGV: name, force,
 # channel, message, deployment prefix, lease prefix, legacy service, history entry, bound.
 _DELETE_SERVICE = _HISTORY + _REPLICAS + """
 if ARGV[1] == ARGV[7] then return 'default' end
@@ -215,7 +266,7 @@ for _, name in ipairs(names) do
   end
   redis.call('DEL', ARGV[5] .. name, ARGV[6] .. name)
 end
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[8])
 redis.call('SREM', KEYS[1], ARGV[1])
 record(KEYS[7], ARGV[8], ARGV[9])
 redis.call('PUBLISH', ARGV[3], ARGV[4])
@@ -293,15 +344,10 @@ def _pairs(flat: list[Any]) -> dict[str, str]:
     return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
 
 
-def _snapshot(service: str, raw_route: list[Any], raw_deps: list[Any], raw_config: list[Any]) -> Snapshot:
+def _snapshot(service: str, raw_route: list[Any], raw_deps: list[Any], raw_config: list[Any],
+              raw_plan: str | None = None) -> Snapshot:
     """A service's snapshot from what the read scripts return."""
-    route_fields = _pairs(raw_route)
-    route = Route(
-        active=route_fields.get("active") or None,
-        previous=route_fields.get("previous") or None,
-        generation=int(route_fields.get("generation", 0)),
-        changed_at=float(route_fields.get("changed_at", 0.0)),
-    )
+    route = Route.from_fields(_pairs(raw_route))
     deployments: dict[str, Deployment] = {}
     live: set[str] = set()
     for name, record, is_live, *others in raw_deps:
@@ -314,7 +360,7 @@ def _snapshot(service: str, raw_route: list[Any], raw_deps: list[Any], raw_confi
         for index in others[0] if others else ():
             live.add(replica_key(name, int(index)))
     return Snapshot(route=route, deployments=MappingProxyType(deployments), live=frozenset(live), service=service,
-                    config=ServiceConfig.from_fields(_pairs(raw_config)))
+                    config=ServiceConfig.from_fields(_pairs(raw_config)), plan=Plan.from_json(raw_plan or None))
 
 
 class RedisStore(Store):
@@ -328,6 +374,7 @@ class RedisStore(Store):
         self._snapshot, self._read_all = register(_SNAPSHOT), register(_READ_ALL)
         self._set_route, self._create, self._update, self._delete = (
             register(_SET_ROUTE), register(_CREATE), register(_UPDATE), register(_DELETE))
+        self._rollout = register(_ROLLOUT)
         self._create_service, self._delete_service, self._set_config = (
             register(_CREATE_SERVICE), register(_DELETE_SERVICE), register(_SET_CONFIG))
         self._claim, self._release, self._hold_role = register(_CLAIM), register(_RELEASE), register(_HOLD_ROLE)
@@ -386,7 +433,7 @@ class RedisStore(Store):
         with _unavailable_on_connection_errors():
             refusal = await self._delete_service(
                 keys=[self.keys.services, sk.route, sk.deployments, sk.config, sk.history, sk.guard,
-                      self._sk(history_service).history],
+                      self._sk(history_service).history, sk.plan],
                 args=[name, "1" if force else "0", self.keys.events, encode_event(SERVICE_CHANGED, service=name),
                       sk.deployment_prefix, sk.lease_prefix, LEGACY_SERVICE, *self._history_args(history)],
             )
@@ -417,7 +464,8 @@ class RedisStore(Store):
     async def read_snapshot(self, *, service: str = DEFAULT_SERVICE) -> Snapshot:
         sk = self._sk(service)
         with _unavailable_on_connection_errors():
-            raw = await self._snapshot(keys=[sk.route, sk.deployments, sk.config], args=[sk.deployment_prefix, sk.lease_prefix])
+            raw = await self._snapshot(keys=[sk.route, sk.deployments, sk.config, sk.plan],
+                                       args=[sk.deployment_prefix, sk.lease_prefix])
         return _snapshot(service, *raw)
 
     async def set_route(
@@ -428,6 +476,7 @@ class RedisStore(Store):
         service: str = DEFAULT_SERVICE,
         expected_generation: int | None = None,
         history: HistoryEntry | None = None,
+        plan: Plan | None = None,
     ) -> RouteChange:
         sk = self._sk(service)
         now = time.time()
@@ -442,14 +491,38 @@ class RedisStore(Store):
             *route_event_parts(service),
             service,
             LEGACY_SERVICE,
+            plan.to_json() if plan is not None else "",
         ]
         with _unavailable_on_connection_errors():
             applied, gen, cur_active, cur_previous, refusal = await self._set_route(
-                keys=[sk.route, sk.deployments, sk.history, self.keys.services], args=args
+                keys=[sk.route, sk.deployments, sk.history, self.keys.services, sk.plan], args=args
             )
         route = Route(active=cur_active or None, previous=cur_previous or None, generation=int(gen),
                       changed_at=now if applied else 0.0)
         return RouteChange(bool(applied), route, refusal or None)
+
+    async def change_rollout(
+        self, *, service: str = DEFAULT_SERVICE, split: tuple[str, float, str | None] | None | bool = False,
+        plan: Plan | None = None, expected_generation: int | None = None, expected_revision: int | None = None,
+        history: HistoryEntry | None = None,
+    ) -> RouteChange:
+        sk = self._sk(service)
+        mode = "keep" if split is False else "unsplit" if split is None else "split"
+        candidate, weight, sticky = split if isinstance(split, tuple) else ("", 0.0, None)
+        args = [
+            "" if expected_generation is None else str(expected_generation),
+            "" if expected_revision is None else str(expected_revision),
+            mode, candidate, repr(float(weight)), sticky or "",
+            plan.to_json() if plan is not None else "",
+            *self._history_args(history),
+            self.keys.events, repr(time.time()), *route_event_parts(service), service, LEGACY_SERVICE,
+            encode_event(SERVICE_CHANGED, service=service),
+        ]
+        with _unavailable_on_connection_errors():
+            applied, gen, refusal = await self._rollout(
+                keys=[sk.route, sk.deployments, sk.history, self.keys.services, sk.plan], args=args,
+            )
+        return RouteChange(bool(applied), Route(generation=int(gen)), refusal or None)
 
     def _deployment_event(self, service: str, name: str) -> str:
         return encode_event(DEPLOYMENT_CHANGED, service=service, name=name)
