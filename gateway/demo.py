@@ -24,7 +24,7 @@ from .client import AdminClient
 from .loadgen import IRIS_COLUMNS, LoadGenerator, Phase, Result
 from .local import free_port, processes_with_env
 from .records import State
-from .app import CONTROL
+from .app import CONTROL, WATCHER
 from .server import start_gateway, stop_on_signals
 from .switching import Who
 from .settings import Settings
@@ -259,6 +259,27 @@ async def run_demo(workdir: Path, quick: bool, summary_path: Path | None, quiet:
             progress.step("deploying faulty v3 (raises on ~1/3 of rows) next to v2")
             await asyncio.to_thread(_admin, client, "POST", "/admin/deployments", {"name": "v3", "model_uri": "models:/iris-demo/3"})
             summary["time_to_ready_seconds"].update(await wait_ready(store, ["v3"], 300, progress, stop))
+
+            canary_phase = load.begin("canary of faulty v3")
+            progress.step("canary: 10% of requests to v3, judged against v2 over the same seconds")
+            canary_from = len(load.results)
+            await asyncio.to_thread(_admin, client, "POST", "/admin/canary", {
+                "candidate": "v3", "steps": [10, 50], "step_seconds": 60, "min_requests": 15, "reason": "demo: canary of v3",
+            })
+
+            def plan_ended() -> bool:
+                snapshot = stack.gateway.app[WATCHER].snapshots.get(settings.default_service) if stack.gateway else None
+                return bool(snapshot and snapshot.plan and not snapshot.plan.active)
+
+            await _until(plan_ended, 60, "the canary's gate to judge v3", stop)
+            plan = stack.gateway.app[WATCHER].snapshots[settings.default_service].plan  # type: ignore[union-attr]
+            seen = [r for r in load.results[canary_from:] if r.deployment == "v3"]
+            summary["canary"] = {"state": plan.state, "outcome": plan.outcome, "v3_requests": len(seen),  # type: ignore[union-attr]
+                                 "v3_failed": sum(r.status != 200 for r in seen),
+                                 "requests": len(load.results) - canary_from}
+            progress.step(f"canary {plan.state}: v3 saw {len(seen)} of {summary['canary']['requests']} requests; "  # type: ignore[union-attr]
+                          f"{plan.outcome}")  # type: ignore[union-attr]
+
             fault_phase = load.begin("switch to faulty v3")
             progress.step("switching v2 → v3; the guard watches the error rate of the whole fleet")
             answer = await asyncio.to_thread(_admin, client, "POST", "/admin/switch", {"target": "v3", "reason": "demo: v3"})
@@ -288,12 +309,14 @@ async def run_demo(workdir: Path, quick: bool, summary_path: Path | None, quiet:
         summary["client_errors_during_fault"] = fault_phase.failed
         summary["history"] = [
             {k: e.to_json()[k] for k in ("time", "action", "result", "from", "to", "generation", "trigger", "actor", "reason")}
-            for e in history if e.action in ("switch", "rollback", "deploy")
+            for e in history if e.action in ("switch", "rollback", "deploy", "canary_start", "canary_abort")
         ]
         summary["registry"] = await asyncio.to_thread(_registry_state, registry.model_name)
         rollback = next((e for e in history if e.action == "rollback" and e.result == "applied"), None)
         summary["guard_rolled_back"] = bool(rollback and rollback.who.trigger == "guard" and rollback.source == "v3")
-        summary["ok"] = summary["guard_rolled_back"] and switch_phase.failed == 0
+        summary["client_errors_during_canary"] = canary_phase.failed
+        summary["ok"] = (summary["guard_rolled_back"] and switch_phase.failed == 0
+                         and summary.get("canary", {}).get("state") == "aborted")
     summary["leftover_processes"] = _leftovers(stack.worker.id if stack.worker is not None else None)
     if summary_path is not None:
         summary_path.write_text(json.dumps(summary, indent=2))
@@ -357,6 +380,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     for p in summary.get("phases", []):
         print(f"  phase {p['name']!r}: served {p['served']}, client-visible failures {p['failed']}")
     print(f"  switch v1 → v2: first response from the new generation {summary.get('switch_propagation_ms')} ms after the admin call answered")
+    canary = summary.get("canary") or {}
+    print(f"  canary of v3 at 10%: {canary.get('state')} after v3 saw {canary.get('v3_requests')} of "
+          f"{canary.get('requests')} requests ({canary.get('v3_failed')} failed): {canary.get('outcome')}")
     print(f"  fault → rollback: {summary.get('fault_to_rollback_seconds')} s")
     print("  history (newest first):")
     for e in summary.get("history", []):
@@ -367,7 +393,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     for version, tags in sorted(reg.get("tags", {}).items()):
         print(f"    v{version}: {tags}")
     print()
-    print("  RESULT: " + ("the guard rolled v3 back, and the v1 → v2 switch dropped nothing" if summary["ok"]
+    print("  RESULT: " + ("the canary gate stopped v3 at 10%, the guard rolled it back after a full switch, and the "
+                          "v1 → v2 switch dropped nothing" if summary["ok"]
                           else "FAILED (see above)"))
 
 

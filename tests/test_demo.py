@@ -29,12 +29,16 @@ def test_demo_rolls_back_the_faulty_version_and_leaves_nothing(tmp_path: Path) -
     assert summary["client_errors_during_v1_to_v2_switch"] == 0
     assert summary["served_per_version"]["v1"] > 0 and summary["served_per_version"]["v2"] > 0
     assert summary["fault_to_rollback_seconds"] < 30
+    # The canary at 10 % was aborted by its gate: v3 saw about a tenth of the requests, not all of them.
+    canary = summary["canary"]
+    assert canary["state"] == "aborted" and "error rate" in canary["outcome"], canary
+    assert 15 <= canary["v3_requests"] < canary["requests"] / 3, canary
     assert summary["registry"]["aliases"] == {"production": 2}
     assert summary["registry"]["tags"]["3"]["turnout.status"] == "rolled_back"
     assert summary["leftover_processes"] == []
     # And by the process table: nothing still runs against the demo's registry.
     assert processes_with_env(f"MLFLOW_TRACKING_URI=sqlite:///{workdir / 'mlflow.db'}") == []
-    assert "RESULT: the guard rolled v3 back" in run.stdout
+    assert "RESULT: the canary gate stopped v3 at 10%, the guard rolled it back" in run.stdout
 
 
 def test_up_serves_a_prediction_and_stops_on_sigint(tmp_path: Path) -> None:
