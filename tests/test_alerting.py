@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 
@@ -107,3 +108,36 @@ async def test_prometheus_alert_rolls_back_through_alertmanager(alerting: Any, g
     assert rollback["trigger"] == "alertmanager" and rollback["from"] == "green"
     assert rollback["actor"] == "alertmanager:TurnoutActiveDeploymentFailing"
     assert "green fails" in rollback["reason"]
+
+
+def shipped_rule(name: str) -> dict[str, Any]:
+    rules = [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
+    return next(r for r in rules if r.get("alert") == name)
+
+
+async def test_a_stalled_canary_alert_warns_and_never_touches_the_plan(gateway_factory: Any) -> None:
+    """TurnoutCanaryStalled only warns: it carries no turnout_action, so Alertmanager's webhook, which
+    aborts a running canary on any rollback alert naming no deployment, leaves the plan alone."""
+    rule = shipped_rule("TurnoutCanaryStalled")
+    assert rule["labels"] == {"severity": "warning"}, "a stalled canary is not a broken one: no rollback"
+    async with serve_app(backend_app("blue")) as blue_url, serve_app(backend_app("green")) as green_url:
+        store = EmbeddedStore()
+        for name, url in (("blue", blue_url), ("green", green_url)):
+            await store.create_deployment(Deployment(name=name, url=url, state=State.READY, external=True))
+        await store.set_route("blue", None)
+        url = await gateway_factory(store, admin_token="am-token")
+        alert = {"version": "4", "status": "firing", "receiver": "default", "groupKey": "g", "alerts": [{
+            "status": "firing", "labels": {"alertname": "TurnoutCanaryStalled", "service": "default", **rule["labels"]},
+            "annotations": {"summary": "the canary in default has been on one step for 9m 30s"},
+            "startsAt": "2026-12-01T00:00:00Z", "fingerprint": "stalled"}]}
+        async with aiohttp.ClientSession(headers={"Authorization": "Bearer am-token"}) as s:
+            async with s.post(url + "/admin/canary", json={"candidate": "green", "steps": [50], "step_seconds": 600,
+                                                          "min_requests": 1000}) as resp:
+                assert resp.status == 201, await resp.text()
+            async with s.post(url + "/admin/alerts", json=alert) as resp:
+                answer = await resp.json()
+        assert answer["results"] == [{"alert": "TurnoutCanaryStalled", "action": "ignored",
+                                      "detail": "no turnout_action=rollback label"}], answer
+        snapshot = await store.read_snapshot()
+        assert snapshot.plan is not None and snapshot.plan.state == "running"
+        assert (snapshot.route.active, snapshot.route.candidate, snapshot.route.weight) == ("blue", "green", 50.0)

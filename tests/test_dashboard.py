@@ -1,5 +1,5 @@
 """The Grafana dashboard is proven: every panel and annotation query returns data from a real Prometheus
-scraping a real gateway and worker through a switch and a rollback; the JSON is sane; the metrics
+scraping a real gateway and worker through a switch, a rollback and a canary split; the JSON is sane; the metrics
 catalogue in the README is exactly what /metrics exposes."""
 
 from __future__ import annotations
@@ -185,6 +185,12 @@ async def test_every_dashboard_query_returns_data(
                     return (await store.read_snapshot()).route.active == "blue"
 
                 await eventually(rolled_back, timeout=20)
+                # A canary of the rolled-back green against blue, half the traffic each, held for the rest
+                # of the test (a long step, a sample it never reaches), so the Canary row sees a split.
+                async with aiohttp.ClientSession() as s, s.post(url + "/admin/canary", json={
+                    "candidate": "green", "steps": [50], "step_seconds": 600, "min_requests": 1000,
+                }) as resp:
+                    assert resp.status == 201, await resp.text()
                 await asyncio.sleep(4)
 
             async def empty_queries() -> list[str]:
@@ -231,6 +237,26 @@ async def test_every_dashboard_query_returns_data(
             # born with it (a plain increase() would read 0); the live replica stays in.
             assert await replica_values("Replica readiness") == {blue_url: 1.0, dead: 0.0}
             assert await replica_values("Replica ejections") == {dead: 1.0}
+
+            async def canary_values(title: str, ref: str = "A") -> dict[str, float]:
+                panel = next(p for p in PANELS if p["title"] == title)
+                expr = next(t["expr"] for t in panel["targets"] if t["refId"] == ref)
+                async with aiohttp.ClientSession() as s, s.get(
+                    f"http://127.0.0.1:{prom_port}/api/v1/query", params={"query": substitute(expr)}
+                ) as resp:
+                    result = (await resp.json())["data"]["result"]
+                return {f"{r['metric']['service']}/{r['metric']['deployment']}": float(r["value"][1]) for r in result}
+
+            # The split is on the dashboard: green and blue half each, the other deployments of default at 0.
+            weights = await canary_values("Route weight")
+            assert {k: v for k, v in weights.items() if v} == {"default/blue": 50.0, "default/green": 50.0,
+                                                                "loans/blue": 100.0}, weights
+            assert weights["default/gone"] == weights["default/pair"] == 0.0
+            # The comparison shows only the deployments taking traffic, the failing candidate above its baseline.
+            failures = await canary_values("Canary: candidate vs baseline", "A")
+            p99s = await canary_values("Canary: candidate vs baseline", "B")
+            assert set(failures) == set(p99s) == {"default/blue", "default/green", "loans/blue"}, (failures, p99s)
+            assert failures["default/green"] > 0.1 > failures["default/blue"], failures
         finally:
             prom.terminate()
             prom.wait(10)
