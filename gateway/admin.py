@@ -21,7 +21,7 @@ from aiohttp import web
 from . import errors
 from .admin_models import (
     AlertmanagerPayload, CreateDeployment, CreateService, GuardRequest, GuardThresholds, RollbackRequest,
-    CanaryAction, CanaryRequest, ScaleDeployment, SwitchRequest, check_min_ready, openapi_document,
+    CanaryAction, CanaryRequest, ScaleDeployment, ShadowRequest, SwitchRequest, check_min_ready, openapi_document,
 )
 from .records import GUARD_FIELDS, Deployment, HistoryEntry, ServiceConfig, Snapshot, State, Who, check_service_name
 from .settings import Settings, SettingsError
@@ -29,6 +29,7 @@ from .store import Store, StoreUnavailable
 from .aiohttp_handler import abandon_body
 from .balancer import Balancer
 from .rollout import PlanRefused, Rollouts
+from .shadow import Shadows
 from .guard import Guard
 from .http1 import client_address, is_loopback
 from .switching import RouteControl, describe_state
@@ -90,9 +91,10 @@ class Admin:
 
     def __init__(
         self, settings: Settings, store: Store, watcher: RouteWatcher, traffic: Traffic, control: RouteControl,
-        guard: Guard, balancer: Balancer[Any], rollouts: Rollouts,
+        guard: Guard, balancer: Balancer[Any], rollouts: Rollouts, shadows: Shadows,
     ) -> None:
         self.settings = settings
+        self.shadows = shadows
         self.rollouts = rollouts
         self.store = store
         self.watcher = watcher
@@ -125,6 +127,9 @@ class Admin:
                 web.delete(prefix + "/deployments/{name}", self._wrap(self.delete_deployment, mutation=True, body=False)),
                 web.post(prefix + "/switch", self._wrap(self.switch, mutation=True), expect_handler=errors.expect_handler),
                 web.post(prefix + "/rollback", self._wrap(self.rollback, mutation=True), expect_handler=errors.expect_handler),
+                web.get(prefix + "/shadow", self._wrap(self.shadow)),
+                web.post(prefix + "/shadow", self._wrap(self.start_shadow, mutation=True), expect_handler=errors.expect_handler),
+                web.delete(prefix + "/shadow", self._wrap(self.stop_shadow, mutation=True, body=False)),
                 web.get(prefix + "/canary", self._wrap(self.canary)),
                 web.post(prefix + "/canary", self._wrap(self.start_canary, mutation=True), expect_handler=errors.expect_handler),
                 web.post(prefix + "/canary/{action:pause|resume|promote|abort}", self._wrap(self.change_canary, mutation=True),
@@ -339,6 +344,7 @@ class Admin:
             "deployments": [self._deployment_view(snapshot, d) for d in sorted(snapshot.deployments.values(), key=lambda d: d.name)],
             "guard": await self._guard_view(snapshot),
             "canary": await self._canary_view(snapshot),
+            "shadow": self._shadow_view(snapshot),
             "gateway": {
                 "applied_generation": applied.route.generation if applied else None,
                 "store_up": self.watcher.store_up,
@@ -540,6 +546,7 @@ class Admin:
             message = f"{name} is the {refusal} deployment" + {
                 "active": "; switch traffic elsewhere first, or use force",
                 "candidate": " of a traffic split; abort the canary first (turnout abort), or use force",
+                "shadow": " of the service; stop shadowing first (turnout shadow --off), or use force",
             }.get(refusal, " (the rollback target); use force to delete it anyway")
             await self.store.append_history(entry.but(result="refused", detail=message), service=service)
             raise AdminError(409, errors.INVALID_STATE, message)
@@ -630,6 +637,64 @@ class Admin:
         await self._apply_here(service)
         snapshot = await self.store.read_snapshot(service=service)
         return _json({"service": service, "canary": await self._canary_view(snapshot)})
+
+    # --- shadow -------------------------------------------------------------------------------
+    def _shadow_view(self, snapshot: Snapshot) -> dict[str, Any] | None:
+        route = snapshot.route
+        if route.shadow is None:
+            return None
+        report = self.shadows.reports.get((snapshot.service, route.shadow))
+        return {"deployment": route.shadow, "percent": route.shadow_percent, "active": route.active,
+                "state": snapshot.effective_state(route.shadow).value if route.shadow in snapshot.deployments else None,
+                "report": report.view() if report is not None and report.active == route.active else None}
+
+    async def shadow(self, request: web.Request) -> web.Response:
+        """``GET /admin/[services/{service}/]shadow``: the shadow and how its answers compare (this replica)."""
+        service = await self._service(request)
+        snapshot = await self.store.read_snapshot(service=service)
+        return _json({"service": service, "shadow": self._shadow_view(snapshot)})
+
+    async def start_shadow(self, request: web.Request) -> web.Response:
+        """``POST /admin/[services/{service}/]shadow``: copy a share of requests to a ready deployment."""
+        service = await self._service(request)
+        body = await self._parse(request, ShadowRequest)
+        snapshot = await self.store.read_snapshot(service=service)
+        route, name = snapshot.route, body.deployment
+        entry = HistoryEntry("shadow_on", self._who(request), source=route.active, target=name, reason=body.reason,
+                             detail=f"{body.percent:g}% of requests copied", extra={"percent": body.percent})
+        if name not in snapshot.deployments:
+            raise AdminError(404, errors.RESOURCE_DOES_NOT_EXIST, f"service {service!r} has no deployment named {name!r}")
+        why = ("it is the active deployment" if name == route.active
+               else f"it is {describe_state(snapshot, name)}; wait until it is ready" if not snapshot.is_ready(name) else None)
+        if why:
+            message = f"cannot shadow {name}: {why}"
+            await self.store.append_history(entry.but(result="refused", detail=message, generation=route.generation),
+                                            service=service)
+            raise AdminError(409, errors.INVALID_STATE, message)
+        change = await self.store.change_rollout(service=service, shadow=(name, body.percent), history=entry)
+        if not change.ok:
+            raise AdminError(409, errors.INVALID_STATE, f"not applied ({change.refusal})")
+        if route.shadow != name:
+            self.shadows.reset(service)
+        await self._apply_here(service)
+        return _json({"service": service, "shadow": self._shadow_view(await self.store.read_snapshot(service=service))})
+
+    async def stop_shadow(self, request: web.Request) -> web.Response:
+        """``DELETE /admin/[services/{service}/]shadow?reason=``: stop copying (the last report stays readable
+        until the next shadow starts)."""
+        service = await self._service(request)
+        snapshot = await self.store.read_snapshot(service=service)
+        if snapshot.route.shadow is None:
+            raise AdminError(409, errors.INVALID_STATE, f"service {service!r} has no shadow")
+        entry = HistoryEntry("shadow_off", self._who(request), target=snapshot.route.shadow,
+                             reason=request.query.get("reason", "")[:1000])
+        change = await self.store.change_rollout(service=service, shadow=None, history=entry)
+        if not change.ok:
+            raise AdminError(409, errors.INVALID_STATE, f"not applied ({change.refusal})")
+        await self._apply_here(service)
+        report = self.shadows.reports.get((service, snapshot.route.shadow))
+        return _json({"service": service, "shadow": None, "stopped": snapshot.route.shadow,
+                      "report": report.view() if report is not None else None})
 
     # --- guard and alerts ---------------------------------------------------------------------
     async def _guard_view(self, snapshot: Snapshot) -> dict[str, Any]:

@@ -164,6 +164,14 @@ class CanaryAction(Strict):
     reason: str = _REASON
 
 
+class ShadowRequest(Strict):
+    """Copy ``percent`` of the requests the active deployment answers to ``deployment`` and compare the answers."""
+
+    deployment: DeploymentName = _NAME
+    percent: float = Field(ge=0, le=100, description="Share of requests copied, in percent.")
+    reason: str = _REASON
+
+
 class SwitchRequest(Strict):
     """Make ``target`` active; the current active becomes ``previous`` and stays warm."""
 
@@ -315,6 +323,15 @@ def _per_service(service_param: dict[str, Any] | None, suffix: str) -> dict[str,
             "post": op({"summary": "Pause, resume, promote or abort the canary", "operationId": "changeCanary",
                         "requestBody": _body(CanaryAction), "responses": _responses(200, *_WRITE)}),
         },
+        "/shadow": {
+            "parameters": params,
+            "get": op({"summary": "The shadow and the comparison of its answers with the active's (this gateway replica)",
+                       "operationId": "shadow", "responses": _responses(*_READ, *not_found)}),
+            "post": op({"summary": "Shadow a deployment", "operationId": "startShadow",
+                        "requestBody": _body(ShadowRequest), "responses": _responses(200, *_WRITE)}),
+            "delete": op({"summary": "Stop shadowing", "operationId": "stopShadow",
+                          "responses": _responses(200, 400, 401, 403, 404, 409, 503)}),
+        },
         "/guard": {
             "parameters": params,
             "get": op({"summary": "Guard status", "operationId": "guardStatus", "responses": _responses(*_READ, *not_found)}),
@@ -333,7 +350,7 @@ def _per_service(service_param: dict[str, Any] | None, suffix: str) -> dict[str,
 def openapi_document() -> dict[str, Any]:
     """OpenAPI 3.0 description of the admin API."""
     schemas: dict[str, Any] = {"Error": _ERROR}
-    for model in (CreateDeployment, ScaleDeployment, CanaryRequest, CanaryAction, CreateService, SwitchRequest, RollbackRequest, GuardRequest, AlertmanagerPayload):
+    for model in (CreateDeployment, ScaleDeployment, CanaryRequest, CanaryAction, ShadowRequest, CreateService, SwitchRequest, RollbackRequest, GuardRequest, AlertmanagerPayload):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         # Nested models (pydantic's $defs) become components of their own.
         for name, definition in schema.pop("$defs", {}).items():

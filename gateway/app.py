@@ -12,12 +12,13 @@ from .admin import Admin
 from .aiohttp_handler import Drain, on_response_prepare
 from .balancer import OutlierPolicy
 from .rollout import Rollouts
+from .shadow import Shadows
 from .fastpath import FastPath
 from .guard import Guard
 from .http1 import BadRequests, ServerLimits
 from .loops import Loops
 from .metrics import CONTENT_TYPE_LATEST, GatewayMetrics
-from .proxy import SMALL_BODY, Proxy
+from .proxy import SMALL_BODY, Proxy, build_request_head
 from .registry_sync import RegistrySync
 from .settings import Settings
 from .store import Store, create_store
@@ -85,7 +86,11 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
                                    consecutive_failures=settings.outlier_consecutive_failures,
                                    base_ejection=settings.outlier_base_ejection,
                                    max_ejection_percent=settings.outlier_max_ejection_percent,
-                               ), round_robin=settings.balance == "round_robin")
+                               ), round_robin=settings.balance == "round_robin",
+                               shadows=Shadows(pool, metrics, build_request_head, concurrency=settings.shadow_concurrency,
+                                               queue=settings.shadow_queue, max_body=settings.shadow_max_body,
+                                               timeout=settings.shadow_timeout, tolerance=settings.shadow_tolerance,
+                                               keep_bodies=settings.shadow_keep_bodies))
     store = app[STORE]
     app[REGISTRY] = registry = RegistrySync(
         settings.registry_alias, lambda entry, service: store.append_history(entry, service=service),
@@ -98,7 +103,8 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
         figures=lambda service, deployment, since: guard.figures(deployment, service=service, since=since),
         settings_for=lambda snapshot: guard.settings_for(snapshot.config),
     )
-    app[ADMIN] = admin = Admin(settings, app[STORE], watcher, traffic, control, guard, proxy.balancer, rollouts)
+    app[ADMIN] = admin = Admin(settings, app[STORE], watcher, traffic, control, guard, proxy.balancer, rollouts,
+                               proxy.shadows)
 
     # Started in this order, stopped in reverse.
     app.cleanup_ctx.append(_store_ctx(owned=store is None))
@@ -154,6 +160,7 @@ async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[POOL].start()
     yield
     await app[PROXY].attribution.close()
+    await app[PROXY].shadows.close()
     await app[POOL].close()
 
 

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from collections.abc import Callable
 from dataclasses import fields
@@ -453,6 +454,75 @@ _canary_action("promote", "Make the running canary's candidate active now (its p
 _canary_action("abort", "Stop the running canary: its candidate gets no more requests, at once.")
 _canary_action("pause", "Hold the running canary at its current weight (a breach still aborts it).")
 _canary_action("resume", "Go on with a paused canary from where it stopped.")
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--percent", type=click.FloatRange(0, 100), default=None, help="Share of requests copied to NAME, in percent.")
+@click.option("--off", is_flag=True, help="Stop shadowing.")
+@click.option("--reason", default="", help="Why (recorded in the history).")
+@_client_options
+def shadow(name: str | None, percent: float | None, off: bool, reason: str, url: str, token: str | None, as_json: bool,
+           service: str | None) -> None:
+    """Copy a share of the requests the active deployment answers to deployment NAME (off the clients' path)
+    and compare the two answers; `turnout compare` shows how they differ."""
+    if off:
+        if name is not None or percent is not None:
+            raise click.UsageError("--off takes no NAME or --percent")
+        code, answer = _call(url, token, "DELETE", _admin(service, "/shadow"), query={"reason": reason or None})
+        _finish(code, answer, as_json, lambda b: f"stopped shadowing {b['stopped']}")
+        return
+    if name is None or percent is None:
+        raise click.UsageError("give NAME and --percent (or --off)")
+    body: dict[str, Any] = {"deployment": name, "percent": percent, **({"reason": reason} if reason else {})}
+    code, answer = _call(url, token, "POST", _admin(service, "/shadow"), body)
+    _finish(code, answer, as_json, lambda b: f"{name} shadows {b['shadow']['active']} on {percent:g}% of its requests; "
+            f"`{_cmd('compare', service)}` compares their answers")
+
+
+def _compare_text(body: dict[str, Any]) -> str:
+    shadow = body.get("shadow")
+    if not shadow:
+        return "no shadow: start one with " + _cmd("shadow", body.get("service") if body.get("service") != "default" else None,
+                                                   "NAME", "--percent", "20")
+    report = shadow.get("report")
+    head = f"shadow {shadow['deployment']} ({shadow['state']}) on {shadow['percent']:g}% of {shadow['active']}'s requests"
+    if not report or not report["mirrored"]:
+        return head + "\n  nothing compared yet (this gateway replica)" + (
+            f"; dropped: {report['dropped']}" if report and report["dropped"] else "")
+    a = report["agreement"]
+    lines = [head, f"  compared on this gateway replica since {time.strftime('%H:%M:%S', time.localtime(report['since']))}: "
+                   f"{report['mirrored']} requests {report['results']}" + (f", dropped {report['dropped']}" if report["dropped"] else "")]
+    if a["requests"] is not None:
+        lines.append(f"  agreement: {a['requests'] * 100:.1f}% of requests, "
+                     + (f"{a['rows'] * 100:.1f}% of {a['rows_compared']} rows" if a["rows"] is not None else "no rows"))
+    for flip in report["flips"]:
+        lines.append(f"  class flip {flip['from_to']}: {flip['rows']} rows ({flip['share_of_rows'] * 100:.1f}%)")
+    numeric = report["numeric"]
+    if numeric["abs_difference"]:
+        d = numeric["abs_difference"]
+        lines.append(f"  numeric |difference| over {numeric['values_compared']} values: p50 {d['p50']:.3g}, "
+                     f"p90 {d['p90']:.3g}, p99 {d['p99']:.3g}, max {d['max']:.3g}")
+    lat = report["latency_seconds"]
+    for side in ("active", "shadow"):
+        if lat.get(side):
+            lines.append(f"  latency {side}: p50 {lat[side]['p50'] * 1000:.1f} ms, p99 {lat[side]['p99'] * 1000:.1f} ms")
+    rates = report["error_rates"]
+    lines.append(f"  errors: active {(rates['active'] or 0) * 100:.1f}%, shadow {(rates['shadow'] or 0) * 100:.1f}%")
+    for example in report["examples"][-3:]:
+        lines.append(f"  e.g. {example['result']}: " + (f"active {example.get('active_answer')!s:.80} vs shadow "
+                                                        f"{example.get('shadow_answer')!s:.80}" if "request" in example else
+                                                        f"{example['rows_differ']} rows differ"))
+    return "\n".join(lines)
+
+
+@main.command()
+@_client_options
+def compare(url: str, token: str | None, as_json: bool, service: str | None) -> None:
+    """How the shadow's answers compare with the active's: agreement, class flips, numeric differences,
+    latency and errors of both, and the last disagreements (this gateway replica's view)."""
+    code, answer = _call(url, token, "GET", _admin(service, "/shadow"))
+    _finish(code, answer, as_json, _compare_text)
 
 
 def _cmd(command: str, service: str | None, *args: str) -> str:

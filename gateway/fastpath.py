@@ -408,7 +408,7 @@ class _ServerConnection(FlowControl):
                 return keep_alive
             try:
                 keep_alive = self._keep_alive(keep_alive)
-                code, outcome = await self._respond(upstream, tags, keep_alive, deadline)
+                code, outcome, answer = await self._respond(upstream, tags, keep_alive, deadline)
             except Unanswered as exc:
                 status, error = errors.upstream_error(exc, name)
                 code, outcome = status, UPSTREAM_ERROR
@@ -427,6 +427,9 @@ class _ServerConnection(FlowControl):
                 return False
             finally:
                 upstream.release()
+            if chosen.shadow is not None:
+                proxy.mirror(chosen.shadow, Replay(headers, query, remote, b"http", body), code, answer,
+                             self.loop.time() - begun)
             return keep_alive
         finally:
             if replica is not None:
@@ -438,7 +441,8 @@ class _ServerConnection(FlowControl):
 
     async def _respond(
         self, upstream: UpstreamResponse, tags: list[tuple[bytes, bytes]], keep_alive: bool, deadline: float
-    ) -> tuple[int, str]:
+    ) -> tuple[int, str, bytes | None]:
+        """Relay the answer; also returns its body when it was small enough to be held whole."""
         transport = self.transport
         assert transport is not None
         status = upstream.status
@@ -447,7 +451,7 @@ class _ServerConnection(FlowControl):
         if upstream.small(SMALL_BODY):
             body = await read_small(upstream)
             transport.write(response_head(status, headers, len(body), keep_alive) + body)
-            return status, classify(status, body if status >= 400 else None)
+            return status, classify(status, body if status >= 400 else None), body
         transport.write(response_head(status, headers, length, keep_alive))
         async for chunk in upstream.iter_chunks():
             transport.write(chunk if length is not None else b"%x\r\n%b\r\n" % (len(chunk), chunk))
@@ -457,7 +461,7 @@ class _ServerConnection(FlowControl):
                     raise _ClientStalled()
         if length is None:
             transport.write(b"0\r\n\r\n")
-        return status, classify(status, None)
+        return status, classify(status, None), None
 
     def _write_own(self, status: int, body: bytes, tags: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
         """A response the gateway makes itself (MLflow's JSON error shape)."""

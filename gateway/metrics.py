@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 from itertools import accumulate
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
@@ -187,6 +187,26 @@ class GatewayMetrics:
             "turnout_route_weight", "Percent of a service's (unpinned) requests a deployment receives: 100 for the "
             "active without a split, the split's weight for a canary candidate and the rest for the active.",
             ["service", "deployment"], registry=r,
+        )
+        self.shadow_requests = Counter(
+            "turnout_shadow_requests", "Requests copied to a shadow, by how the two answers compared (agree, differ, "
+            "shadow_error, primary_error, incomparable).", ["service", "deployment", "result"], registry=r,
+        )
+        self.shadow_rows = Counter(
+            "turnout_shadow_rows", "Prediction rows compared between the active and its shadow (agree or differ).",
+            ["service", "deployment", "result"], registry=r,
+        )
+        self.shadow_abs_difference = Histogram(
+            "turnout_shadow_abs_difference", "Absolute difference between the active's and the shadow's numeric outputs.",
+            ["service", "deployment"], buckets=(1e-9, 1e-6, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 100), registry=r,
+        )
+        self.shadow_dropped = Counter(
+            "turnout_shadow_dropped", "Copies for a shadow not sent (queue_full, too_large, body_not_held).",
+            ["service", "deployment", "reason"], registry=r,
+        )
+        self.shadow_duration = Histogram(
+            "turnout_shadow_request_duration_seconds", "Time a shadow took to answer a copy (compare with "
+            "turnout_request_duration_seconds of the active).", ["service", "deployment"], buckets=LATENCY_BUCKETS, registry=r,
         )
         self.canary_running = Gauge(
             "turnout_canary_running", "1 while a service's canary plan runs (paused or ended: 0).", ["service"], registry=r,

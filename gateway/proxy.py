@@ -22,6 +22,7 @@ from .classify import classify
 from .http1 import BODY_TIMEOUT, MALFORMED, MISSING_CONTENT_TYPE, BadRequests, LogBudget, ServerLimits
 from .metrics import CLIENT_ERROR, MODEL_ERROR, OVERLOADED, UPSTREAM_ERROR, DeploymentMetrics, GatewayMetrics
 from .records import DEFAULT_SERVICE, Snapshot
+from .shadow import NOT_HELD, Shadows, ShadowTarget
 from .traffic import Traffic
 from .upstream import NO_REPLICA, NOTHING_SENT, POOL_FULL, UpstreamError, UpstreamPool, UpstreamResponse
 from .watcher import RouteWatcher
@@ -233,9 +234,11 @@ class Choice:
     """Where requests go while a service's snapshot lasts: the deployment, its generation, its replicas,
     its pre-encoded headers and its metrics (built once per snapshot, not per request)."""
 
-    __slots__ = ("service", "name", "generation", "replicas", "dm", "raw_tags", "_tags")
+    __slots__ = ("service", "name", "generation", "replicas", "dm", "raw_tags", "_tags", "shadow")
 
     def __init__(self, service: str, name: str, generation: str, replicas: ReplicaSet[Target], dm: DeploymentMetrics) -> None:
+        # Where copies of the requests it answers go (only the active deployment of an unpinned request has one).
+        self.shadow: ShadowTarget | None = None
         self.service = service
         self.name = name
         self.generation = generation
@@ -366,6 +369,7 @@ class Proxy:
         self, watcher: RouteWatcher, pool: UpstreamPool, metrics: GatewayMetrics, traffic: Traffic, max_body_bytes: int,
         limits: ServerLimits, bad_requests: BadRequests, default_service: str = DEFAULT_SERVICE, *,
         replay_crashes: bool = True, outliers: OutlierPolicy | None = None, round_robin: bool = False,
+        shadows: Shadows | None = None,
     ) -> None:
         self.watcher = watcher
         self.default_service = default_service
@@ -383,6 +387,7 @@ class Proxy:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.attribution = Attribution(watcher, pool, metrics, self._record, self._target, build_request_head,
                                        enabled=replay_crashes)
+        self.shadows = shadows or Shadows(pool, metrics, build_request_head)
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
         self._loop = asyncio.get_running_loop()
@@ -423,14 +428,16 @@ class Proxy:
                 return Refusal(503, errors.TEMPORARILY_UNAVAILABLE, f"no deployment is active in service {service!r} yet",
                                service=service)
             route = snapshot.route
+            active = self._choose(snapshot, service, name)
+            if isinstance(active, Choice):
+                active.shadow = self._shadow_of(snapshot, service, name)
             if route.candidate is not None and route.weight > 0 and route.candidate != name:
-                active = self._choose(snapshot, service, name)
                 candidate = self._choose(snapshot, service, route.candidate)
                 # A candidate that cannot take requests (not ready, deleted) gets none: its share stays
                 # with the active rather than failing clients.
                 if isinstance(active, Choice) and isinstance(candidate, Choice):
                     return Split(active, candidate, route.weight, route.sticky)
-                return active
+            return active
         elif pinned not in snapshot.deployments:
             return Refusal(404, errors.RESOURCE_DOES_NOT_EXIST, f"service {service!r} has no deployment named {pinned!r}",
                            service=service)
@@ -452,6 +459,27 @@ class Proxy:
             # A record written around the admin API's checks: the model server cannot be reached.
             return Refusal(502, errors.TEMPORARILY_UNAVAILABLE, f"deployment {name!r}: {exc}", name, generation, service)
         return Choice(service, name, generation, replicas, self.metrics.deployment(service, name))
+
+    def _shadow_of(self, snapshot: Snapshot, service: str, active: str) -> ShadowTarget | None:
+        route = snapshot.route
+        name = route.shadow
+        if name is None or name == active or route.shadow_percent <= 0:
+            return None
+        serving = snapshot.serving(name)
+        if not serving:
+            return None
+        try:
+            replicas = self.balancer.replicas(service, name, serving)
+        except ValueError:
+            return None
+        return ShadowTarget(service, name, active, route.shadow_percent, replicas)
+
+    def mirror(self, shadow: ShadowTarget, replay: Replay | None, status: int, answer: bytes | None, seconds: float) -> None:
+        """Offer a copy of a request the active answered to its shadow (None: its body was streamed, not held)."""
+        if replay is None:
+            self.shadows.drop(shadow, NOT_HELD)
+        else:
+            self.shadows.offer(shadow, replay, status, answer, seconds)
 
     def unknown_service(self, service: str) -> Refusal:
         """404 naming the services there are (503 before the gateway has read any)."""
@@ -623,7 +651,7 @@ class Proxy:
                 code = CLIENT_CLOSED
                 return web.Response(status=CLIENT_CLOSED)
             try:
-                code, outcome, response = await self._respond(request, upstream, tags, deadline)
+                code, outcome, response, answer = await self._respond(request, upstream, tags, deadline)
             except Unanswered as exc:
                 code, outcome = errors.upstream_error(exc, name)[0], UPSTREAM_ERROR
                 self.upstream_failed(dm, exc, "answer broken off: ")
@@ -642,6 +670,11 @@ class Proxy:
                 return web.Response(status=CLIENT_CLOSED)
             finally:
                 upstream.release()
+            if chosen.shadow is not None:
+                self.mirror(chosen.shadow, Replay(
+                    request.raw_headers, request.raw_path.partition("?")[2].encode("latin-1"),
+                    (request.remote or "unknown").encode("latin-1"), request.scheme.encode("latin-1"), body,
+                ) if isinstance(body, bytes) else None, code, answer, loop.time() - started)
             return response
         finally:
             if replica is not None:
@@ -670,7 +703,8 @@ class Proxy:
 
     async def _respond(
         self, request: web.Request, upstream: UpstreamResponse, tags: dict[str, str], deadline: float
-    ) -> tuple[int, str, web.StreamResponse]:
+    ) -> tuple[int, str, web.StreamResponse, bytes | None]:
+        """Relay the answer; also returns its body when it was small enough to be held whole."""
         status = upstream.status
         headers = response_headers(upstream, tags)
         length = upstream.length
@@ -678,7 +712,7 @@ class Proxy:
             body = await read_small(upstream)
             return status, classify(status, body if status >= 400 else None), web.Response(
                 status=status, body=body, headers=headers
-            )
+            ), body
         response = web.StreamResponse(status=status, headers=headers)
         if length is not None:
             response.content_length = length
@@ -695,4 +729,4 @@ class Proxy:
             await response.write_eof()
         except (ConnectionError, TimeoutError) as exc:
             raise _ClientGone() from exc
-        return status, classify(status, None), response
+        return status, classify(status, None), response, None

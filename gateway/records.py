@@ -146,14 +146,21 @@ class Route:
     candidate: str | None = None
     weight: float = 0.0
     sticky: str | None = None
+    # A shadow: this share (percent) of the requests the active answered is copied to ``shadow``.
+    shadow: str | None = None
+    shadow_percent: float = 0.0
 
     @classmethod
     def from_fields(cls, data: Mapping[str, str]) -> Route:
         """From the stored hash (a weight this release cannot read is no split rather than a failed read)."""
-        try:
-            weight = min(max(float(data.get("weight", 0.0)), 0.0), 100.0)
-        except ValueError:
-            weight = 0.0
+        def percent(name: str) -> float:
+            try:
+                value = min(max(float(data.get(name, 0.0)), 0.0), 100.0)
+            except ValueError:
+                return 0.0
+            return value if math.isfinite(value) else 0.0
+
+        weight = percent("weight")
         return cls(
             active=data.get("active") or None,
             previous=data.get("previous") or None,
@@ -162,6 +169,8 @@ class Route:
             candidate=data.get("candidate") or None,
             weight=weight if math.isfinite(weight) else 0.0,
             sticky=data.get("sticky") or None,
+            shadow=data.get("shadow") or None,
+            shadow_percent=percent("shadow_percent"),
         )
 
     def split(self) -> str:

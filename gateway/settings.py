@@ -99,6 +99,22 @@ class Settings:
         "How a gateway process spreads a deployment's requests over its replicas: least_request (the less busy of two "
         "drawn at random, Envoy's default) or round_robin (in turn, whatever their load).", default="least_request",
     )
+    shadow_concurrency: int = _doc("Shadow copies a gateway process sends at once (off the clients' path).", default=4)
+    shadow_queue: int = _doc(
+        "Shadow copies waiting to be sent, at most (beyond it, and beyond 16 MiB of bodies, copies are dropped and counted).",
+        default=256,
+    )
+    shadow_max_body: int = _doc("Largest request body copied to a shadow, in bytes (larger ones are counted, not copied).",
+                                default=256 * 1024)
+    shadow_timeout: float = _doc("Seconds a shadow has to answer a copy (then it counts as shadow_error).", default=5.0)
+    shadow_tolerance: float = _doc(
+        "Numbers in the two answers agree when they differ by at most this, relative to the larger (absolutely below 1).",
+        default=1e-6,
+    )
+    shadow_keep_bodies: bool = _doc(
+        "Keep truncated request and answer bodies of the last disagreements for turnout compare (false: counts only).",
+        default=True,
+    )
     outlier_consecutive_failures: int = _doc(
         "Consecutive failures (connect error, reset, timeout, 5xx) after which a replica leaves this gateway's "
         "rotation; a model's own failures (MLflow's 400 crash) never count.", default=5,
@@ -182,7 +198,7 @@ class Settings:
             "header_timeout", "keepalive_timeout", "client_timeout", "upstream_pool_timeout",
             "health_interval", "lease_ttl", "start_timeout", "restart_backoff", "stop_timeout",
             "guard_window", "guard_interval", "guard_bake", "stats_flush_interval", "outlier_base_ejection",
-            "drain_timeout",
+            "drain_timeout", "shadow_timeout",
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive, got {getattr(self, name)!r}")
@@ -192,6 +208,8 @@ class Settings:
             raise SettingsError("guard_p99 must be positive (or unset)")
         if self.balance not in ("least_request", "round_robin"):
             raise SettingsError(f"balance must be least_request or round_robin, got {self.balance!r}")
+        if not 0 <= self.shadow_tolerance < 1:
+            raise SettingsError(f"shadow_tolerance must be in [0, 1), got {self.shadow_tolerance!r}")
         if self.drain_grace < 0:
             raise SettingsError(f"drain_grace must be 0 or more, got {self.drain_grace!r}")
         if not 1 <= self.replicas <= MAX_REPLICAS:
@@ -199,7 +217,8 @@ class Settings:
         if not 0 <= self.outlier_max_ejection_percent <= 100:
             raise SettingsError(f"outlier_max_ejection_percent must be 0-100, got {self.outlier_max_ejection_percent!r}")
         for name in ("max_body_bytes", "upstream_max_connections", "max_start_attempts", "history_max", "guard_min_requests",
-                     "max_headers", "max_head_bytes", "outlier_consecutive_failures"):
+                     "max_headers", "max_head_bytes", "outlier_consecutive_failures", "shadow_concurrency", "shadow_queue",
+                     "shadow_max_body"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive, got {getattr(self, name)!r}")
         try:

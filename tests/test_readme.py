@@ -40,7 +40,7 @@ def _get(path: str) -> dict:
 
 def test_the_readme_walkthrough_runs_as_written() -> None:
     blocks = walkthrough()
-    assert list(blocks) == ["up", "cli", "curl", "services", "replicas", "canary"], "the README's walkthrough blocks"
+    assert list(blocks) == ["up", "cli", "curl", "services", "replicas", "canary", "shadow"], "the README's walkthrough blocks"
     assert _port_free(8080), "the walkthrough uses port 8080, as the README says; something else holds it"
     env = child_env()
     up = subprocess.Popen(["bash", "-c", blocks["up"]], cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -59,7 +59,7 @@ def test_the_readme_walkthrough_runs_as_written() -> None:
     reader.start()
     try:
         assert ready.wait(300), "".join(lines[-40:])
-        story = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", "\n".join(blocks[b] for b in ("cli", "curl", "services", "replicas", "canary"))],
+        story = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", "\n".join(blocks[b] for b in ("cli", "curl", "services", "replicas", "canary", "shadow"))],
                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         output = story.stdout + story.stderr
         assert story.returncode == 0, output[-4000:]
@@ -79,6 +79,9 @@ def test_the_readme_walkthrough_runs_as_written() -> None:
         assert (loans["route"]["active"], loans["route"]["previous"], loans["route"]["generation"]) == ("blue", "green", 4), loans
         assert loans["canary"]["state"] == "promoted" and loans["canary"]["sticky_header"] == "x-user-id", loans["canary"]
         assert "canary: blue vs green, promoted" in story.stdout, output[-4000:]
+        # The shadow compared green with blue on the 30 requests sent while it was on.
+        assert "shadow green (ready) on 100% of blue's requests" in story.stdout and "agreement: " in story.stdout, output[-4000:]
+        assert "stopped shadowing green" in story.stdout
         assert _get("/admin/state")["route"]["active"] == "blue"
         assert [s["name"] for s in _get("/admin/services")["services"]] == ["default", "loans"]
         # loans' green ran two warm replicas that both answered, and is back to one.

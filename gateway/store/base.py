@@ -110,11 +110,12 @@ class Store(abc.ABC):
     async def change_rollout(
         self, *, service: str = DEFAULT_SERVICE, split: tuple[str, float, str | None] | None | bool = False,
         plan: Plan | None = None, expected_generation: int | None = None, expected_revision: int | None = None,
-        history: HistoryEntry | None = None,
+        history: HistoryEntry | None = None, shadow: tuple[str, float] | None | bool = False,
     ) -> RouteChange:
-        """Change a service's split and/or its canary plan in one step: ``split`` is (candidate, weight
-        percent, sticky header or None), None to end the split, False to leave it; a split change raises
-        the generation (the active's ``changed_at`` stays). Applies only while the generation equals
+        """Change a service's split, its canary plan and/or its shadow in one step: ``split`` is (candidate,
+        weight percent, sticky header or None), None to end the split, False to leave it; a split change
+        raises the generation (the active's ``changed_at`` stays); ``shadow`` is (deployment, percent),
+        None to stop shadowing or False to leave it. Applies only while the generation equals
         ``expected_generation`` and the stored plan's revision equals ``expected_revision`` (0: no plan)
         when given; refusals: "conflict", "plan_conflict", "unknown" (candidate), "no_service"."""
 

@@ -164,7 +164,8 @@ class EmbeddedStore(Store):
             return RouteChange(False, current, "conflict")
         if active not in svc.deployments:
             return RouteChange(False, current, "unknown")
-        svc.route = Route(active=active, previous=previous, generation=current.generation + 1, changed_at=time.time())
+        svc.route = Route(active=active, previous=previous, generation=current.generation + 1, changed_at=time.time(),
+                          shadow=current.shadow, shadow_percent=current.shadow_percent)
         if plan is not None:
             svc.plan = plan
         if history is not None:
@@ -175,7 +176,7 @@ class EmbeddedStore(Store):
     async def change_rollout(
         self, *, service: str = DEFAULT_SERVICE, split: tuple[str, float, str | None] | None | bool = False,
         plan: Plan | None = None, expected_generation: int | None = None, expected_revision: int | None = None,
-        history: HistoryEntry | None = None,
+        history: HistoryEntry | None = None, shadow: tuple[str, float] | None | bool = False,
     ) -> RouteChange:
         svc = self._services.get(service)
         if svc is None:
@@ -187,6 +188,11 @@ class EmbeddedStore(Store):
             return RouteChange(False, current, "plan_conflict")
         if isinstance(split, tuple) and split[0] not in svc.deployments:
             return RouteChange(False, current, "unknown")
+        if isinstance(shadow, tuple) and shadow[0] not in svc.deployments:
+            return RouteChange(False, current, "unknown")
+        if shadow is not False:
+            name, percent = shadow if isinstance(shadow, tuple) else (None, 0.0)
+            svc.route = current = replace(current, shadow=name, shadow_percent=float(percent))
         if split is not False:
             candidate, weight, sticky = split if isinstance(split, tuple) else (None, 0.0, None)
             svc.route = replace(current, generation=current.generation + 1, candidate=candidate, weight=float(weight),
@@ -247,10 +253,14 @@ class EmbeddedStore(Store):
                 return "previous"
             if svc.route.candidate == name:
                 return "candidate"
+            if svc.route.shadow == name:
+                return "shadow"
         if svc.route.previous == name:
             svc.route = replace(svc.route, previous=None)
         if svc.route.candidate == name:
             svc.route = replace(svc.route, candidate=None, weight=0.0, sticky=None)
+        if svc.route.shadow == name:
+            svc.route = replace(svc.route, shadow=None, shadow_percent=0.0)
         del svc.deployments[name]
         for key in [k for k in svc.leases if k.partition("#")[0] == name]:
             del svc.leases[key]

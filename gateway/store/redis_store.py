@@ -176,7 +176,8 @@ return 1
 # KEYS: route, deployments, history, services, plan. ARGV: expected generation or '', expected plan
 # revision or '' (0: no plan), route change ('split', 'unsplit' or 'keep'), candidate, weight, sticky
 # header or '', the plan's new JSON or '' (unchanged), history entry or '', bound, channel, now, route
-# event head and tail, service, legacy service, service event message. A split's weight changes the
+# event head and tail, service, legacy service, service event message, shadow change ('' none, 'set',
+# 'clear'), shadow deployment, shadow percent. A split's weight changes the
 # generation (every gateway applies the same split for the same generation) but not changed_at (the
 # active deployment's bake period and guard window go on). Returns {applied 0/1, generation, refusal}.
 _ROLLOUT = _EXISTS + """
@@ -190,6 +191,7 @@ if ARGV[2] ~= '' then
   if revision ~= tonumber(ARGV[2]) then return {0, gen, 'plan_conflict'} end
 end
 if ARGV[3] == 'split' and redis.call('SISMEMBER', KEYS[2], ARGV[4]) == 0 then return {0, gen, 'unknown'} end
+if ARGV[17] == 'set' and redis.call('SISMEMBER', KEYS[2], ARGV[18]) == 0 then return {0, gen, 'unknown'} end
 local entry = nil
 if ARGV[8] ~= '' then entry = cjson.decode(ARGV[8]) end
 if ARGV[7] ~= '' then cjson.decode(ARGV[7]) end
@@ -204,6 +206,8 @@ if ARGV[3] ~= 'keep' then
   end
 end
 if ARGV[7] ~= '' then redis.call('SET', KEYS[5], ARGV[7]) end
+if ARGV[17] == 'set' then redis.call('HSET', KEYS[1], 'shadow', ARGV[18], 'shadow_percent', ARGV[19]) end
+if ARGV[17] == 'clear' then redis.call('HDEL', KEYS[1], 'shadow', 'shadow_percent') end
 if entry ~= nil then
   entry['generation'] = gen
   redis.call('LPUSH', KEYS[3], cjson.encode(entry))
@@ -229,8 +233,10 @@ if ARGV[2] ~= '1' then
   if active == ARGV[1] then return 'active' end
   if previous == ARGV[1] then return 'previous' end
   if candidate == ARGV[1] then return 'candidate' end
+  if redis.call('HGET', KEYS[1], 'shadow') == ARGV[1] then return 'shadow' end
 end
 if candidate == ARGV[1] then redis.call('HDEL', KEYS[1], 'candidate', 'weight', 'sticky') end
+if redis.call('HGET', KEYS[1], 'shadow') == ARGV[1] then redis.call('HDEL', KEYS[1], 'shadow', 'shadow_percent') end
 if previous == ARGV[1] then redis.call('HDEL', KEYS[1], 'previous') end
 for _, index in ipairs(replica_indices(redis.call('HGETALL', KEYS[3]))) do redis.call('DEL', KEYS[4] .. '#' .. index) end
 redis.call('DEL', KEYS[3], KEYS[4])
@@ -504,10 +510,12 @@ class RedisStore(Store):
     async def change_rollout(
         self, *, service: str = DEFAULT_SERVICE, split: tuple[str, float, str | None] | None | bool = False,
         plan: Plan | None = None, expected_generation: int | None = None, expected_revision: int | None = None,
-        history: HistoryEntry | None = None,
+        history: HistoryEntry | None = None, shadow: tuple[str, float] | None | bool = False,
     ) -> RouteChange:
         sk = self._sk(service)
         mode = "keep" if split is False else "unsplit" if split is None else "split"
+        shadow_mode = "" if shadow is False else "clear" if shadow is None else "set"
+        shadow_name, shadow_percent = shadow if isinstance(shadow, tuple) else ("", 0.0)
         candidate, weight, sticky = split if isinstance(split, tuple) else ("", 0.0, None)
         args = [
             "" if expected_generation is None else str(expected_generation),
@@ -516,7 +524,7 @@ class RedisStore(Store):
             plan.to_json() if plan is not None else "",
             *self._history_args(history),
             self.keys.events, repr(time.time()), *route_event_parts(service), service, LEGACY_SERVICE,
-            encode_event(SERVICE_CHANGED, service=service),
+            encode_event(SERVICE_CHANGED, service=service), shadow_mode, shadow_name, repr(float(shadow_percent)),
         ]
         with _unavailable_on_connection_errors():
             applied, gen, refusal = await self._rollout(
