@@ -10,22 +10,26 @@ from aiohttp import web
 RESPONSE = b'{"predictions": [0, 2, 1, 0, 2, 1, 0, 2]}'
 CRASH = (b'{"error_code": "BAD_REQUEST", "message": "Encountered an unexpected error while evaluating the model. '
          b'Verify that the serialized input Dataframe is compatible with the model for inference.", "stack_trace": "..."}')
-FAULT = {"ratio": 0.0, "credit": 0.0}
+INTERNAL = b'{"error_code": "INTERNAL_ERROR", "message": "the model server failed"}'
+FAULT = {"ratio": 0.0, "credit": 0.0, "status": 400}
 
 
 async def invocations(request: web.Request) -> web.Response:
     await request.read()
     FAULT["credit"] += FAULT["ratio"]
     if FAULT["credit"] >= 1.0:
-        # Fails like a crashing MLflow model: HTTP 400 with a stack trace.
+        # Fails like a crashing MLflow model (HTTP 400 with a stack trace), or with a 500.
         FAULT["credit"] -= 1.0
-        return web.Response(status=400, body=CRASH, content_type="application/json")
+        status = int(FAULT["status"])
+        return web.Response(status=status, body=CRASH if status == 400 else INTERNAL, content_type="application/json")
     return web.Response(body=RESPONSE, content_type="application/json")
 
 
 async def fault(request: web.Request) -> web.Response:
-    """POST /fault?ratio=0.3 makes that share of predictions fail from now on."""
+    """POST /fault?ratio=0.3 makes that share of predictions fail from now on (``&status=500``: with a 500
+    instead of MLflow's 400 for an exception in the model)."""
     FAULT["ratio"] = float(request.query["ratio"])
+    FAULT["status"] = int(request.query.get("status", "400"))
     FAULT["credit"] = 0.0
     return web.Response(text="ok")
 

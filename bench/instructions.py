@@ -19,7 +19,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,34 +31,44 @@ from bench.proxy_overhead import REDIS_URL, _route
 _BODY = b'{"dataframe_split": {"columns": ["a", "b", "c", "d"], "data": [[5.1, 3.5, 1.4, 0.2]]}}'
 
 
-def scoring_request(path: str = "/invocations") -> bytes:
-    """The one-row JSON request every count sends, to ``path``."""
-    return b"POST %b HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (
-        path.encode(), len(_BODY), _BODY)
+def scoring_request(path: str = "/invocations", headers: bytes = b"") -> bytes:
+    """The one-row JSON request every count sends, to ``path``, with ``headers`` (raw lines) added."""
+    return b"POST %b HTTP/1.1\r\nHost: x\r\n%bContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (
+        path.encode(), headers, len(_BODY), _BODY)
 
 
-async def _load(port: int, requests: int, request: bytes, connections: int = 8) -> None:
-    async def one(count: int) -> None:
+async def _load(port: int, requests: int, sent: Sequence[bytes], connections: int = 8,
+                answered: Counter[str] | None = None) -> None:
+    """``requests`` over ``connections``, going round ``sent`` (connection i starts at its own place);
+    ``answered`` counts the deployment that answered each (its ``X-Turnout-Deployment``)."""
+    async def one(count: int, first: int) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        for _ in range(count):
-            writer.write(request)
+        for i in range(first, first + count):
+            writer.write(sent[i % len(sent)])
             head = await reader.readuntil(b"\r\n\r\n")
             length = re.search(rb"(?i)content-length: (\d+)", head)
             assert length, head
+            if answered is not None:
+                by = re.search(rb"(?i)x-turnout-deployment: ([^\r]*)", head)
+                answered[by.group(1).decode() if by else "?"] += 1
             await reader.readexactly(int(length.group(1)))
         writer.close()
 
-    await asyncio.gather(*(one(requests // connections) for _ in range(connections)))
+    each = requests // connections
+    await asyncio.gather(*(one(each, i * each) for i in range(connections)))
 
 
 Setup = Callable[[str, str, str], Awaitable[None]]
 
 
 def count(tree: Path, backend: str, fast_path: bool, requests: int, *, setup: Setup = _route,
-          path: str = "/invocations") -> float:
+          path: str = "/invocations", sent: Sequence[bytes] | None = None,
+          answered: Counter[str] | None = None) -> float:
     """Instructions per request of the gateway in ``tree`` (a checkout of this project), sending to
-    ``path`` after ``setup(namespace, backend, "set")`` wrote its routes (``"clear"`` removes them)."""
-    request = scoring_request(path)
+    ``path`` after ``setup(namespace, backend, "set")`` wrote its routes (``"clear"`` removes them);
+    ``sent``: raw requests to go round instead (each connection from its own place in the list);
+    ``answered``: counts which deployment answered each counted request."""
+    requests_sent = list(sent) if sent else [scoring_request(path)]
     namespace = f"turnout-bench-{uuid.uuid4().hex[:8]}"
     asyncio.run(setup(namespace, backend, "set"))
     port = free_port()
@@ -75,15 +86,15 @@ def count(tree: Path, backend: str, fast_path: bool, requests: int, *, setup: Se
         deadline = time.monotonic() + 300
         while True:
             try:
-                asyncio.run(_load(port, 80, request=request))
+                asyncio.run(_load(port, 80, requests_sent))
                 break
             except OSError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1)
-        asyncio.run(_load(port, 400, request=request))
+        asyncio.run(_load(port, 400, requests_sent))
         subprocess.run(["callgrind_control", "--zero", str(proc.pid)], capture_output=True, check=True)
-        asyncio.run(_load(port, requests, request=request))
+        asyncio.run(_load(port, requests, requests_sent, answered=answered))
         subprocess.run(["callgrind_control", "--dump", str(proc.pid)], capture_output=True, check=True)
     finally:
         proc.terminate()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -18,25 +21,42 @@ SETTINGS = {
 }
 
 
+async def open_loop(session: aiohttp.ClientSession, urls: list[str], rate: float, stop: asyncio.Event,
+                    headers: Callable[[int], dict[str, str]] | None = None,
+                    statuses: Counter[int] | None = None) -> None:
+    """Predictions at ``rate`` per second whatever the answers take (open loop), to each of ``urls`` in
+    turn, until ``stop``; request i carries ``headers(i)`` too, and its status is counted in ``statuses``
+    (0: no answer)."""
+    interval = 1 / rate
+    pending: set[asyncio.Task[Any]] = set()
+    next_at = time.monotonic()
+
+    def done(task: asyncio.Task[Any]) -> None:
+        pending.discard(task)
+        failed = task.cancelled() or task.exception() is not None
+        if not failed:
+            task.result().release()
+        if statuses is not None:
+            statuses[0 if failed else task.result().status] += 1
+
+    for i in itertools.count():
+        if stop.is_set():
+            break
+        extra = headers(i) if headers is not None else {}
+        task = asyncio.create_task(session.post(urls[i % len(urls)] + "/invocations", data=b'{"inputs": [[1, 2, 3, 4]]}',
+                                                headers={"Content-Type": "application/json", **extra}))
+        pending.add(task)
+        task.add_done_callback(done)
+        next_at += interval
+        await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+    await asyncio.gather(*pending, return_exceptions=True)
+
+
 async def _measure(url: str, green: str, rate: float, runs: int) -> list[float]:
     times = []
     async with aiohttp.ClientSession() as s, aiohttp.ClientSession(headers=AUTH) as admin:
         stop = asyncio.Event()
-
-        async def load() -> None:
-            interval = 1 / rate
-            pending: set[asyncio.Task[Any]] = set()
-            next_at = time.monotonic()
-            while not stop.is_set():
-                task = asyncio.create_task(s.post(url + "/invocations", data=b'{"inputs": [[1, 2, 3, 4]]}',
-                                                  headers={"Content-Type": "application/json"}))
-                pending.add(task)
-                task.add_done_callback(lambda t: (pending.discard(t), t.result().release() if not t.exception() else None))
-                next_at += interval
-                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-            await asyncio.gather(*pending, return_exceptions=True)
-
-        loader = asyncio.create_task(load())
+        loader = asyncio.create_task(open_loop(s, [url], rate, stop))
         for run_index in range(runs):
             # A fresh name per run (same server): the guard's window must not remember the last run's fault.
             name = f"green-{run_index}"

@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from bench import instructions, memory, proxy_overhead, reaction, replicas, services, switching
+from bench import canary, instructions, memory, proxy_overhead, reaction, replicas, services, switching
 from bench.common import HERE, machine, save
 
 SCENARIOS = {
@@ -24,6 +24,7 @@ SCENARIOS = {
     "memory": memory,
     "services": services,
     "replicas": replicas,
+    "canary": canary,
 }
 
 

@@ -13,22 +13,9 @@ from typing import Any
 from bench import targets
 from bench.common import HERE, ROOT, free_port, percentile, private_redis, process, rss_mb
 from bench.instructions import count
-from bench.proxy_overhead import REDIS_URL
-from bench.switching import _propagation, _setup_route, service_names, stack
+from bench.switching import _propagation, _setup_route, blue_green, service_names, stack
 
 SERVICES = 200
-
-
-def _setup(services: int) -> Any:
-    """An instructions ``setup``: ``services`` services (plus the default one), each blue/green → backend."""
-    async def setup(namespace: str, backend: str, action: str) -> None:
-        if action == "set":
-            await _setup_route(REDIS_URL, {"blue": backend, "green": backend}, services, namespace)
-        else:
-            from gateway.store import drop_namespace
-
-            await drop_namespace(REDIS_URL, namespace)
-    return setup
 
 
 def instructions(requests: int) -> dict[str, Any]:
@@ -38,8 +25,8 @@ def instructions(requests: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with process([sys.executable, str(HERE / "fast_backend.py"), str(port)], backend + "/ping"):
         for path in ("fast", "aiohttp"):
-            one = count(ROOT, backend, path == "fast", requests, setup=_setup(1), path="/models/s000/invocations")
-            many = count(ROOT, backend, path == "fast", requests, setup=_setup(SERVICES), path="/models/s123/invocations")
+            one = count(ROOT, backend, path == "fast", requests, setup=blue_green(1), path="/models/s000/invocations")
+            many = count(ROOT, backend, path == "fast", requests, setup=blue_green(SERVICES), path="/models/s123/invocations")
             out[path] = {"one_service": one, f"{SERVICES}_services": many, "ratio": many / one}
     met = all(v["ratio"] <= targets.SERVICES_CPU_VS_ONE for v in out.values())
     return {"requests": requests, "paths": out, "target_met": met}

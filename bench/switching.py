@@ -8,6 +8,7 @@ import random
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ import aiohttp
 
 from bench import targets
 from bench.common import HERE, free_port, gateway_args, percentile, private_redis, process
+from bench.proxy_overhead import REDIS_URL
 
 TOKEN = "bench-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -25,8 +27,10 @@ def service_names(count: int) -> list[str]:
     return [f"s{i:03d}" for i in range(count)]
 
 
-async def _setup_route(redis_url: str, backends: dict[str, str], services: int = 0, namespace: str = "turnout") -> None:
-    """blue (active) and green in the default service, and in each of ``services`` more."""
+async def _setup_route(redis_url: str, backends: dict[str, str], services: int = 0, namespace: str = "turnout",
+                       split: tuple[str, float, str | None] | None = None) -> None:
+    """blue (active) and green in the default service, and in each of ``services`` more; with ``split``
+    (candidate, weight, sticky header), the default service's route divides its requests so."""
     from gateway.records import Deployment, ServiceConfig, State
     from gateway.store import RedisStore
 
@@ -37,21 +41,47 @@ async def _setup_route(redis_url: str, backends: dict[str, str], services: int =
         for name, url in backends.items():
             await store.create_deployment(Deployment(name=name, url=url, state=State.READY, external=True), service=service)
         await store.set_route("blue", None, service=service)
+    if split is not None:
+        route = await store.get_route()
+        assert (await store.change_rollout(split=split, expected_generation=route.generation)).ok
     await store.close()
+
+
+def blue_green(services: int = 0, split: tuple[str, float, str | None] | None = None, apart: bool = False) -> Any:
+    """An instructions ``setup`` (bench.instructions.count): ``_setup_route`` on the shared Redis to the
+    backend — with ``apart``, green at 127.0.0.2 (the same stand-in, listening on every loopback
+    address, but another upstream of the gateway's) — and the namespace dropped afterwards."""
+    async def setup(namespace: str, backend: str, action: str) -> None:
+        from gateway.store import drop_namespace
+
+        if action == "set":
+            green = backend.replace("127.0.0.1", "127.0.0.2") if apart else backend
+            await _setup_route(REDIS_URL, {"blue": backend, "green": green}, services, namespace, split)
+        else:
+            await drop_namespace(REDIS_URL, namespace)
+    return setup
 
 
 @contextlib.contextmanager
 def stack(replicas: int, cut: int = 0, reuse_port: bool = False, extra_env: dict[str, str] | None = None,
-          services: int = 0) -> Iterator[dict[str, Any]]:
-    """A private Redis, blue and green fast backends, and gateway replicas; ``cut`` of them cannot subscribe."""
+          services: int = 0, shared: bool = False) -> Iterator[dict[str, Any]]:
+    """A private Redis, blue and green fast backends, and gateway replicas; ``cut`` of them cannot subscribe.
+    ``shared``: the machine's Redis (127.0.0.1:6379) in a private namespace, dropped afterwards, instead."""
     with contextlib.ExitStack() as stack_:
-        redis_url = stack_.enter_context(private_redis()).url
+        if shared:
+            from gateway.store import drop_namespace
+
+            assert not cut, "cutting pub/sub needs a Redis of our own"
+            redis_url, namespace = REDIS_URL, f"turnout-bench-{uuid.uuid4().hex[:8]}"
+            stack_.callback(lambda: asyncio.run(drop_namespace(redis_url, namespace)))
+        else:
+            redis_url, namespace = stack_.enter_context(private_redis()).url, "turnout"
         backends = {}
         for name in ("blue", "green"):
             port = free_port()
             stack_.enter_context(process([sys.executable, str(HERE / "fast_backend.py"), str(port)], f"http://127.0.0.1:{port}/ping"))
             backends[name] = f"http://127.0.0.1:{port}"
-        asyncio.run(_setup_route(redis_url, backends, services))
+        asyncio.run(_setup_route(redis_url, backends, services, namespace))
         if cut:
             import redis
 
@@ -64,7 +94,8 @@ def stack(replicas: int, cut: int = 0, reuse_port: bool = False, extra_env: dict
         for i in range(replicas):
             port = shared_port if reuse_port else free_port()
             url = redis_url.replace("redis://", "redis://cut:cut@") if i >= replicas - cut else redis_url
-            env = {"TURNOUT_REDIS_URL": url, "TURNOUT_ADMIN_TOKEN": TOKEN, "TURNOUT_GUARD_ENABLED": "false"}
+            env = {"TURNOUT_REDIS_URL": url, "TURNOUT_NAMESPACE": namespace, "TURNOUT_ADMIN_TOKEN": TOKEN,
+                   "TURNOUT_GUARD_ENABLED": "false"}
             if reuse_port:
                 env["TURNOUT_REUSE_PORT"] = "true"
             if extra_env is not None:
@@ -72,6 +103,21 @@ def stack(replicas: int, cut: int = 0, reuse_port: bool = False, extra_env: dict
             procs.append(stack_.enter_context(process(gateway_args(port), f"http://127.0.0.1:{port}/health", **env)))
             urls.append(f"http://127.0.0.1:{port}")
         yield {"urls": urls, "procs": procs, "redis": redis_url, "backends": backends}
+
+
+async def serving(probe: aiohttp.ClientSession, urls: list[str], generation: int, since: float,
+                  health_path: str = "/health", interval: float = 0.0) -> list[float]:
+    """Seconds from ``since`` (``time.perf_counter()``) until each replica's ``health_path`` reports
+    ``generation`` or a later one, polled every ``interval`` (0: back to back)."""
+    async def until_seen(url: str) -> float:
+        while True:
+            async with probe.get(url + health_path) as r:
+                if (await r.json()).get("generation", -1) >= generation:
+                    return time.perf_counter() - since
+            if interval:
+                await asyncio.sleep(interval)
+
+    return list(await asyncio.gather(*(until_seen(u) for u in urls)))
 
 
 async def _propagation(urls: list[str], switches: int, jitter: float, services: list[str] | None = None) -> list[float]:
@@ -90,14 +136,7 @@ async def _propagation(urls: list[str], switches: int, jitter: float, services: 
             async with admin.post(urls[0] + admin_path, json={"target": target}) as resp:
                 generation = (await resp.json())["route"]["generation"]
             answered = time.perf_counter()
-
-            async def until_seen(url: str) -> float:
-                while True:
-                    async with probe.get(url + health_path) as r:
-                        if (await r.json()).get("generation") == generation:
-                            return time.perf_counter() - answered
-
-            seen = await asyncio.wait_for(asyncio.gather(*(until_seen(u) for u in urls)), 10)
+            seen = await asyncio.wait_for(serving(probe, urls, generation, answered, health_path), 10)
             delays.append(max(seen))
             # A random gap, so switches do not fall at one fixed phase of the poll cycle.
             await asyncio.sleep(random.uniform(0.005, jitter))

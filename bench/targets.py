@@ -28,3 +28,7 @@ REPLICAS_SCALING = 0.95
 REPLICAS_SLOW_P99_RATIO = 0.5
 # replicas: gateway CPU per request with 8 replicas against 1.
 REPLICAS_CPU_8_VS_1 = 1.05
+# canary: instructions per request through a 50/50 split with sticky hashing against a plain route.
+CANARY_SPLIT_CPU_RATIO = 1.10
+# canary: candidate starts failing → every gateway replica on weight 0, default guard at 200 req/s.
+CANARY_ABORT_P50_SECONDS = 2.0

@@ -496,33 +496,47 @@ class Admin:
         service = await self._service(request)
         name = request.match_info["name"]
         body = await self._parse(request, ScaleDeployment)
+        who = self._who(request)
         snapshot = await self.store.read_snapshot(service=service)
         dep = snapshot.deployments.get(name)
+        entry = HistoryEntry("scale", who, target=name, reason=body.reason)
+
+        async def refuse(status: int, code: str, message: str) -> AdminError:
+            # Every refused attempt is in the history, as refused switches and deletes are.
+            await self.store.append_history(entry.but(result="refused", detail=message), service=service)
+            return AdminError(status, code, message)
+
         if dep is None:
-            raise AdminError(404, errors.RESOURCE_DOES_NOT_EXIST, f"service {service!r} has no deployment named {name!r}")
+            raise await refuse(404, errors.RESOURCE_DOES_NOT_EXIST, f"service {service!r} has no deployment named {name!r}")
         changes: dict[str, Any] = {}
         if body.urls is not None:
             if not dep.external:
-                raise AdminError(409, errors.INVALID_STATE,
-                                 f"deployment {name!r} is served by workers: scale it with replicas, not urls")
+                raise await refuse(409, errors.INVALID_STATE,
+                                   f"deployment {name!r} is served by workers: scale it with replicas, not urls")
             urls = tuple(url.rstrip("/") for url in body.urls)
             changes = {"url": urls[0], "urls": urls if len(urls) > 1 else None}
+            expect = {"url": dep.url, "urls": dep.urls or None}
             detail = f"urls {' '.join(dep.urls or (dep.url or '',))} → {' '.join(urls)}"
         else:
             if dep.external:
-                raise AdminError(409, errors.INVALID_STATE, f"deployment {name!r} is an external server: "
-                                 "give its replicas' urls instead of replicas or min_ready")
+                raise await refuse(409, errors.INVALID_STATE, f"deployment {name!r} is an external server: give its "
+                                   "replicas' urls (PUT with {\"urls\": [...]}) instead of replicas or min_ready")
             replicas = body.replicas if body.replicas is not None else dep.replicas
             min_ready = body.min_ready if "min_ready" in body.model_fields_set else dep.min_ready
             try:
                 check_min_ready(replicas, min_ready)
             except ValueError as exc:
-                raise AdminError(400, errors.INVALID_PARAMETER_VALUE, str(exc)) from None
+                raise await refuse(400, errors.INVALID_PARAMETER_VALUE, str(exc)) from None
             changes = {"replicas": replicas, "min_ready": min_ready}
+            expect = {"replicas": dep.replicas, "min_ready": dep.min_ready}
             shown = lambda n: "all" if n is None else str(n)
             detail = f"replicas {dep.replicas} → {replicas}, min_ready {shown(dep.min_ready)} → {shown(min_ready)}"
-        entry = HistoryEntry("scale", self._who(request), target=name, reason=body.reason, detail=detail)
-        if not await self.store.update_deployment(name, service=service, history=entry, **changes):
+        # Conditional on what was read: two scales at once never lose one or record a wrong "from".
+        updated = await self.store.update_deployment(name, service=service, history=entry.but(detail=detail),
+                                                     expect=expect, **changes)
+        if updated is None:
+            raise await refuse(409, errors.INVALID_STATE, f"deployment {name!r} was scaled concurrently; re-read and retry")
+        if not updated:
             raise AdminError(404, errors.RESOURCE_DOES_NOT_EXIST, f"service {service!r} has no deployment named {name!r}")
         await self._apply_here(service)
         snapshot = await self.store.read_snapshot(service=service)

@@ -395,6 +395,10 @@ def _wait_scaled(url: str, token: str | None, service: str | None, name: str, re
             return code, answer
         if answer.get("ready_replicas") == replicas and len(answer.get("replicas") or []) == replicas:
             return code, answer
+        failed = [r for r in (answer.get("replicas") or [])[:replicas] if r.get("state") == "failed"]
+        if failed:
+            why = next(iter((failed[0].get("reason") or "").splitlines()), "")
+            return 409, {"message": f"{name}: replica {failed[0]['index']} failed: {why}"}
         if time.monotonic() > deadline:
             return 504, {"message": f"{name}: {answer.get('ready_replicas')} of {replicas} replicas ready after "
                          f"{seconds:g} s: {answer.get('state_detail')}"}

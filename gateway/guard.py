@@ -241,7 +241,7 @@ class Guard:
         if not verdict.breach:
             return
         previous = route.previous
-        if previous is None or not snapshot.is_ready(previous):
+        if previous is None or not snapshot.serving(previous):
             why = "there is no previous deployment" if previous is None else f"previous deployment {previous} is not ready"
             self.last[service] = {**last, "status": "holding", "detail": f"{verdict.why}; holding: {why}"}
             if self._held_generation.get(service) != route.generation:

@@ -44,9 +44,12 @@ def describe_state(snapshot: Snapshot, name: str) -> str:
         return f"starting ({max(0, time.time() - dep.started_at):.0f} s)"
     if len(dep.members) > 1:
         ready = len(snapshot.serving(name))
-        held = next((m for m in dep.members[: dep.replicas] if snapshot.member_state(dep, m) is not State.READY), None)
-        why = f"; replica {held.index} is {snapshot.member_state(dep, held).value}" + (f": {held.reason}" if held.reason else "") if held else ""
-        return f"{state.value}: {ready} of {dep.replicas} replicas ready, {dep.needed} needed{why}"
+        wanted = len(dep.members) if dep.external else dep.replicas
+        held = next((m for m in dep.members[:wanted] if snapshot.member_state(dep, m) is not State.READY), None)
+        # A reason's first line only (a failed start carries MLflow's traceback).
+        why = (f"; replica {held.index} is {snapshot.member_state(dep, held).value}"
+               + (f": {held.reason.splitlines()[0]}" if held.reason else "")) if held else ""
+        return f"{state.value}: {ready} of {wanted} replicas ready, {dep.needed} needed{why}"
     if state is State.UNHEALTHY and dep.state is State.READY:
         return "unhealthy: no live worker holds it"
     return f"{state.value}: {dep.reason}" if dep.reason else state.value
@@ -128,7 +131,9 @@ class RouteControl:
             return await self._refuse(service, entry, route, 409, errors.INVALID_STATE, "there is no previous deployment to roll back to")
         if previous not in snapshot.deployments:
             return await self._refuse(service, entry, route, 409, errors.INVALID_STATE, f"previous deployment {previous!r} no longer exists")
-        if not snapshot.is_ready(previous) and not force:
+        # A rollback needs the previous deployment able to serve, not its full min_ready: one replica
+        # restarting must not take away the way back from a version that is failing.
+        if not snapshot.serving(previous) and not force:
             return await self._refuse(
                 service, entry, route, 409, errors.INVALID_STATE,
                 f"previous deployment {previous} is {describe_state(snapshot, previous)}; not rolling back onto it (use force)",

@@ -360,7 +360,13 @@ async def test_scaling_through_the_admin_api_and_the_cli_and_every_refusal(gatew
             assert (code, answer["error_code"] is not None) == (status, True) and message in answer["message"], (body, answer)
         dep = (await store.read_snapshot()).deployments["blue"]
         assert (dep.replicas, dep.min_ready) == (5, 2), "no refused change wrote anything"
-        assert len((await store.read_history())[0]) == 2, "refusals leave the history alone"
+        entries = (await store.read_history())[0]
+        assert [e.result for e in entries].count("applied") == 2, "no refused change applied"
+        # Refusals the handler judged (not malformed bodies) are in the history, as refused switches are.
+        refused = sorted(e.detail for e in entries if e.result == "refused")
+        assert [d.split(":")[0].split(" (")[0] for d in refused] == [
+            "deployment 'blue' is served by workers", "min_ready", "min_ready",
+            "service 'default' has no deployment named 'nope'"], refused
 
         # min_ready null goes back to "all of them".
         code, view = await put("/admin/deployments/blue", {"min_ready": None})
@@ -383,3 +389,82 @@ async def test_scaling_through_the_admin_api_and_the_cli_and_every_refusal(gatew
     assert out.returncode == 2 and "0 is not in the range 1<=x<=64" in out.stderr, out.stderr
     out = await loop.run_in_executor(None, lambda: cli("scale", "nope", "2"))
     assert out.returncode == 1 and "no deployment named 'nope'" in out.stderr + out.stdout, out.stderr
+
+
+# --- what an independent tester broke ------------------------------------------------------------------
+async def test_taking_a_lease_resets_what_the_last_owner_reported_in_the_same_step(any_store: Any) -> None:
+    store = any_store
+    await store.create_deployment(Deployment(name="blue", model_uri="models:/m/1", replicas=2))
+    assert await store.claim("blue", "dead", 0.2, replica=1)
+    assert await store.update_deployment("blue", owner="dead", replica=1, state=State.READY, url="http://gone:1")
+    await asyncio.sleep(0.3)  # the dead worker's lease lapses
+    taking = {"state": State.STARTING, "url": None, "worker": "alive", "reason": "taken"}
+    assert await store.claim("blue", "alive", 30, replica=1, taking=taking)
+    snapshot = await store.read_snapshot()
+    member = snapshot.deployments["blue"].members[1]
+    assert (member.state, member.url, member.worker) == (State.STARTING, None, "alive")
+    assert snapshot.serving("blue") == (), "the gone server is never served once the lease is taken"
+    # Renewing a lease one holds changes nothing.
+    assert await store.update_deployment("blue", owner="alive", replica=1, state=State.READY, url="http://new:1")
+    assert await store.claim("blue", "alive", 30, replica=1, taking=taking)
+    assert (await store.read_snapshot()).serving("blue") == ("http://new:1",)
+
+
+async def test_a_conditional_scale_never_loses_a_concurrent_one(any_store: Any) -> None:
+    store = any_store
+    await store.create_deployment(Deployment(name="blue", model_uri="models:/m/1", replicas=4, min_ready=1))
+    read = {"replicas": 4, "min_ready": 1}
+    assert await store.update_deployment("blue", expect=read, replicas=2, min_ready=1)
+    assert await store.update_deployment("blue", expect=read, replicas=4, min_ready=3) is None, "it read 4 replicas"
+    assert await store.update_deployment("gone", expect=read, replicas=2) is False
+    dep = (await store.read_snapshot()).deployments["blue"]
+    assert (dep.replicas, dep.min_ready) == (2, 1)
+    assert await store.update_deployment("blue", expect={"replicas": 2, "min_ready": None}, min_ready=None) is None
+
+
+async def test_a_heartbeat_renews_every_lease_while_a_server_is_slow_to_stop() -> None:
+    from gateway.settings import Settings
+    from workers.supervisor import Hosted, Worker
+
+    store = EmbeddedStore()
+    await store.create_deployment(Deployment(name="blue", model_uri="models:/m/1", replicas=2))
+    worker = Worker(Settings(lease_ttl=5.0), store, worker_id="w1")
+    stuck = asyncio.Event()
+
+    class SlowToStop(Hosted):
+        async def stop(self, reason: str) -> None:
+            await stuck.wait()
+
+    kept = Hosted(worker, "default", "blue", "models:/m/1", 0)
+    gone = SlowToStop(worker, "default", "gone", "models:/m/1", 0)
+    worker.hosted = {kept.unit: kept, gone.unit: gone}
+    assert await store.claim("blue", "w1", 0.5)
+    snapshots = {"default": await store.read_snapshot()}
+    # 'gone' was deleted: its server stops in the background; blue's lease is renewed meanwhile.
+    await asyncio.wait_for(worker._heartbeat(snapshots), 2)
+    assert gone.unit not in worker.hosted and kept.unit in worker.hosted
+    await asyncio.sleep(0.6)
+    assert "blue" in (await store.read_snapshot()).live, "renewed for the lease TTL, not the half second"
+    stuck.set()
+    await asyncio.gather(*worker._drains)
+
+
+async def test_a_rollback_needs_one_ready_replica_of_previous_not_all(gateway_factory: Any) -> None:
+    store = EmbeddedStore()
+    await store.create_deployment(Deployment(name="blue", model_uri="models:/m/1", replicas=2))
+    await external(store, "green", ["http://127.0.0.1:1"])
+    for index, url in ((0, "http://127.0.0.1:2"), (1, "http://127.0.0.1:3")):
+        assert await store.claim("blue", "w", 30, replica=index)
+        assert await store.update_deployment("blue", owner="w", replica=index, state=State.READY, url=url)
+    await store.set_route("green", "blue")
+    await store.update_deployment("blue", owner="w", replica=1, state=State.UNHEALTHY, reason="model server exited\nTraceback...")
+    url = await gateway_factory(store, admin_token="t0ken-1")
+    async with aiohttp.ClientSession(headers={"Authorization": "Bearer t0ken-1"}) as s:
+        async with s.post(url + "/admin/switch", json={"target": "blue"}) as resp:
+            answer = await resp.json()
+            assert resp.status == 409 and answer["message"].endswith(
+                "1 of 2 replicas ready, 2 needed; replica 1 is unhealthy: model server exited; wait until it is ready or use force"
+            ), answer
+        async with s.post(url + "/admin/rollback", json={}) as resp:
+            assert resp.status == 200, await resp.text()
+    assert (await store.get_route()).active == "blue"

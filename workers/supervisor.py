@@ -10,10 +10,10 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -437,16 +437,25 @@ class Worker:
         # heartbeat round or two (they claim every lease_ttl/3 too), so a worker that hosts none of it
         # gets there first; static deployments are this worker's own and are not spread.
         patience = self.settings.lease_ttl / 2
+        taken_now: set[tuple[str, str]] = set()
         for unit, uri in sorted(wanted.items()):
             service, name, index = unit
             snapshot = snapshots.get(service)
             if unit in self.hosted or snapshot is None or name not in snapshot.deployments:
                 continue
-            mine = any(h.service == service and h.name == name for h in self.hosted.values())
-            if mine and (service, name) not in self.static and now - self._unheld_since.get(unit, now) < patience:
-                continue
-            if await self.store.claim(name, self.id, self.settings.lease_ttl, service=service, replica=index):
+            if (service, name) not in self.static:
+                mine = any(h.service == service and h.name == name for h in self.hosted.values())
+                # At most one more replica of a deployment it already hosts per round, and only once the
+                # others had their chance: replicas spread instead of landing on whoever looked first.
+                if mine and (now - self._unheld_since.get(unit, now) < patience or (service, name) in taken_now):
+                    continue
+            # The record still says what the last owner reported (ready, at its URL): taking the lease
+            # resets that in the same step, so no gateway sends a request to a server that is gone.
+            taking = {"state": State.STARTING, "url": None, "worker": self.id, "updated_at": time.time(),
+                      "reason": f"taken by worker {self.id}; launching"}
+            if await self.store.claim(name, self.id, self.settings.lease_ttl, service=service, replica=index, taking=taking):
                 self._unheld_since.pop(unit, None)
+                taken_now.add((service, name))
                 await self._host(service, name, snapshot.deployments[name].model_uri or uri, index)
 
     async def _forget_stale(self, service: str, snapshot: Snapshot, dep: Deployment) -> None:
@@ -473,12 +482,17 @@ class Worker:
             if dep is None or not await self.store.claim(name, self.id, self.settings.lease_ttl, service=service, replica=index):
                 log.info("deployment %s: %s; stopping its server", hosted.label, "deleted" if dep is None else "lease lost")
                 self.hosted.pop(unit, None)
-                await hosted.stop("deployment deleted" if dep is None else "lease lost")
+                # In the background: a server slow to stop must not hold up renewing the other leases (they
+                # would lapse, and another worker would restart replicas that are serving).
+                self._background(hosted.stop("deployment deleted" if dep is None else "lease lost"), f"stop-{hosted.label}")
             elif index >= dep.replicas and not hosted.draining:
                 hosted.draining = True
-                task = asyncio.create_task(self._drain(hosted, dep.replicas), name=f"drain-{hosted.label}")
-                self._drains.add(task)
-                task.add_done_callback(self._drains.discard)
+                self._background(self._drain(hosted, dep.replicas), f"drain-{hosted.label}")
+
+    def _background(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
 
     async def _drain(self, hosted: Hosted, replicas: int) -> None:
         try:

@@ -129,10 +129,12 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def update_deployment(
         self, name: str, *, service: str = DEFAULT_SERVICE, owner: str | None = None, replica: int = 0,
-        history: HistoryEntry | None = None, **changes: Any
-    ) -> bool:
+        history: HistoryEntry | None = None, expect: Mapping[str, Any] | None = None, **changes: Any
+    ) -> bool | None:
         """Change fields of an existing record (a replica's own fields, such as its state, of ``replica``)
-        and append ``history``, in one step; with ``owner``, only while that worker holds the replica's lease."""
+        and append ``history``, in one step; with ``owner``, only while that worker holds the replica's lease.
+        With ``expect`` (field → value, None: absent), only while the record still has those values: None
+        when it does not (changed concurrently), False when the record (or lease) is gone."""
 
     @abc.abstractmethod
     async def delete_deployment(
@@ -144,8 +146,10 @@ class Store(abc.ABC):
         candidate the split."""
 
     @abc.abstractmethod
-    async def claim(self, name: str, owner: str, ttl: float, *, service: str = DEFAULT_SERVICE, replica: int = 0) -> bool:
-        """Take or renew the hosting lease of a replica of ``name`` for ``owner``; False if another owner holds it."""
+    async def claim(self, name: str, owner: str, ttl: float, *, service: str = DEFAULT_SERVICE, replica: int = 0,
+                    taking: Mapping[str, Any] | None = None) -> bool:
+        """Take or renew the hosting lease of a replica of ``name`` for ``owner``; False if another owner holds
+        it. A lease newly taken applies ``taking`` (the replica's fields) to the record in the same step."""
 
     @abc.abstractmethod
     async def release(self, name: str, owner: str, *, service: str = DEFAULT_SERVICE, replica: int = 0) -> None:

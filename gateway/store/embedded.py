@@ -222,8 +222,8 @@ class EmbeddedStore(Store):
 
     async def update_deployment(
         self, name: str, *, service: str = DEFAULT_SERVICE, owner: str | None = None, replica: int = 0,
-        history: HistoryEntry | None = None, **changes: Any
-    ) -> bool:
+        history: HistoryEntry | None = None, expect: Mapping[str, Any] | None = None, **changes: Any
+    ) -> bool | None:
         svc = self._services.get(service)
         dep = svc.deployments.get(name) if svc is not None else None
         if svc is None or dep is None:
@@ -232,6 +232,10 @@ class EmbeddedStore(Store):
             lease = svc.leases.get(replica_key(name, replica))
             if lease is None or lease[0] != owner or lease[1] <= time.monotonic():
                 return False
+        if expect is not None:
+            stored = dep.to_fields()
+            if any(stored.get(k) != v for k, v in encode_changes(expect, replica).items()):
+                return None
         # Round-trip through the stored form so both stores accept and return the same values.
         merged: dict[str, str | None] = {**dep.to_fields(), **encode_changes(changes, replica)}
         svc.deployments[name] = Deployment.from_fields({k: v for k, v in merged.items() if v is not None})
@@ -269,7 +273,8 @@ class EmbeddedStore(Store):
         self._changed(svc, DEPLOYMENT_CHANGED, name=name)
         return None
 
-    async def claim(self, name: str, owner: str, ttl: float, *, service: str = DEFAULT_SERVICE, replica: int = 0) -> bool:
+    async def claim(self, name: str, owner: str, ttl: float, *, service: str = DEFAULT_SERVICE, replica: int = 0,
+                    taking: Mapping[str, Any] | None = None) -> bool:
         svc = self._services.get(service)
         if svc is None:
             return False
@@ -281,6 +286,10 @@ class EmbeddedStore(Store):
         newly_live = not svc.live(key, now)
         svc.leases[key] = (owner, now + ttl)
         if newly_live:
+            dep = svc.deployments.get(name)
+            if taking and dep is not None:
+                merged: dict[str, str | None] = {**dep.to_fields(), **encode_changes(taking, replica)}
+                svc.deployments[name] = Deployment.from_fields({k: v for k, v in merged.items() if v is not None})
             self._changed(svc, DEPLOYMENT_CHANGED, name=name)
         return True
 

@@ -160,10 +160,18 @@ return 1
 """
 
 # KEYS: record, the replica's lease, history. ARGV: owner or '', changes JSON (null = remove), channel,
-# message, history entry, bound.
+# message, history entry, bound, expected field values JSON or '' (null = absent).
 _UPDATE = _HISTORY + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+if ARGV[7] ~= '' then
+  for k, v in pairs(cjson.decode(ARGV[7])) do
+    local current = redis.call('HGET', KEYS[1], k)
+    if v == cjson.null then
+      if current then return -1 end
+    elseif current ~= v then return -1 end
+  end
+end
 local changes = cjson.decode(ARGV[2])
 for k, v in pairs(changes) do
   if v == cjson.null then redis.call('HDEL', KEYS[1], k) else redis.call('HSET', KEYS[1], k, v) end
@@ -292,12 +300,21 @@ redis.call('PUBLISH', ARGV[4], ARGV[5])
 return 1
 """
 
-# KEYS: lease. ARGV: owner, ttl ms, channel, message. Publishes only when the deployment becomes live.
+# KEYS: lease, record. ARGV: owner, ttl ms, channel, message, changes JSON or ''. Publishes only when the
+# deployment becomes live; a lease newly taken also applies the changes to the record (a new owner's
+# replica is not the ready server the last owner reported, in the same step).
 _CLAIM = """
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if not holder then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
+if not holder then
+  if ARGV[5] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then
+    for k, v in pairs(cjson.decode(ARGV[5])) do
+      if v == cjson.null then redis.call('HDEL', KEYS[2], k) else redis.call('HSET', KEYS[2], k, v) end
+    end
+  end
+  redis.call('PUBLISH', ARGV[3], ARGV[4])
+end
 return 1
 """
 
@@ -549,17 +566,17 @@ class RedisStore(Store):
 
     async def update_deployment(
         self, name: str, *, service: str = DEFAULT_SERVICE, owner: str | None = None, replica: int = 0,
-        history: HistoryEntry | None = None, **changes: Any
-    ) -> bool:
+        history: HistoryEntry | None = None, expect: Mapping[str, Any] | None = None, **changes: Any
+    ) -> bool | None:
         encoded = encode_changes(changes, replica)
         sk = self._sk(service)
         with _unavailable_on_connection_errors():
             updated = await self._update(
                 keys=[sk.deployment(name), sk.lease(replica_key(name, replica)), sk.history],
                 args=[owner or "", _json(encoded), self.keys.events, self._deployment_event(service, name),
-                      *self._history_args(history)],
+                      *self._history_args(history), _json(encode_changes(expect, replica)) if expect is not None else ""],
             )
-        return bool(updated)
+        return None if updated == -1 else bool(updated)
 
     async def delete_deployment(
         self, name: str, *, service: str = DEFAULT_SERVICE, force: bool = False, history: HistoryEntry | None = None
@@ -573,11 +590,14 @@ class RedisStore(Store):
             )
         return refusal or None
 
-    async def claim(self, name: str, owner: str, ttl: float, *, service: str = DEFAULT_SERVICE, replica: int = 0) -> bool:
+    async def claim(self, name: str, owner: str, ttl: float, *, service: str = DEFAULT_SERVICE, replica: int = 0,
+                    taking: Mapping[str, Any] | None = None) -> bool:
+        sk = self._sk(service)
         with _unavailable_on_connection_errors():
             ok = await self._claim(
-                keys=[self._sk(service).lease(replica_key(name, replica))],
-                args=[owner, str(max(1, int(ttl * 1000))), self.keys.events, self._deployment_event(service, name)],
+                keys=[sk.lease(replica_key(name, replica)), sk.deployment(name)],
+                args=[owner, str(max(1, int(ttl * 1000))), self.keys.events, self._deployment_event(service, name),
+                      _json(encode_changes(taking, replica)) if taking else ""],
             )
         return bool(ok)
 
