@@ -243,8 +243,20 @@ async def run_demo(workdir: Path, quick: bool, summary_path: Path | None, quiet:
             await _wait_health(url, 10)
             await load.start()
             load.begin("v1")
-            progress.step("traffic: steady predictions (40/s) on v1")
+            progress.step("traffic: steady predictions (40/s) on v1, with v2 shadowing it (a copy of every request)")
+            await asyncio.to_thread(_admin, client, "POST", "/admin/shadow", {"deployment": "v2", "percent": 100,
+                                                                               "reason": "demo: how does v2 differ?"})
             await _sleep_or_stop(phase_seconds, stop)
+            compared = await asyncio.to_thread(_admin, client, "GET", "/admin/shadow")
+            await asyncio.to_thread(_admin, client, "DELETE", "/admin/shadow")
+            report = (compared.get("shadow") or {}).get("report") or {}
+            agreement = report.get("agreement") or {}
+            summary["shadow"] = {"requests": report.get("mirrored", 0), "results": report.get("results", {}),
+                                 "row_agreement": agreement.get("rows"), "flips": report.get("flips", []),
+                                 "dropped": report.get("dropped", {})}
+            agreed = agreement.get("rows")
+            progress.step(f"shadow: v2 agreed with v1 on {agreed * 100:.1f}% of {agreement.get('rows_compared')} rows"
+                          if agreed is not None else "shadow: nothing compared")
 
             switch_phase = load.begin("switch v1 → v2")
             progress.step("switching v1 → v2 through the admin API while traffic flows")
@@ -309,7 +321,7 @@ async def run_demo(workdir: Path, quick: bool, summary_path: Path | None, quiet:
         summary["client_errors_during_fault"] = fault_phase.failed
         summary["history"] = [
             {k: e.to_json()[k] for k in ("time", "action", "result", "from", "to", "generation", "trigger", "actor", "reason")}
-            for e in history if e.action in ("switch", "rollback", "deploy", "canary_start", "canary_abort")
+            for e in history if e.action in ("switch", "rollback", "deploy", "canary_start", "canary_abort", "shadow_on")
         ]
         summary["registry"] = await asyncio.to_thread(_registry_state, registry.model_name)
         rollback = next((e for e in history if e.action == "rollback" and e.result == "applied"), None)
@@ -380,6 +392,11 @@ def print_summary(summary: dict[str, Any]) -> None:
     for p in summary.get("phases", []):
         print(f"  phase {p['name']!r}: served {p['served']}, client-visible failures {p['failed']}")
     print(f"  switch v1 → v2: first response from the new generation {summary.get('switch_propagation_ms')} ms after the admin call answered")
+    shadow = summary.get("shadow") or {}
+    if shadow.get("row_agreement") is not None:
+        flips = ", ".join(f"{f['from_to']}: {f['rows']}" for f in shadow.get("flips", [])) or "none"
+        print(f"  shadow v2 vs v1: agreed on {shadow['row_agreement'] * 100:.1f}% of rows over {shadow['requests']} "
+              f"copied requests; class flips: {flips}")
     canary = summary.get("canary") or {}
     print(f"  canary of v3 at 10%: {canary.get('state')} after v3 saw {canary.get('v3_requests')} of "
           f"{canary.get('requests')} requests ({canary.get('v3_failed')} failed): {canary.get('outcome')}")

@@ -29,6 +29,11 @@ def test_demo_rolls_back_the_faulty_version_and_leaves_nothing(tmp_path: Path) -
     assert summary["client_errors_during_v1_to_v2_switch"] == 0
     assert summary["served_per_version"]["v1"] > 0 and summary["served_per_version"]["v2"] > 0
     assert summary["fault_to_rollback_seconds"] < 30
+    # v2 shadowed v1 before the switch: every copied request was compared (the two versions are different
+    # models, so they need not agree everywhere).
+    shadow = summary["shadow"]
+    assert shadow["requests"] > 20 and set(shadow["results"]) <= {"agree", "differ"}, shadow
+    assert 0.5 < shadow["row_agreement"] <= 1.0, shadow
     # The canary at 10 % was aborted by its gate: v3 saw about a tenth of the requests, not all of them.
     canary = summary["canary"]
     assert canary["state"] == "aborted" and "error rate" in canary["outcome"], canary
