@@ -276,6 +276,13 @@ def _status_text(body: dict[str, Any], wide: bool = False) -> str:
     lines.append(_table(rows) if len(rows) > 1 else "no deployments yet: turnout deploy NAME MODEL_URI")
     if body.get("canary"):
         lines.append(_canary_text(body["canary"]))
+    shadow = body.get("shadow")
+    if shadow:
+        report = shadow.get("report") or {}
+        agreement = (report.get("agreement") or {}).get("rows")
+        lines.append(f"shadow: {shadow['deployment']} ({shadow['state']}) on {shadow['percent']:g}% of {shadow['active']}'s requests"
+                     + (f", agreeing on {agreement * 100:.1f}% of rows (this gateway replica; turnout compare for more)"
+                        if agreement is not None else ""))
     return cut.footer("\n".join(lines))
 
 
