@@ -1,6 +1,6 @@
 """The Grafana dashboard is proven: every panel and annotation query returns data from a real Prometheus
-scraping a real gateway and worker through a switch, a rollback and a canary split; the JSON is sane; the metrics
-catalogue in the README is exactly what /metrics exposes."""
+scraping a real gateway and worker through a switch, a rollback, a canary split and a shadow; the JSON is sane;
+the metrics catalogue in the README is exactly what /metrics exposes."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 
+from gateway.loadgen import LoadGenerator
 from gateway.metrics import GatewayMetrics
 from gateway.records import Deployment, ServiceConfig, State
 from gateway.settings import Settings
@@ -46,6 +48,27 @@ def substitute(expr: str) -> str:
                        ("$namespace", NAMESPACE), ("$service", ".*"), ("$deployment", ".*")):
         expr = expr.replace(var, value)
     return expr
+
+
+def scorer(shadow: bool = False) -> web.Application:
+    """A model server answering MLflow's ``{"predictions": [{"label", "score"}]}``, a row per input row. As a
+    shadow it disagrees on every third request (scores 0.03 higher) and flips the labels of every sixth."""
+    app = web.Application(client_max_size=16 * 1024 * 1024)
+    seen = [0]
+
+    async def invocations(request: web.Request) -> web.Response:
+        rows = (await request.json())["inputs"]
+        seen[0] += 1
+        off = shadow and seen[0] % 3 == 0
+        flip = shadow and seen[0] % 6 == 0
+        predictions = []
+        for row in rows:
+            score = sum(row) / 10 + (0.03 if off else 0.0)
+            predictions.append({"label": int(score > 0.5) ^ flip, "score": score})
+        return web.json_response({"predictions": predictions})
+
+    app.router.add_post("/invocations", invocations)
+    return app
 
 
 def test_dashboard_json_is_sane() -> None:
@@ -103,33 +126,45 @@ async def test_every_dashboard_query_returns_data(
 ) -> None:
     from workers.service import create_metrics_app
     from workers.supervisor import Worker
-    from aiohttp import web
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_registry.tracking_uri)
     monkeypatch.setenv("PATH", f"{Path(__import__('sys').executable).parent}:{__import__('os').environ['PATH']}")
     store = EmbeddedStore()
     blue, green = backend_app("blue"), backend_app("green")
-    async with serve_app(blue) as blue_url, serve_app(green) as green_url:
+    async with serve_app(blue) as blue_url, serve_app(green) as green_url, serve_app(scorer()) as v1_url, \
+            serve_app(scorer(shadow=True)) as v2_url:
         for name, url in (("blue", blue_url), ("green", green_url), ("gone", f"http://127.0.0.1:{free_port()}")):
             await store.create_deployment(Deployment(name=name, url=url, state=State.READY, external=True))
         await store.set_route("blue", None)
-        # A second service, so every panel is seen split by service.
+        # A second service, so every panel is seen split by service. Its model servers answer as MLflow does,
+        # and v2 shadows its active blue (below) and disagrees with it now and then.
         assert await store.create_service("loans", ServiceConfig())
-        await store.create_deployment(Deployment(name="blue", url=green_url, state=State.READY, external=True),
-                                      service="loans")
+        for name, server in (("blue", v1_url), ("v2", v2_url)):
+            await store.create_deployment(Deployment(name=name, url=server, state=State.READY, external=True),
+                                          service="loans")
         await store.set_route("blue", None, service="loans")
         # Two replicas, one of them dead: the gateway retries its requests on the other and ejects it
         # (for longer than the test lasts), so the Replicas row sees a retry, an ejection and a replica out.
         dead = f"http://127.0.0.1:{free_port()}"
         await store.create_deployment(Deployment(name="pair", url=blue_url, urls=(blue_url, dead), state=State.READY,
                                                  external=True))
-        url = await gateway_factory(store, **FAST_GUARD, outlier_base_ejection=300.0)
+        # Request bodies over 1 KiB are not copied to a shadow, so the Shadow row sees copies dropped.
+        url = await gateway_factory(store, **FAST_GUARD, outlier_base_ejection=300.0, shadow_max_body=1024)
+        async with aiohttp.ClientSession() as s, s.post(url + "/admin/services/loans/shadow", json={
+            "deployment": "v2", "percent": 100,
+        }) as resp:
+            assert resp.status == 200, await resp.text()
         worker_port = free_port()
         worker = Worker(Settings(deployments="served=models:/iris/1", lease_ttl=5.0, health_interval=1.0), store)
         await worker.start()
         runner = web.AppRunner(create_metrics_app(worker))
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", worker_port).start()
+        # Loans' own traffic, on from the start to the last query so the Shadow row's rates never run dry;
+        # every fourth body is over 1 KiB, answered but too large to copy to the shadow.
+        small = json.dumps({"inputs": [[1, 2, 3, 4]]}).encode()
+        big = json.dumps({"inputs": [[1, 2, 3, 4]] * 100}).encode()
+        shadowed = LoadGenerator([url + "/models/loans"], rate=20, body=lambda n: big if n % 4 == 0 else small)
         prom_port = free_port()
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -144,6 +179,7 @@ async def test_every_dashboard_query_returns_data(
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_port(prom_port)
+            await shadowed.start()
 
             async def served_ready() -> bool:
                 return (await store.read_snapshot()).is_ready("served")
@@ -257,7 +293,32 @@ async def test_every_dashboard_query_returns_data(
             p99s = await canary_values("Canary: candidate vs baseline", "B")
             assert set(failures) == set(p99s) == {"default/blue", "default/green", "loans/blue"}, (failures, p99s)
             assert failures["default/green"] > 0.1 > failures["default/blue"], failures
+
+            # The Shadow row shows loans' shadow v2 (a third of its requests and rows disagree, by 0.03), its
+            # latency beside the active blue's, and the copies too large to send.
+            for ref in ("A", "B"):
+                agreement = await canary_values("Shadow agreement", ref)
+                assert set(agreement) == {"loans/v2"} and 0.5 < agreement["loans/v2"] < 0.8, (ref, agreement)
+            differ = await canary_values("Shadow disagreements", "A")
+            assert set(differ) == {"loans/v2"} and differ["loans/v2"] > 0, differ
+            assert set(await canary_values("Shadow disagreements", "B")) == {"loans/v2"}
+            p50 = await canary_values("Shadow numeric differences p50 / p90 / p99", "A")
+            p99 = await canary_values("Shadow numeric differences p50 / p90 / p99", "C")
+            assert p50["loans/v2"] <= 1e-9 and 0.01 < p99["loans/v2"] <= 0.05, (p50, p99)
+            for ref, side in (("A", "loans/v2"), ("B", "loans/v2"), ("C", "loans/blue"), ("D", "loans/blue")):
+                latency = await canary_values("Shadow vs active latency p50 / p99", ref)
+                assert list(latency) == [side] and 0 < latency[side] < 1, (ref, latency)
+            panel = next(p for p in PANELS if p["title"] == "Shadow copies dropped")
+            async with aiohttp.ClientSession() as s, s.get(
+                f"http://127.0.0.1:{prom_port}/api/v1/query", params={"query": substitute(panel["targets"][0]["expr"])}
+            ) as resp:
+                dropped = {(r["metric"]["deployment"], r["metric"]["reason"]): float(r["value"][1])
+                           for r in (await resp.json())["data"]["result"]}
+            assert set(dropped) == {("v2", "too_large")} and dropped["v2", "too_large"] > 0, dropped
+            await shadowed.stop()
+            assert shadowed.phase.failed == 0 and len(shadowed.results) > 100, shadowed.phase.failures
         finally:
+            await shadowed.stop()
             prom.terminate()
             prom.wait(10)
             await runner.cleanup()
