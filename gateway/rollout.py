@@ -49,14 +49,21 @@ class PlanRefused(Exception):
         self.message = message
 
 
+# A breach of latency alone must be seen on this many looks in a row (one per guard interval): a p99 of a
+# few milliseconds jumps with the host's load, and one noisy window must not abort a healthy candidate.
+# Failures abort at the first look.
+LATENCY_LOOKS = 3
+
+
 @dataclass(frozen=True)
 class GateVerdict:
     """One look of the relative gate: ``breach``, ``pass`` (both sides have their sample and nothing is
-    breached) or ``waiting`` (a sample is still short)."""
+    breached) or ``waiting`` (a sample is still short); ``latency_only`` when only latency is breached."""
 
     status: str
     why: str
     evidence: dict[str, Any]
+    latency_only: bool = False
 
 
 def gate(candidate: Figures, baseline: Figures, plan: Plan, s: Settings) -> GateVerdict:
@@ -74,25 +81,25 @@ def gate(candidate: Figures, baseline: Figures, plan: Plan, s: Settings) -> Gate
         "absolute_p99_seconds": s.guard_p99,
         "p99_relative_error": RELATIVE_ERROR,
     }
-    reasons = []
+    reasons, slow = [], []
     if c_judged >= plan.min_requests:
         # The guard's own thresholds are a floor: a candidate breaching them fails whatever the baseline does.
         if candidate.error_rate > s.guard_error_rate:
-            reasons.append(f"candidate error rate {candidate.error_rate:.1%} > absolute {s.guard_error_rate:.1%}")
+            reasons.append(f"candidate error rate {candidate.error_rate:.2%} > absolute {s.guard_error_rate:.2%}")
         if s.guard_p99 is not None and candidate.p99 is not None and candidate.p99 > s.guard_p99:
-            reasons.append(f"candidate p99 {candidate.p99 * 1000:.0f} ms > absolute {s.guard_p99 * 1000:.0f} ms")
+            slow.append(f"candidate p99 {candidate.p99 * 1000:.0f} ms > absolute {s.guard_p99 * 1000:.0f} ms")
     if c_judged >= plan.min_requests and b_judged >= plan.min_requests:
         limit = baseline.error_rate + plan.max_error_rate_increase
         if candidate.error_rate > limit:
-            reasons.append(f"candidate error rate {candidate.error_rate:.1%} > baseline {baseline.error_rate:.1%} "
-                           f"+ {plan.max_error_rate_increase:.1%}")
+            reasons.append(f"candidate error rate {candidate.error_rate:.2%} > baseline {baseline.error_rate:.2%} "
+                           f"+ {plan.max_error_rate_increase:.2%}")
         if candidate.p99 is not None and baseline.p99 is not None:
             bound = baseline.p99 * plan.max_latency_ratio
             if candidate.p99 > bound and candidate.p99 - baseline.p99 > LATENCY_NOISE:
-                reasons.append(f"candidate p99 {candidate.p99 * 1000:.1f} ms > baseline {baseline.p99 * 1000:.1f} ms "
-                               f"× {plan.max_latency_ratio:g}")
-    if reasons:
-        return GateVerdict("breach", "; ".join(reasons), evidence)
+                slow.append(f"candidate p99 {candidate.p99 * 1000:.1f} ms > baseline {baseline.p99 * 1000:.1f} ms "
+                            f"× {plan.max_latency_ratio:g}")
+    if reasons or slow:
+        return GateVerdict("breach", "; ".join(reasons + slow), evidence, latency_only=not reasons)
     if c_judged < plan.min_requests or b_judged < plan.min_requests:
         return GateVerdict("waiting", f"sample: candidate {c_judged}, baseline {b_judged} judged requests "
                            f"(needs {plan.min_requests} each)", evidence)
@@ -137,6 +144,8 @@ class Rollouts:
         self._settings_for = settings_for
         # The leader's last look at each service's gate (the admin API computes its own for any replica).
         self.last: dict[str, GateVerdict] = {}
+        # Consecutive looks at which only latency was breached, per service.
+        self._slow_looks: dict[str, int] = {}
 
     # --- what an operator asks ----------------------------------------------------------------
     async def start(self, service: str, candidate: str, steps: Sequence[float], step_seconds: float, who: Who, *,
@@ -290,9 +299,15 @@ class Rollouts:
             return
         verdict = await self.look(service, plan)
         self.last[service] = verdict
-        if verdict.status == "breach":
+        slow = self._slow_looks[service] = self._slow_looks.get(service, 0) + 1 if verdict.latency_only else 0
+        if verdict.status == "breach" and (not verdict.latency_only or slow >= LATENCY_LOOKS):
+            self._slow_looks.pop(service, None)
+            if verdict.latency_only:
+                verdict.evidence["latency_breached_looks"] = slow
             await self.abort(service, who, verdict=verdict)
             return
+        if verdict.status == "breach":
+            return  # latency breached, not yet for long enough: neither abort nor move on
         if plan.state != RUNNING or plan.left(time.time()) > 0:
             return
         if verdict.status != "pass":

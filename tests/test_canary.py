@@ -137,10 +137,10 @@ PLAN = Plan(candidate="green", baseline="blue", steps=(10.0, 50.0), step_seconds
 
 
 @pytest.mark.parametrize(("candidate", "baseline", "status", "words"), [
-    (figures(100, 20), figures(900, 0), "breach", "candidate error rate 20.0% > baseline 0.0% + 1.0%"),
+    (figures(100, 20), figures(900, 0), "breach", "candidate error rate 20.00% > baseline 0.00% + 1.00%"),
     (figures(100, 3), figures(900, 27), "pass", "3.0% errors vs baseline 3.0%"),
     (figures(100, 4), figures(900, 27), "pass", ""),
-    (figures(100, 5), figures(900, 27), "breach", "> baseline 3.0% + 1.0%"),
+    (figures(100, 5), figures(900, 27), "breach", "> baseline 3.00% + 1.00%"),
     (figures(100, 0, p99=0.2), figures(900, 0, p99=0.1), "breach", "p99 200.0 ms > baseline 100.0 ms × 1.5"),
     (figures(100, 0, p99=0.14), figures(900, 0, p99=0.1), "pass", ""),
     # Below the noise floor a ratio means nothing: 3 ms against 1 ms is not a breach.
@@ -148,13 +148,14 @@ PLAN = Plan(candidate="green", baseline="blue", steps=(10.0, 50.0), step_seconds
     (figures(40, 20), figures(900, 0), "waiting", "needs 50 each"),
     (figures(100, 0), figures(30, 0), "waiting", "baseline 30"),
     # The guard's own threshold is a floor: a candidate as bad as a bad baseline still fails at 6 %.
-    (figures(100, 6), figures(900, 54), "breach", "absolute 5.0%"),
-    (figures(100, 6), figures(10, 1), "breach", "absolute 5.0%"),
+    (figures(100, 6), figures(900, 54), "breach", "absolute 5.00%"),
+    (figures(100, 6), figures(10, 1), "breach", "absolute 5.00%"),
 ])
 def test_the_relative_gate(candidate: Figures, baseline: Figures, status: str, words: str) -> None:
     verdict = gate(candidate, baseline, PLAN, Settings())
     assert verdict.status == status and words in verdict.why, verdict.why
     assert verdict.evidence["candidate"]["judged_requests"] == candidate.judged
+    assert verdict.latency_only == (status == "breach" and "error rate" not in verdict.why)
 
 
 # --- through the gateway -----------------------------------------------------------------------------
@@ -433,3 +434,47 @@ async def test_rollout_writes_are_conditional_in_every_store(any_store: Any) -> 
     assert snapshot.route.candidate is None and snapshot.plan is not None and snapshot.plan.state == PROMOTED
     assert await store.delete_deployment("blue", force=True) is None
     assert RUNNING == "running"
+
+
+async def test_latency_alone_must_persist_for_three_looks_failures_abort_at_once() -> None:
+    from gateway.metrics import GatewayMetrics
+    from gateway.records import Who
+    from gateway.registry_sync import RegistrySync
+    from gateway.rollout import LATENCY_LOOKS, Rollouts
+    from gateway.switching import RouteControl
+
+    store = EmbeddedStore()
+    await two_deployments(store, "http://127.0.0.1:1", "http://127.0.0.1:2")
+    metrics = GatewayMetrics()
+
+    async def record(entry: Any, service: str) -> None:
+        await store.append_history(entry, service=service)
+
+    control = RouteControl(store, metrics, RegistrySync("production", record, enabled=False))
+    green = {"p99": 0.2, "failures": 0}
+
+    async def figures_of(service: str, deployment: str, since: float) -> Figures:
+        if deployment == "green":
+            return figures(100, green["failures"], p99=green["p99"])
+        return figures(900, 0, p99=0.1)
+
+    rollouts = Rollouts(Settings(), store, control, metrics, figures_of, lambda snapshot: Settings())
+    await rollouts.start("default", "green", [10], 600, Who("ops", None, "api"), min_requests=50)
+
+    async def look() -> str:
+        await rollouts.drive("default", await store.read_snapshot())
+        return (await plan_of(store)).state
+
+    # Slow, then one normal look (the count starts again), then slow for LATENCY_LOOKS looks in a row.
+    assert [await look() for _ in range(LATENCY_LOOKS - 1)] == ["running"] * (LATENCY_LOOKS - 1)
+    green["p99"] = 0.1
+    assert await look() == "running"
+    green["p99"] = 0.2
+    assert [await look() for _ in range(LATENCY_LOOKS)] == ["running"] * (LATENCY_LOOKS - 1) + ["aborted"]
+    plan = await plan_of(store)
+    assert "p99 200.0 ms > baseline 100.0 ms" in plan.outcome and plan.gate["latency_breached_looks"] == LATENCY_LOOKS
+    # Failures abort at the first look.
+    await store.set_guard(latched=None, latched_generation=None)
+    green.update(p99=0.1, failures=30)
+    await rollouts.start("default", "green", [10], 600, Who("ops", None, "api"), min_requests=50)
+    assert await look() == "aborted"
