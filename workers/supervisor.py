@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 _STABLE_AFTER = 60.0
 _BACKOFF_CAP = 30.0
 _UNHEALTHY_CHECKS_BEFORE_RESTART = 3
+# One slow /ping (a big batch on a one-core server, a loaded host) is not a sick server: the replica
+# leaves rotation after this many failed checks in a row (as a Kubernetes readiness probe's threshold).
+_FAILED_CHECKS_BEFORE_UNHEALTHY = 2
 
 T = TypeVar("T")
 
@@ -206,7 +209,8 @@ class Hosted:
                 failed += 1
                 if failed >= _UNHEALTHY_CHECKS_BEFORE_RESTART:
                     return f"health check failed {failed} times in a row ({problem})"
-                await self.set_state(State.UNHEALTHY, f"health check failed: {problem}")
+                if failed >= _FAILED_CHECKS_BEFORE_UNHEALTHY:
+                    await self.set_state(State.UNHEALTHY, f"health check failed {failed} times in a row: {problem}")
         finally:
             exit_wait.cancel()
 
