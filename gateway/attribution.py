@@ -71,15 +71,24 @@ class Attribution:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def take(self, dm: DeploymentMetrics, code: int, elapsed: float, replay: Replay) -> bool:
-        """Start judging a crash of the active deployment; False if it counts against the model now."""
+        """Start judging a crash of the active deployment (or of a canary's candidate); False if it counts
+        against the model now."""
         if not self.enabled:
             return False
         snapshot = self.watcher.snapshots.get(dm.service)
         if snapshot is None:
             return False
         route = snapshot.route
-        previous = route.previous
-        if route.active != dm.name or previous is None or not snapshot.is_ready(previous):
+        if route.active == dm.name:
+            previous = route.previous
+        elif route.candidate == dm.name:
+            # A canary's candidate is judged against the active, over the same inputs: a crash the active
+            # has too is the input's, as it is for the active itself (else the same bad input would count
+            # against the candidate only, and abort an identical model).
+            previous = route.active
+        else:
+            return False
+        if previous is None:
             return False
         urls = snapshot.serving(previous)
         if not urls:

@@ -30,7 +30,7 @@ UPSTREAM_ERROR = "upstream_error"
 OVERLOADED = "overloaded"
 
 # What can change the route (the `trigger` label).
-TRIGGERS = ("api", "guard", "alertmanager", "up")
+TRIGGERS = ("api", "guard", "alertmanager", "up", "canary")
 
 __all__ = ["CONTENT_TYPE_LATEST", "GatewayMetrics", "DeploymentMetrics", "LATENCY_BUCKETS"]
 
@@ -292,7 +292,8 @@ class GatewayMetrics:
                 self.rollbacks.labels(service, trigger)
         self.generation.labels(service).set(snapshot.route.generation)
         route = snapshot.route
-        split = route.weight if route.candidate is not None else 0.0
+        # What the candidate really receives: nothing while it cannot serve (its share stays with the active).
+        split = route.weight if route.candidate is not None and snapshot.serving(route.candidate) else 0.0
         for name in snapshot.deployments:
             self.active.labels(service, name).set(1 if name == route.active else 0)
             self.ready.labels(service, name).set(1 if snapshot.is_ready(name) else 0)

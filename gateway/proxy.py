@@ -428,21 +428,23 @@ class Proxy:
                 return Refusal(503, errors.TEMPORARILY_UNAVAILABLE, f"no deployment is active in service {service!r} yet",
                                service=service)
             route = snapshot.route
-            active = self._choose(snapshot, service, name)
+            active = self._choice_of(snapshot, service, name)
             if isinstance(active, Choice):
                 active.shadow = self._shadow_of(snapshot, service, name)
             if route.candidate is not None and route.weight > 0 and route.candidate != name:
-                candidate = self._choose(snapshot, service, route.candidate)
+                candidate = self._choice_of(snapshot, service, route.candidate)
                 # A candidate that cannot take requests (not ready, deleted) gets none: its share stays
                 # with the active rather than failing clients.
                 if isinstance(active, Choice) and isinstance(candidate, Choice):
                     return Split(active, candidate, route.weight, route.sticky)
             return active
-        elif pinned not in snapshot.deployments:
+        if pinned not in snapshot.deployments:
             return Refusal(404, errors.RESOURCE_DOES_NOT_EXIST, f"service {service!r} has no deployment named {pinned!r}",
                            service=service)
-        else:
-            name = pinned
+        return self._choice_of(snapshot, service, pinned)
+
+    def _choice_of(self, snapshot: Snapshot, service: str, name: str) -> Choice | Refusal:
+        """A deployment of a snapshot as requests' destination, if it can take them (503 if not)."""
         generation = str(snapshot.route.generation)
         dep = snapshot.deployments.get(name)
         # Requests go to whichever replicas are ready now: once a deployment took over, one ready replica is

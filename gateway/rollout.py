@@ -10,6 +10,7 @@ never overwrite each other, and a weight change is a route generation every repl
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -34,7 +35,8 @@ LATENCY_NOISE = 0.005
 # An RFC 9110 field name; a few that say nothing about a user are refused as sticky keys.
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}$")
 _NOT_STICKY = frozenset({"host", "content-length", "content-type", "transfer-encoding", "connection", "expect", "te",
-                         "upgrade", "keep-alive"})
+                         "upgrade", "keep-alive", "trailer", "content-encoding", "accept", "accept-encoding",
+                         "x-turnout-deployment", "x-turnout-generation", "x-turnout-service"})
 
 Figurer = Callable[[str, str, float], Awaitable[Figures]]
 
@@ -53,6 +55,13 @@ class PlanRefused(Exception):
 # few milliseconds jumps with the host's load, and one noisy window must not abort a healthy candidate.
 # Failures abort at the first look.
 LATENCY_LOOKS = 3
+# A p99 means little below this many requests (of 50, it is the slowest one): the latency comparison
+# waits for this sample on both sides.
+LATENCY_SAMPLE = 100
+# How sure the gate must be that a failure rate is over its bound before it aborts: the excess over the
+# bound, in standard errors of the difference (3: about one in 700 for a single look at two equal
+# versions; the gate looks every second, so a smaller margin aborted equal versions most of the time).
+Z = 3.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,19 @@ class GateVerdict:
     why: str
     evidence: dict[str, Any]
     latency_only: bool = False
+
+
+def _over(rate: float, n: int, bound: float, other: tuple[float, int] | None = None) -> bool:
+    """Whether a failure rate observed over ``n`` requests is over ``bound`` (plus ``other``'s rate, observed
+    over its own sample) beyond sampling noise: by more than :data:`Z` standard errors of the difference."""
+    variance = rate * (1 - rate) / n
+    limit = bound
+    if other is not None:
+        other_rate, other_n = other
+        variance += other_rate * (1 - other_rate) / other_n
+        limit += other_rate
+    excess = rate - limit
+    return excess > 0 and excess > Z * math.sqrt(variance)
 
 
 def gate(candidate: Figures, baseline: Figures, plan: Plan, s: Settings) -> GateVerdict:
@@ -84,16 +106,17 @@ def gate(candidate: Figures, baseline: Figures, plan: Plan, s: Settings) -> Gate
     reasons, slow = [], []
     if c_judged >= plan.min_requests:
         # The guard's own thresholds are a floor: a candidate breaching them fails whatever the baseline does.
-        if candidate.error_rate > s.guard_error_rate:
-            reasons.append(f"candidate error rate {candidate.error_rate:.2%} > absolute {s.guard_error_rate:.2%}")
-        if s.guard_p99 is not None and candidate.p99 is not None and candidate.p99 > s.guard_p99:
+        if _over(candidate.error_rate, c_judged, s.guard_error_rate):
+            reasons.append(f"candidate error rate {candidate.error_rate:.2%} > absolute {s.guard_error_rate:.2%} "
+                           f"over {c_judged} requests")
+        if s.guard_p99 is not None and candidate.p99 is not None and candidate.p99 > s.guard_p99 \
+                and c_judged >= LATENCY_SAMPLE:
             slow.append(f"candidate p99 {candidate.p99 * 1000:.0f} ms > absolute {s.guard_p99 * 1000:.0f} ms")
     if c_judged >= plan.min_requests and b_judged >= plan.min_requests:
-        limit = baseline.error_rate + plan.max_error_rate_increase
-        if candidate.error_rate > limit:
+        if _over(candidate.error_rate, c_judged, plan.max_error_rate_increase, (baseline.error_rate, b_judged)):
             reasons.append(f"candidate error rate {candidate.error_rate:.2%} > baseline {baseline.error_rate:.2%} "
-                           f"+ {plan.max_error_rate_increase:.2%}")
-        if candidate.p99 is not None and baseline.p99 is not None:
+                           f"+ {plan.max_error_rate_increase:.2%} ({c_judged} and {b_judged} requests)")
+        if candidate.p99 is not None and baseline.p99 is not None and min(c_judged, b_judged) >= LATENCY_SAMPLE:
             bound = baseline.p99 * plan.max_latency_ratio
             if candidate.p99 > bound and candidate.p99 - baseline.p99 > LATENCY_NOISE:
                 slow.append(f"candidate p99 {candidate.p99 * 1000:.1f} ms > baseline {baseline.p99 * 1000:.1f} ms "
@@ -113,8 +136,10 @@ def check_steps(steps: Sequence[float]) -> tuple[float, ...]:
     if not 1 <= len(steps) <= MAX_STEPS:
         raise ValueError(f"give 1 to {MAX_STEPS} steps, got {len(steps)}")
     for weight in steps:
-        if not 0 < weight <= 100:
-            raise ValueError(f"each step is a weight in percent, above 0 and at most 100; got {weight:g}")
+        if not 0 < weight < 100:
+            # At 100 % the baseline gets nothing to be compared with: passing the last step promotes.
+            raise ValueError(f"each step is a weight in percent, above 0 and below 100 (passing the last step "
+                             f"promotes); got {weight!r}")
     if any(b <= a for a, b in zip(steps, steps[1:])):
         raise ValueError(f"steps must increase: {', '.join(f'{w:g}' for w in steps)}")
     return tuple(float(w) for w in steps)
@@ -159,13 +184,14 @@ class Rollouts:
             steps = check_steps(steps)
             sticky = check_sticky(sticky)
         except ValueError as exc:
-            raise PlanRefused(400, errors.INVALID_PARAMETER_VALUE, str(exc)) from None
+            await self._refuse(service, entry, route.generation, str(exc), 400, errors.INVALID_PARAMETER_VALUE)
         if current is not None and current.active:
             await self._refuse(service, entry, route.generation,
                                f"a canary of {current.candidate} is {current.state} in service {service!r}; "
                                "promote or abort it first")
         if candidate not in snapshot.deployments:
-            raise PlanRefused(404, errors.RESOURCE_DOES_NOT_EXIST, f"service {service!r} has no deployment named {candidate!r}")
+            await self._refuse(service, entry, route.generation, f"service {service!r} has no deployment named {candidate!r}",
+                               404, errors.RESOURCE_DOES_NOT_EXIST)
         if route.active is None:
             await self._refuse(service, entry, route.generation, "there is no active deployment to compare the candidate with; "
                                "switch to one first")
@@ -215,7 +241,8 @@ class Rollouts:
         done = plan.but(state=PROMOTED, outcome=reason or f"promoted by {who.actor}",
                         gate=gate_view.evidence if gate_view else plan.gate)
         outcome = await self.control.switch(plan.candidate, who, service=service, reason=reason or "canary promoted",
-                                            expected_generation=snapshot.route.generation, plan=done)
+                                            expected_generation=snapshot.route.generation, plan=done,
+                                            evidence=gate_view.evidence if gate_view else None)
         if not outcome.applied:
             raise PlanRefused(outcome.status, outcome.error_code or errors.INVALID_STATE, outcome.message)
         log.info("canary of %s in service %s promoted", plan.candidate, service)
@@ -267,16 +294,18 @@ class Rollouts:
         if not change.ok:
             raise PlanRefused(409, errors.INVALID_STATE, _conflict(change.refusal))
 
-    async def _refuse(self, service: str, entry: HistoryEntry, generation: int, message: str) -> None:
+    async def _refuse(self, service: str, entry: HistoryEntry, generation: int, message: str, status: int = 409,
+                      code: str = errors.INVALID_STATE) -> None:
         await self.store.append_history(entry.but(result="refused", detail=message, generation=generation), service=service)
-        raise PlanRefused(409, errors.INVALID_STATE, message)
+        raise PlanRefused(status, code, message)
 
     # --- what the leader does every guard interval ---------------------------------------------
     async def look(self, service: str, plan: Plan, now: float | None = None) -> GateVerdict:
         """The gate over the current step's last guard window (both sides over the same seconds)."""
         s = self._settings_for(await self.store.read_snapshot(service=service))
         now = time.time() if now is None else now
-        since = max(plan.step_started_at, now - s.guard_window)
+        # The whole step: at low traffic a shorter window may never hold the minimum sample.
+        since = plan.step_started_at
         window = max(1.0, now - since)
         candidate = await self._figures(service, plan.candidate, since)
         baseline = await self._figures(service, plan.baseline, since)
@@ -292,6 +321,10 @@ class Rollouts:
             return
         route = snapshot.route
         who = Who("turnout-canary", None, "canary")
+        gone = [n for n in (plan.baseline, plan.candidate) if n not in snapshot.deployments]
+        if gone:
+            await self._end_stale(service, plan, f"{' and '.join(gone)} was deleted during the plan")
+            return
         if route.active != plan.baseline or (plan.state == RUNNING and route.candidate != plan.candidate):
             # The route moved outside the plan (a switch ends the split and marks the plan; this is a leftover).
             await self._end_stale(service, plan, f"the route changed outside the plan (active {route.active}, "

@@ -66,12 +66,13 @@ class RouteControl:
     async def switch(
         self, target: str, who: Who, *, service: str = DEFAULT_SERVICE, reason: str = "",
         expected_generation: int | None = None, force: bool = False, plan: Plan | None = None,
+        evidence: Mapping[str, Any] | None = None,
     ) -> Outcome:
         """Make ``target`` the service's active deployment; the current active becomes previous (``plan``:
         the canary plan as this switch leaves it, stored in the same step)."""
         snapshot = await self.store.read_snapshot(service=service)
         route = snapshot.route
-        entry = self._entry(who, "switch", route.active, target, reason, force=force)
+        entry = self._entry(who, "switch", route.active, target, reason, force=force, evidence=evidence)
         if target not in snapshot.deployments:
             return await self._refuse(service, entry, route, 404, errors.RESOURCE_DOES_NOT_EXIST, f"no deployment named {target!r}")
         if expected_generation is not None and expected_generation != route.generation:
@@ -175,6 +176,8 @@ class RouteControl:
         if plan is None and snapshot.plan is not None and snapshot.plan.active:
             # A switch or rollback ends any split: a canary under way ends with it, aborted, in the same step.
             plan = snapshot.plan.but(state=ABORTED, outcome=f"ended by a {entry.action} to {active} ({who.trigger}, {who.actor})")
+            record = record.but(detail=(record.detail + "; " if record.detail else "")
+                                + f"ended the canary of {snapshot.plan.candidate} at {snapshot.plan.weight:g}%")
         change = await self.store.set_route(active, previous, service=service, expected_generation=route.generation,
                                             history=record, plan=plan)
         if not change.ok:
