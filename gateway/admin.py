@@ -677,7 +677,10 @@ class Admin:
         entry = HistoryEntry("shadow_on", self._who(request), source=route.active, target=name, reason=body.reason,
                              detail=f"{body.percent:g}% of requests copied", extra={"percent": body.percent})
         if name not in snapshot.deployments:
-            raise AdminError(404, errors.RESOURCE_DOES_NOT_EXIST, f"service {service!r} has no deployment named {name!r}")
+            message = f"service {service!r} has no deployment named {name!r}"
+            await self.store.append_history(entry.but(result="refused", detail=message, generation=route.generation),
+                                            service=service)
+            raise AdminError(404, errors.RESOURCE_DOES_NOT_EXIST, message)
         why = ("it is the active deployment" if name == route.active
                else f"it is {describe_state(snapshot, name)}; wait until it is ready" if not snapshot.is_ready(name) else None)
         if why:
@@ -698,13 +701,16 @@ class Admin:
         until the next shadow starts)."""
         service = await self._service(request)
         snapshot = await self.store.read_snapshot(service=service)
-        if snapshot.route.shadow is None:
-            raise AdminError(409, errors.INVALID_STATE, f"service {service!r} has no shadow")
         entry = HistoryEntry("shadow_off", self._who(request), target=snapshot.route.shadow,
                              reason=request.query.get("reason", "")[:1000])
+        if snapshot.route.shadow is None:
+            message = f"service {service!r} has no shadow"
+            await self.store.append_history(entry.but(result="refused", detail=message), service=service)
+            raise AdminError(409, errors.INVALID_STATE, message)
         change = await self.store.change_rollout(service=service, shadow=None, history=entry)
         if not change.ok:
             raise AdminError(409, errors.INVALID_STATE, f"not applied ({change.refusal})")
+        self.shadows.discard(service)
         await self._apply_here(service)
         report = self.shadows.reports.get((service, snapshot.route.shadow))
         return _json({"service": service, "shadow": None, "stopped": snapshot.route.shadow,

@@ -25,7 +25,7 @@ from typing import Any
 from .attribution import HeadBuilder, Replay
 from .balancer import ReplicaSet
 from .metrics import GatewayMetrics
-from .upstream import UpstreamError, UpstreamPool
+from .upstream import NOTHING_SENT, UpstreamError, UpstreamPool
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ AGREE, DIFFER, SHADOW_ERROR, PRIMARY_ERROR, INCOMPARABLE = "agree", "differ", "s
 RESULTS = (AGREE, DIFFER, SHADOW_ERROR, PRIMARY_ERROR, INCOMPARABLE)
 # Why a copy was not sent (the ``reason`` label of turnout_shadow_dropped_total).
 QUEUE_FULL, TOO_LARGE, NOT_HELD = "queue_full", "too_large", "body_not_held"
-DROP_REASONS = (QUEUE_FULL, TOO_LARGE, NOT_HELD)
+DROP_REASONS = (QUEUE_FULL, TOO_LARGE, NOT_HELD, "shadow_down")
 # Kept per shadow for the report: the most recent differences and latencies (exact percentiles), the
 # most frequent class flips, the last disagreeing examples.
 KEPT_VALUES = 10_000
@@ -42,8 +42,15 @@ TOP_FLIPS = 10
 _FLIPS_KEPT = 200
 EXAMPLES = 20
 EXAMPLE_BYTES = 1000
-# A shadow's answer is read up to this size (a larger one is not compared).
-MAX_ANSWER = 4 * 1024 * 1024
+# Answers are compared up to this size (the active's is held whole only up to it too): parsing and
+# comparing runs on the gateway's event loop, so its cost per copy must stay small.
+MAX_ANSWER = 64 * 1024
+# More rows than this in one answer are not compared (counted incomparable), for the same reason.
+MAX_ROWS = 5000
+# Why a copy was not sent: the shadow refused connections just now (it is retried after a pause that
+# doubles up to SHADOW_DOWN_MAX seconds; a dead shadow must not cost a connection attempt per request).
+SHADOW_DOWN = "shadow_down"
+SHADOW_DOWN_MAX = 30.0
 
 
 @dataclass
@@ -107,12 +114,14 @@ def compare(primary_status: int, primary: bytes | None, shadow_status: int | Non
         return Comparison(PRIMARY_ERROR)
     if shadow_status != 200:
         return Comparison(SHADOW_ERROR)
-    try:
-        first = rows_of(json.loads(primary)) if primary is not None else None
-        second = rows_of(json.loads(shadow)) if shadow is not None else None
-    except ValueError:
+    if primary is None or shadow is None or len(primary) > MAX_ANSWER or len(shadow) > MAX_ANSWER:
         return Comparison(INCOMPARABLE)
-    if first is None or second is None or len(first) != len(second):
+    try:
+        first = rows_of(json.loads(primary))
+        second = rows_of(json.loads(shadow))
+    except (ValueError, RecursionError):
+        return Comparison(INCOMPARABLE)
+    if first is None or second is None or len(first) != len(second) or len(first) > MAX_ROWS:
         return Comparison(INCOMPARABLE)
     out = Comparison(AGREE)
     for a, b in zip(first, second):
@@ -123,11 +132,16 @@ def compare(primary_status: int, primary: bytes | None, shadow_status: int | Non
         for x, y in pairs:
             if isinstance(x, int | float) and isinstance(y, int | float) and not isinstance(x, bool) and not isinstance(y, bool) \
                     and (_is_number(x) or _is_number(y)):
+                if not (math.isfinite(x) and math.isfinite(y)):
+                    # Infinities agree only with the same infinity, NaN only with NaN; no difference is kept.
+                    if not (x == y or (math.isnan(x) and math.isnan(y))):
+                        same = False
+                    continue
                 diff = abs(x - y)
                 scale = max(1.0, abs(x), abs(y))
                 out.abs_differences.append(diff)
                 out.rel_differences.append(diff / max(abs(x), abs(y)) if max(abs(x), abs(y)) > 0 else 0.0)
-                if not diff <= tolerance * scale:  # NaN differs
+                if not diff <= tolerance * scale:
                     same = False
             elif x != y:
                 same = False
@@ -259,6 +273,8 @@ class Shadows:
         self._wake: asyncio.Event | None = None
         self._workers: list[asyncio.Task[None]] = []
         self.reports: dict[tuple[str, str], Report] = {}
+        # Per shadow: (until when copies are not sent, the last pause) after it refused connections.
+        self._down: dict[tuple[str, str], tuple[float, float]] = {}
 
     def report(self, target: ShadowTarget) -> Report:
         """The report of a shadow (a new one when it now shadows another active deployment)."""
@@ -273,6 +289,12 @@ class Shadows:
         for key in [k for k in self.reports if k[0] == service and (name is None or k[1] == name)]:
             del self.reports[key]
 
+    def discard(self, service: str) -> None:
+        """Drop a service's copies still waiting (its shadow was turned off: they are nobody's business now)."""
+        kept = deque(c for c in self._queue if c.target.service != service)
+        self._queue = kept
+        self._queued_bytes = sum(len(c.replay.body) for c in kept)
+
     def offer(self, target: ShadowTarget, replay: Replay, primary_status: int, primary: bytes | None,
               primary_seconds: float) -> None:
         """A request the active deployment answered: send a copy to the shadow (its share of them), later."""
@@ -281,6 +303,10 @@ class Shadows:
         size = len(replay.body)
         if size > self.max_body:
             self._drop(target, TOO_LARGE)
+            return
+        down = self._down.get((target.service, target.name))
+        if down is not None and time.monotonic() < down[0]:
+            self._drop(target, SHADOW_DOWN)
             return
         if len(self._queue) >= self.max_queue or self._queued_bytes + size > self.max_queue_bytes:
             self._drop(target, QUEUE_FULL)
@@ -342,8 +368,15 @@ class Shadows:
                         answer = await upstream.read()
                 finally:
                     upstream.release()
+                self._down.pop((target.service, target.name), None)
             except UpstreamError as exc:
+                # Broken off or timed out, even after its head: the shadow failed this copy.
+                status, answer = None, None
                 log.debug("service %s: shadow %s: %s", target.service, target.name, exc)
+                if exc.kind in NOTHING_SENT:
+                    key = (target.service, target.name)
+                    pause = min(self._down.get(key, (0.0, 0.5))[1] * 2, SHADOW_DOWN_MAX)
+                    self._down[key] = (time.monotonic() + pause, pause)
             finally:
                 replica.inflight -= 1
         elapsed = loop.time() - started if status is not None else None
@@ -358,16 +391,19 @@ class Shadows:
             m.shadow_rows.labels(target.service, target.name, "agree").inc(comparison.rows_agree)
         if comparison.rows_differ:
             m.shadow_rows.labels(target.service, target.name, "differ").inc(comparison.rows_differ)
-        histogram = m.shadow_abs_difference.labels(target.service, target.name)
+        histogram = m.shadow_abs_difference.labels(target.service, target.name)  # finite values only
         for diff in comparison.abs_differences:
             histogram.observe(diff)
         if elapsed is not None:
             m.shadow_duration.labels(target.service, target.name).observe(elapsed)
         report = self.report(target)
         report.add(comparison, copy.primary_seconds, elapsed)
-        if comparison.result in (DIFFER, SHADOW_ERROR):
+        if comparison.result in (DIFFER, SHADOW_ERROR, INCOMPARABLE):
             example: dict[str, Any] = {"time": time.time(), "result": comparison.result, "shadow_status": status,
-                                       "rows_differ": comparison.rows_differ, "flips": dict(comparison.flips)}
+                                       "rows_differ": comparison.rows_differ}
+            if self.keep_bodies:
+                # Labels can be anything the model returns: a few, and only when bodies may be kept.
+                example["flips"] = dict(comparison.flips.most_common(TOP_FLIPS))
             if self.keep_bodies:
                 example.update(request=_clip(copy.replay.body), active_answer=_clip(copy.primary),
                                shadow_answer=_clip(answer))

@@ -56,9 +56,16 @@ def test_labels_flip_numbers_differ_within_tolerance_and_misfits_are_incomparabl
     assert compare(400, j({"error_code": "x"}), 200, j([1]), 1e-6).result == PRIMARY_ERROR
     assert compare(200, j([1]), 400, j({"error_code": "x"}), 1e-6).result == SHADOW_ERROR
     assert compare(200, j([1]), None, None, 1e-6).result == SHADOW_ERROR
-    # A NaN never agrees; a bool is a label, not the number 1.
-    assert compare(200, b'[NaN]', 200, b'[NaN]', 1e-6).result == DIFFER
+    # Non-finite numbers agree only with themselves, and leave no difference behind (no NaN in a percentile).
+    assert compare(200, b'[NaN]', 200, b'[NaN]', 1e-6).result == AGREE
+    assert compare(200, b'[Infinity]', 200, b'[-Infinity]', 1e-6).result == DIFFER
+    assert compare(200, b'[Infinity]', 200, b'[1e308]', 1e-6).result == DIFFER
+    c = compare(200, b'[Infinity, 1.0]', 200, b'[Infinity, NaN]', 1e-6)
+    assert (c.result, c.abs_differences) == (DIFFER, [])
     assert compare(200, j([True]), 200, j([1.0]), 1e-6).flips == Counter()
+    # What the gateway would spend too long on is not compared: over 64 KiB, or more than 5,000 rows.
+    assert compare(200, j([1.5] * 20_000), 200, j([1.5] * 20_000), 1e-6).result == INCOMPARABLE
+    assert compare(200, j([1] * 6000), 200, j([1] * 6000), 1e-6).result == INCOMPARABLE
 
 
 def test_percentiles_are_numpys_linear_ones() -> None:
@@ -318,3 +325,38 @@ async def test_real_versions_agreement_equals_the_offline_one(mlflow_registry: A
     assert got["agreement"]["rows_compared"] == len(data)
     assert got["agreement"]["rows_differ"] == sum(flips.values())
     assert {f["from_to"]: f["rows"] for f in got["flips"]} == dict(flips.most_common(10))
+
+
+async def test_a_dead_or_broken_off_shadow_is_an_error_and_a_dead_one_is_paused(gateway_factory: Any) -> None:
+    from gateway.local import free_port
+
+    async def dribble(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = 100
+        await response.prepare(request)
+        await response.write(b"[")
+        await asyncio.sleep(10)
+        return response
+
+    slow = web.Application()
+    slow.router.add_post("/invocations", dribble)
+    async with serve_app(stand_in(lambda r: 1)) as blue, serve_app(slow) as broken:
+        store = EmbeddedStore()
+        dead = f"http://127.0.0.1:{free_port()}"
+        await deployments(store, blue=blue, dead=dead, broken=broken)
+        url = await gateway_factory(store, admin_token=TOKEN, shadow_timeout=0.5)
+        async with aiohttp.ClientSession(headers=AUTH) as s:
+            # A shadow that answers its head and then stalls past the deadline: shadow_error, not incomparable.
+            assert (await shadow_on(s, url, "broken", 100))[0] == 200
+            assert await predict(s, url, [[1.0]]) == 200
+            await eventually(lambda: _mirrored(s, url, 1), timeout=5)
+            assert (await report(s, url))["results"] == {"shadow_error": 1}
+            # A dead shadow refuses the first copy; the next ones are dropped for a while, not each tried.
+            assert (await shadow_on(s, url, "dead", 100))[0] == 200
+            assert await predict(s, url, [[1.0]]) == 200
+            await eventually(lambda: _mirrored(s, url, 1), timeout=5)
+            for _ in range(50):
+                assert await predict(s, url, [[1.0]]) == 200
+            got = await report(s, url)
+        assert got["results"] == {"shadow_error": 1} and got["dropped"] == {"shadow_down": 50}, got
