@@ -63,11 +63,14 @@ Setup = Callable[[str, str, str], Awaitable[None]]
 
 def count(tree: Path, backend: str, fast_path: bool, requests: int, *, setup: Setup = _route,
           path: str = "/invocations", sent: Sequence[bytes] | None = None,
-          answered: Counter[str] | None = None) -> float:
+          answered: Counter[str] | None = None, settle: float = 0.0,
+          after: Callable[[int], None] | None = None) -> float:
     """Instructions per request of the gateway in ``tree`` (a checkout of this project), sending to
     ``path`` after ``setup(namespace, backend, "set")`` wrote its routes (``"clear"`` removes them);
     ``sent``: raw requests to go round instead (each connection from its own place in the list);
-    ``answered``: counts which deployment answered each counted request."""
+    ``answered``: counts which deployment answered each counted request; ``settle``: seconds to wait
+    after the last answer before the counters are read (work left behind the answers, such as shadow
+    copies, is counted too); ``after(port)``: called once they are read, while the gateway still runs."""
     requests_sent = list(sent) if sent else [scoring_request(path)]
     namespace = f"turnout-bench-{uuid.uuid4().hex[:8]}"
     asyncio.run(setup(namespace, backend, "set"))
@@ -95,7 +98,10 @@ def count(tree: Path, backend: str, fast_path: bool, requests: int, *, setup: Se
         asyncio.run(_load(port, 400, requests_sent))
         subprocess.run(["callgrind_control", "--zero", str(proc.pid)], capture_output=True, check=True)
         asyncio.run(_load(port, requests, requests_sent, answered=answered))
+        time.sleep(settle)
         subprocess.run(["callgrind_control", "--dump", str(proc.pid)], capture_output=True, check=True)
+        if after is not None:
+            after(port)
     finally:
         proc.terminate()
         proc.wait()

@@ -153,10 +153,11 @@ def _mean(runs: list[dict[str, float]]) -> dict[str, float]:
 
 
 def _paired(
-    runs: dict[str, list[dict[str, float]]], path: str, figure: str, compare: Callable[[float, float], float]
+    runs: dict[str, list[dict[str, float]]], path: str, figure: str, compare: Callable[[float, float], float],
+    baseline: str = "direct",
 ) -> float:
-    """Median over rounds of ``compare(path's figure, direct's figure)`` within each round."""
-    return statistics.median(compare(p[figure], d[figure]) for p, d in zip(runs[path], runs["direct"]))
+    """Median over rounds of ``compare(path's figure, baseline's figure)`` within each round."""
+    return statistics.median(compare(p[figure], d[figure]) for p, d in zip(runs[path], runs[baseline]))
 
 
 def _median(runs: list[dict[str, float]]) -> dict[str, float]:

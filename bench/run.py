@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from bench import canary, instructions, memory, proxy_overhead, reaction, replicas, services, switching
+from bench import canary, instructions, memory, proxy_overhead, reaction, replicas, services, shadow, switching
 from bench.common import HERE, machine, save
 
 SCENARIOS = {
@@ -25,6 +25,7 @@ SCENARIOS = {
     "services": services,
     "replicas": replicas,
     "canary": canary,
+    "shadow": shadow,
 }
 
 

@@ -28,9 +28,11 @@ def service_names(count: int) -> list[str]:
 
 
 async def _setup_route(redis_url: str, backends: dict[str, str], services: int = 0, namespace: str = "turnout",
-                       split: tuple[str, float, str | None] | None = None) -> None:
+                       split: tuple[str, float, str | None] | None = None,
+                       shadow: tuple[str, float] | None = None) -> None:
     """blue (active) and green in the default service, and in each of ``services`` more; with ``split``
-    (candidate, weight, sticky header), the default service's route divides its requests so."""
+    (candidate, weight, sticky header), the default service's route divides its requests so; with
+    ``shadow`` (deployment, percent), that share of them is copied to the shadow."""
     from gateway.records import Deployment, ServiceConfig, State
     from gateway.store import RedisStore
 
@@ -44,19 +46,24 @@ async def _setup_route(redis_url: str, backends: dict[str, str], services: int =
     if split is not None:
         route = await store.get_route()
         assert (await store.change_rollout(split=split, expected_generation=route.generation)).ok
+    if shadow is not None:
+        route = await store.get_route()
+        assert (await store.change_rollout(shadow=shadow, expected_generation=route.generation)).ok
     await store.close()
 
 
-def blue_green(services: int = 0, split: tuple[str, float, str | None] | None = None, apart: bool = False) -> Any:
+def blue_green(services: int = 0, split: tuple[str, float, str | None] | None = None, apart: bool = False,
+               shadow: tuple[str, float] | None = None, green: str | None = None) -> Any:
     """An instructions ``setup`` (bench.instructions.count): ``_setup_route`` on the shared Redis to the
     backend — with ``apart``, green at 127.0.0.2 (the same stand-in, listening on every loopback
-    address, but another upstream of the gateway's) — and the namespace dropped afterwards."""
+    address, but another upstream of the gateway's); ``green``: at that URL instead — and the namespace
+    dropped afterwards."""
     async def setup(namespace: str, backend: str, action: str) -> None:
         from gateway.store import drop_namespace
 
         if action == "set":
-            green = backend.replace("127.0.0.1", "127.0.0.2") if apart else backend
-            await _setup_route(REDIS_URL, {"blue": backend, "green": green}, services, namespace, split)
+            other = green or (backend.replace("127.0.0.1", "127.0.0.2") if apart else backend)
+            await _setup_route(REDIS_URL, {"blue": backend, "green": other}, services, namespace, split, shadow)
         else:
             await drop_namespace(REDIS_URL, namespace)
     return setup

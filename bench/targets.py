@@ -32,3 +32,10 @@ REPLICAS_CPU_8_VS_1 = 1.05
 CANARY_SPLIT_CPU_RATIO = 1.10
 # canary: candidate starts failing → every gateway replica on weight 0, default guard at 200 req/s.
 CANARY_ABORT_P50_SECONDS = 2.0
+# shadow: 100 % copied to a fast shadow against no shadow, side by side (added p50 at 1 connection,
+# throughput at 32).
+SHADOW_ADDED_P50_MS = 0.1
+SHADOW_THROUGHPUT_VS_OFF = 0.9
+# shadow: 100 % copied to a frozen shadow (SIGSTOP): throughput against no shadow, gateway RSS growth over the load.
+SHADOW_FROZEN_THROUGHPUT_VS_OFF = 0.95
+SHADOW_FROZEN_RSS_GROWTH_MB = 20.0
