@@ -392,28 +392,21 @@ def scale(name: str, replicas: int, min_ready: int | None, reason: str, wait_sec
 def _wait_scaled(url: str, token: str | None, service: str | None, name: str, replicas: int, seconds: float,
                  quiet: bool) -> tuple[int, Any]:
     """Poll a deployment until exactly ``replicas`` replicas are ready and none is left draining."""
-    import time
 
-    deadline = time.monotonic() + seconds
-    shown = ""
-    while True:
-        code, answer = _call(url, token, "GET", _admin(service, f"/deployments/{name}"))
-        if code >= 400:
-            return code, answer
+    def verdict(answer: dict[str, Any], late: bool) -> tuple[int, Any] | None:
         if answer.get("ready_replicas") == replicas and len(answer.get("replicas") or []) == replicas:
-            return code, answer
+            return 200, answer
         failed = [r for r in (answer.get("replicas") or [])[:replicas] if r.get("state") == "failed"]
         if failed:
             why = next(iter((failed[0].get("reason") or "").splitlines()), "")
             return 409, {"message": f"{name}: replica {failed[0]['index']} failed: {why}"}
-        if time.monotonic() > deadline:
+        if late:
             return 504, {"message": f"{name}: {answer.get('ready_replicas')} of {replicas} replicas ready after "
                          f"{seconds:g} s: {answer.get('state_detail')}"}
-        states = ", ".join(f"#{r['index']} {r['state']}" for r in answer.get("replicas") or [])
-        if not quiet and states != shown:
-            shown = states
-            click.echo(f"{name}: {states}", err=True)
-        time.sleep(0.5)
+        return None
+
+    return _poll(url, token, service, name, seconds, quiet, verdict,
+                 lambda answer: ", ".join(f"#{r['index']} {r['state']}" for r in answer.get("replicas") or []))
 
 
 def _weights(_ctx: click.Context, _param: click.Parameter, value: str) -> list[float]:
@@ -545,6 +538,24 @@ def _cmd(command: str, service: str | None, *args: str) -> str:
 def _wait_ready(url: str, token: str | None, service: str | None, name: str, seconds: float,
                 quiet: bool) -> tuple[int, Any]:
     """Poll a deployment until it is ready (its view, 200), failed or out of time (an error answer)."""
+
+    def verdict(answer: dict[str, Any], late: bool) -> tuple[int, Any] | None:
+        state = answer.get("state")
+        if state == "ready":
+            return 200, answer
+        if state == "failed" or late:
+            why = "failed" if state == "failed" else f"not ready after {seconds:g} s"
+            return 504 if state != "failed" else 409, {"message": f"{name} {why}: {answer.get('state_detail')}"}
+        return None
+
+    return _poll(url, token, service, name, seconds, quiet, verdict, lambda answer: answer.get("state_detail") or "")
+
+
+def _poll(url: str, token: str | None, service: str | None, name: str, seconds: float, quiet: bool,
+          verdict: Callable[[dict[str, Any], bool], tuple[int, Any] | None], progress: Callable[[dict[str, Any]], str],
+          ) -> tuple[int, Any]:
+    """Read a deployment every half second until ``verdict`` (given whether time ran out) has an answer,
+    printing ``progress`` to stderr whenever it changes."""
     import time
 
     deadline = time.monotonic() + seconds
@@ -553,15 +564,13 @@ def _wait_ready(url: str, token: str | None, service: str | None, name: str, sec
         code, answer = _call(url, token, "GET", _admin(service, f"/deployments/{name}"))
         if code >= 400:
             return code, answer
-        state = answer.get("state")
-        if state == "ready":
-            return code, answer
-        if state == "failed" or time.monotonic() > deadline:
-            why = "failed" if state == "failed" else f"not ready after {seconds:g} s"
-            return 504 if state != "failed" else 409, {"message": f"{name} {why}: {answer.get('state_detail')}"}
-        if not quiet and answer.get("state_detail") != shown:
-            shown = answer.get("state_detail") or ""
-            click.echo(f"{name}: {shown}", err=True)
+        done = verdict(answer, time.monotonic() > deadline)
+        if done is not None:
+            return done
+        line = progress(answer)
+        if not quiet and line != shown:
+            shown = line
+            click.echo(f"{name}: {line}", err=True)
         time.sleep(0.5)
 
 

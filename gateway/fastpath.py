@@ -427,7 +427,7 @@ class _ServerConnection(FlowControl):
                 return False
             finally:
                 upstream.release()
-            if chosen.shadow is not None:
+            if chosen.shadow is not None and proxy.shadows.wanted(chosen.shadow):
                 proxy.mirror(chosen.shadow, Replay(headers, query, remote, b"http", body), code, answer,
                              self.loop.time() - begun)
             return keep_alive

@@ -477,7 +477,8 @@ class Proxy:
         return ShadowTarget(service, name, active, route.shadow_percent, replicas)
 
     def mirror(self, shadow: ShadowTarget, replay: Replay | None, status: int, answer: bytes | None, seconds: float) -> None:
-        """Offer a copy of a request the active answered to its shadow (None: its body was streamed, not held)."""
+        """Offer a copy of a request of the shadow's share (drawn by ``shadows.wanted``) the active answered
+        (``replay`` None: its body was streamed, not held)."""
         if replay is None:
             self.shadows.drop(shadow, NOT_HELD)
         else:
@@ -672,7 +673,7 @@ class Proxy:
                 return web.Response(status=CLIENT_CLOSED)
             finally:
                 upstream.release()
-            if chosen.shadow is not None:
+            if chosen.shadow is not None and self.shadows.wanted(chosen.shadow):
                 self.mirror(chosen.shadow, Replay(
                     request.raw_headers, request.raw_path.partition("?")[2].encode("latin-1"),
                     (request.remote or "unknown").encode("latin-1"), request.scheme.encode("latin-1"), body,

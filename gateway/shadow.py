@@ -295,21 +295,23 @@ class Shadows:
         self._queue = kept
         self._queued_bytes = sum(len(c.replay.body) for c in kept)
 
+    def wanted(self, target: ShadowTarget) -> bool:
+        """Whether this request falls in the shadow's share (drawn before anything is built for a copy)."""
+        return self._rand() * 100 < target.percent
+
     def offer(self, target: ShadowTarget, replay: Replay, primary_status: int, primary: bytes | None,
               primary_seconds: float) -> None:
-        """A request the active deployment answered: send a copy to the shadow (its share of them), later."""
-        if self._rand() * 100 >= target.percent:
-            return
+        """A request of the shadow's share the active deployment answered: send a copy to the shadow, later."""
         size = len(replay.body)
         if size > self.max_body:
-            self._drop(target, TOO_LARGE)
+            self.drop(target, TOO_LARGE)
             return
         down = self._down.get((target.service, target.name))
         if down is not None and time.monotonic() < down[0]:
-            self._drop(target, SHADOW_DOWN)
+            self.drop(target, SHADOW_DOWN)
             return
         if len(self._queue) >= self.max_queue or self._queued_bytes + size > self.max_queue_bytes:
-            self._drop(target, QUEUE_FULL)
+            self.drop(target, QUEUE_FULL)
             return
         self._queue.append(_Copy(target, replay, primary_status, primary, primary_seconds))
         self._queued_bytes += size
@@ -318,11 +320,7 @@ class Shadows:
         self._wake.set()  # type: ignore[union-attr]
 
     def drop(self, target: ShadowTarget, reason: str) -> None:
-        """A request of the shadow's share that could not be copied (its body was streamed, not held)."""
-        if self._rand() * 100 < target.percent:
-            self._drop(target, reason)
-
-    def _drop(self, target: ShadowTarget, reason: str) -> None:
+        """A request of the shadow's share that was not copied, counted."""
         self.metrics.shadow_dropped.labels(target.service, target.name, reason).inc()
         self.report(target).dropped[reason] += 1
 

@@ -167,7 +167,8 @@ class EmbeddedStore(Store):
         svc.route = Route(active=active, previous=previous, generation=current.generation + 1, changed_at=time.time(),
                           shadow=current.shadow, shadow_percent=current.shadow_percent)
         if plan is not None:
-            svc.plan = plan
+            # Through the stored form, as the Redis store: what a reader gets is what was stored.
+            svc.plan = Plan.from_json(plan.to_json())
         if history is not None:
             svc.history.appendleft(history.but(generation=svc.route.generation).to_json())
         self._changed(svc, ROUTE_CHANGED, generation=svc.route.generation)
@@ -198,7 +199,6 @@ class EmbeddedStore(Store):
             svc.route = replace(current, generation=current.generation + 1, candidate=candidate, weight=float(weight),
                                 sticky=sticky)
         if plan is not None:
-            # Through JSON, as the Redis store: what a reader gets is what was stored.
             svc.plan = Plan.from_json(plan.to_json())
         if history is not None:
             svc.history.appendleft(history.but(generation=svc.route.generation).to_json())
