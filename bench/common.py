@@ -27,7 +27,7 @@ BIN = Path(sys.executable).parent
 OUT = HERE / "out"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-# A one-row-ish JSON body like a real scoring request (about 1 KB, as in field-notes).
+# A one-row-ish JSON body like a real scoring request (about 1 KB).
 BODY = json.dumps(
     {"dataframe_split": {"columns": ["sepal_length", "sepal_width", "petal_length", "petal_width"],
                          "data": [[5.1, 3.5, 1.4, 0.2]] * 24}}

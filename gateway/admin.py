@@ -694,6 +694,8 @@ class Admin:
         if route.shadow != name:
             self.shadows.reset(service)
         await self._apply_here(service)
+        # Copies go through a helper process of each gateway: answer once this one's listens.
+        await self.shadows.ready()
         return _json({"service": service, "shadow": self._shadow_view(await self.store.read_snapshot(service=service))})
 
     async def stop_shadow(self, request: web.Request) -> web.Response:

@@ -18,7 +18,7 @@ from .guard import Guard
 from .http1 import BadRequests, ServerLimits
 from .loops import Loops
 from .metrics import CONTENT_TYPE_LATEST, GatewayMetrics
-from .proxy import SMALL_BODY, Proxy, build_request_head
+from .proxy import SMALL_BODY, Proxy
 from .registry_sync import RegistrySync
 from .settings import Settings
 from .store import Store, create_store
@@ -87,7 +87,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
                                    base_ejection=settings.outlier_base_ejection,
                                    max_ejection_percent=settings.outlier_max_ejection_percent,
                                ), round_robin=settings.balance == "round_robin",
-                               shadows=Shadows(pool, metrics, build_request_head, concurrency=settings.shadow_concurrency,
+                               shadows=Shadows(pool, metrics, concurrency=settings.shadow_concurrency,
                                                queue=settings.shadow_queue, max_body=settings.shadow_max_body,
                                                timeout=settings.shadow_timeout, tolerance=settings.shadow_tolerance,
                                                keep_bodies=settings.shadow_keep_bodies))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 from itertools import accumulate
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
@@ -147,6 +147,105 @@ class _ReplicaCollector(Collector):
         return [ready, inflight, answered]
 
 
+# Absolute differences between two versions' numeric outputs: from float noise to another answer.
+SHADOW_DIFFERENCE_BUCKETS = (1e-9, 1e-6, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 100.0)
+_DIFFERENCE_LABELS = [floatToGoString(b) for b in (*SHADOW_DIFFERENCE_BUCKETS, math.inf)]
+
+
+def bucket_counts(bounds: tuple[float, ...], values: Iterable[float]) -> list[int]:
+    """Non-cumulative counts of ``values`` per bucket of ``bounds`` (the last one is +Inf), as
+    :class:`ShadowMetrics` adds them."""
+    counts = [0] * (len(bounds) + 1)
+    for value in values:
+        counts[bisect_left(bounds, value)] += 1
+    return counts
+
+
+class ShadowMetrics:
+    """The shadow series as plain counters, keyed by (service, deployment[, result or reason]).
+
+    A dropped copy is counted on the client's path once per request while a shadow is frozen, and
+    compared copies arrive in batches from the copier process: plain dict additions keep both cheap
+    (prometheus_client's labels() lookup alone is about 3 µs); :class:`_ShadowCollector` exposes them.
+    """
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str], int] = {}
+        self.rows: dict[tuple[str, str, str], int] = {}
+        self.dropped: dict[tuple[str, str, str], int] = {}
+        # (service, deployment) → [non-cumulative bucket counts, sum]
+        self.differences: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
+        self.durations: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
+
+    def drop(self, service: str, name: str, reason: str, count: int = 1) -> None:
+        """Copies not sent."""
+        key = (service, name, reason)
+        self.dropped[key] = self.dropped.get(key, 0) + count
+
+    def add(self, into: dict[tuple[str, str, str], int], service: str, name: str, counts: Mapping[str, int]) -> None:
+        """Add counts by result to ``requests`` or ``rows``."""
+        for label, count in counts.items():
+            if count:
+                key = (service, name, label)
+                into[key] = into.get(key, 0) + count
+
+    @staticmethod
+    def observe(into: dict[tuple[str, str], tuple[list[int], list[float]]], service: str, name: str, bounds: tuple[float, ...],
+                counts: list[int], total: float) -> None:
+        """Add a batch's bucket counts (from :func:`bucket_counts`) and sum to a histogram."""
+        found = into.get((service, name))
+        if found is None:
+            found = into[(service, name)] = ([0] * (len(bounds) + 1), [0.0])
+        buckets = found[0]
+        for i, count in enumerate(counts):
+            buckets[i] += count
+        found[1][0] += total
+
+
+class _ShadowCollector(Collector):
+    """Exposes :class:`ShadowMetrics` as the turnout_shadow_* families."""
+
+    def __init__(self, shadow: ShadowMetrics) -> None:
+        self._shadow = shadow
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families()
+
+    def _families(self) -> list[Metric]:
+        s = self._shadow
+        requests = CounterMetricFamily(
+            "turnout_shadow_requests", "Requests copied to a shadow, by how the two answers compared (agree, differ, "
+            "shadow_error, primary_error, incomparable).", labels=["service", "deployment", "result"],
+        )
+        rows = CounterMetricFamily(
+            "turnout_shadow_rows", "Prediction rows compared between the active and its shadow (agree or differ).",
+            labels=["service", "deployment", "result"],
+        )
+        dropped = CounterMetricFamily(
+            "turnout_shadow_dropped", "Copies for a shadow not sent (queue_full, too_large, body_not_held, shadow_down, "
+            "copier_down).", labels=["service", "deployment", "reason"],
+        )
+        differences = HistogramMetricFamily(
+            "turnout_shadow_abs_difference", "Absolute difference between the active's and the shadow's numeric outputs.",
+            labels=["service", "deployment"],
+        )
+        durations = HistogramMetricFamily(
+            "turnout_shadow_request_duration_seconds", "Time a shadow took to answer a copy (compare with "
+            "turnout_request_duration_seconds of the active).", labels=["service", "deployment"],
+        )
+        for counter, counts in ((requests, s.requests), (rows, s.rows), (dropped, s.dropped)):
+            for labels, count in list(counts.items()):
+                counter.add_metric(list(labels), count)
+        for histogram, histograms, names in ((differences, s.differences, _DIFFERENCE_LABELS),
+                                             (durations, s.durations, _BUCKET_LABELS)):
+            for where, (buckets, total) in list(histograms.items()):
+                histogram.add_metric(list(where), list(zip(names, accumulate(buckets))), total[0])
+        return [requests, rows, dropped, differences, durations]
+
+
 def background_errors_counter(registry: CollectorRegistry) -> Counter:
     """``turnout_background_errors_total{task}``, the same series in gateways and workers (see ``loops``)."""
     return Counter(
@@ -188,26 +287,8 @@ class GatewayMetrics:
             "active without a split, the split's weight for a canary candidate and the rest for the active.",
             ["service", "deployment"], registry=r,
         )
-        self.shadow_requests = Counter(
-            "turnout_shadow_requests", "Requests copied to a shadow, by how the two answers compared (agree, differ, "
-            "shadow_error, primary_error, incomparable).", ["service", "deployment", "result"], registry=r,
-        )
-        self.shadow_rows = Counter(
-            "turnout_shadow_rows", "Prediction rows compared between the active and its shadow (agree or differ).",
-            ["service", "deployment", "result"], registry=r,
-        )
-        self.shadow_abs_difference = Histogram(
-            "turnout_shadow_abs_difference", "Absolute difference between the active's and the shadow's numeric outputs.",
-            ["service", "deployment"], buckets=(1e-9, 1e-6, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 100), registry=r,
-        )
-        self.shadow_dropped = Counter(
-            "turnout_shadow_dropped", "Copies for a shadow not sent (queue_full, too_large, body_not_held).",
-            ["service", "deployment", "reason"], registry=r,
-        )
-        self.shadow_duration = Histogram(
-            "turnout_shadow_request_duration_seconds", "Time a shadow took to answer a copy (compare with "
-            "turnout_request_duration_seconds of the active).", ["service", "deployment"], buckets=LATENCY_BUCKETS, registry=r,
-        )
+        self.shadow = ShadowMetrics()
+        r.register(_ShadowCollector(self.shadow))
         self.canary_running = Gauge(
             "turnout_canary_running", "1 while a service's canary plan runs (paused or ended: 0).", ["service"], registry=r,
         )

@@ -387,7 +387,7 @@ class Proxy:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.attribution = Attribution(watcher, pool, metrics, self._record, self._target, build_request_head,
                                        enabled=replay_crashes)
-        self.shadows = shadows or Shadows(pool, metrics, build_request_head)
+        self.shadows = shadows or Shadows(pool, metrics)
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
         self._loop = asyncio.get_running_loop()
@@ -474,6 +474,7 @@ class Proxy:
             replicas = self.balancer.replicas(service, name, serving)
         except ValueError:
             return None
+        self.shadows.warm()
         return ShadowTarget(service, name, active, route.shadow_percent, replicas)
 
     def mirror(self, shadow: ShadowTarget, replay: Replay | None, status: int, answer: bytes | None, seconds: float) -> None:

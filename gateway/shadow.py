@@ -1,9 +1,9 @@
 """Shadow traffic: a copy of a share of a service's requests goes to a shadow deployment after the
 active one answered, off the client's path, and the two answers are compared prediction by prediction.
 
-The client never waits for the shadow: a request is offered once its own answer is complete, into a
-bounded queue (by count and by bytes) that a few workers drain; a full queue drops the copy and counts
-it. What is compared is MLflow's JSON answer in each of its forms (``{"predictions": [...]}``, its
+The client never waits for the shadow: a request is offered once its own answer is complete, handed to
+a copier process (``gateway.shadow_copier``) that sends it and compares the answers off the gateway's
+interpreter, within a bound by count and by bytes; beyond it the copy is dropped and counted. What is compared is MLflow's JSON answer in each of its forms (``{"predictions": [...]}``, its
 dict-of-lists and list-of-dicts forms, a bare list): labels and strings must be equal (class flips are
 counted by ``from → to`` pair), numbers may differ by a tolerance (absolute and relative differences
 are kept for percentiles).
@@ -15,17 +15,20 @@ import asyncio
 import json
 import logging
 import math
+import pickle
 import random
+import struct
+import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .attribution import HeadBuilder, Replay
+from .attribution import Replay
 from .balancer import ReplicaSet
-from .metrics import GatewayMetrics
-from .upstream import NOTHING_SENT, UpstreamError, UpstreamPool
+from .metrics import LATENCY_BUCKETS, SHADOW_DIFFERENCE_BUCKETS, GatewayMetrics
+from .upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +37,11 @@ AGREE, DIFFER, SHADOW_ERROR, PRIMARY_ERROR, INCOMPARABLE = "agree", "differ", "s
 RESULTS = (AGREE, DIFFER, SHADOW_ERROR, PRIMARY_ERROR, INCOMPARABLE)
 # Why a copy was not sent (the ``reason`` label of turnout_shadow_dropped_total).
 QUEUE_FULL, TOO_LARGE, NOT_HELD = "queue_full", "too_large", "body_not_held"
-DROP_REASONS = (QUEUE_FULL, TOO_LARGE, NOT_HELD, "shadow_down")
+# The copier process was lost with copies it held, or is being restarted (COPIER_RESTART seconds later).
+COPIER_DOWN = "copier_down"
+COPIER_RESTART = 1.0
+# Seconds the copier has to exit once the gateway closes its pipe.
+COPIER_STOP = 2.0
 # Kept per shadow for the report: the most recent differences and latencies (exact percentiles), the
 # most frequent class flips, the last disagreeing examples.
 KEPT_VALUES = 10_000
@@ -42,8 +49,8 @@ TOP_FLIPS = 10
 _FLIPS_KEPT = 200
 EXAMPLES = 20
 EXAMPLE_BYTES = 1000
-# Answers are compared up to this size (the active's is held whole only up to it too): parsing and
-# comparing runs on the gateway's event loop, so its cost per copy must stay small.
+# Answers are compared up to this size (the active's is held whole only up to it too): the copier's
+# work per copy stays small, so a few huge answers do not starve the rest of the share.
 MAX_ANSWER = 64 * 1024
 # More rows than this in one answer are not compared (counted incomparable), for the same reason.
 MAX_ROWS = 5000
@@ -51,6 +58,7 @@ MAX_ROWS = 5000
 # doubles up to SHADOW_DOWN_MAX seconds; a dead shadow must not cost a connection attempt per request).
 SHADOW_DOWN = "shadow_down"
 SHADOW_DOWN_MAX = 30.0
+DROP_REASONS = (QUEUE_FULL, TOO_LARGE, NOT_HELD, SHADOW_DOWN, COPIER_DOWN)
 
 
 @dataclass
@@ -182,23 +190,24 @@ class Report:
         self.flips: Counter[str] = Counter()
         self.abs_differences: deque[float] = deque(maxlen=KEPT_VALUES)
         self.rel_differences: deque[float] = deque(maxlen=KEPT_VALUES)
-        self.latency = {"active": deque(maxlen=KEPT_VALUES), "shadow": deque(maxlen=KEPT_VALUES)}
+        self.latency: dict[str, deque[float]] = {"active": deque(maxlen=KEPT_VALUES), "shadow": deque(maxlen=KEPT_VALUES)}
         self.examples: deque[dict[str, Any]] = deque(maxlen=EXAMPLES)
 
-    def add(self, comparison: Comparison, primary_seconds: float, shadow_seconds: float | None) -> None:
-        """Count one compared request."""
-        self.results[comparison.result] += 1
-        self.rows["agree"] += comparison.rows_agree
-        self.rows["differ"] += comparison.rows_differ
-        self.flips.update(comparison.flips)
+    def merge(self, tally: Tally) -> None:
+        """Add what the copier counted since its last report."""
+        self.results.update(tally.results)
+        self.rows["agree"] += tally.rows_agree
+        self.rows["differ"] += tally.rows_differ
+        self.dropped.update(tally.dropped)
+        self.flips.update(tally.flips)
         if len(self.flips) > _FLIPS_KEPT:
             # Bounded memory: keep the most frequent pairs (rare ones may be undercounted after this).
             self.flips = Counter(dict(self.flips.most_common(_FLIPS_KEPT // 2)))
-        self.abs_differences.extend(comparison.abs_differences)
-        self.rel_differences.extend(comparison.rel_differences)
-        self.latency["active"].append(primary_seconds)
-        if shadow_seconds is not None:
-            self.latency["shadow"].append(shadow_seconds)
+        self.abs_differences.extend(tally.abs_differences)
+        self.rel_differences.extend(tally.rel_differences)
+        self.latency["active"].extend(tally.active_seconds)
+        self.latency["shadow"].extend(tally.shadow_seconds)
+        self.examples.extend(tally.examples)
 
     def view(self) -> dict[str, Any]:
         """The report as the admin API serves it."""
@@ -223,6 +232,43 @@ class Report:
         }
 
 
+@dataclass(slots=True)
+class Tally:
+    """What the copier process saw of one shadow (for one active, one epoch) since it last reported."""
+
+    results: Counter[str] = field(default_factory=Counter)
+    rows_agree: int = 0
+    rows_differ: int = 0
+    flips: Counter[str] = field(default_factory=Counter)
+    abs_differences: list[float] = field(default_factory=list)
+    rel_differences: list[float] = field(default_factory=list)
+    active_seconds: list[float] = field(default_factory=list)
+    shadow_seconds: list[float] = field(default_factory=list)
+    dropped: Counter[str] = field(default_factory=Counter)
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    # Copies finished (compared or dropped) and their bytes: they free room under the gateway's bound.
+    done: int = 0
+    done_bytes: int = 0
+    # Histogram buckets of all the differences and shadow latencies (the lists above keep only the last
+    # KEPT_VALUES), filled in by the copier when it reports.
+    difference_counts: list[int] = field(default_factory=list)
+    difference_sum: float = 0.0
+    duration_counts: list[int] = field(default_factory=list)
+    duration_sum: float = 0.0
+
+    def add(self, comparison: Comparison, primary_seconds: float, shadow_seconds: float | None) -> None:
+        """Count one compared request."""
+        self.results[comparison.result] += 1
+        self.rows_agree += comparison.rows_agree
+        self.rows_differ += comparison.rows_differ
+        self.flips.update(comparison.flips)
+        self.abs_differences.extend(comparison.abs_differences)
+        self.rel_differences.extend(comparison.rel_differences)
+        self.active_seconds.append(primary_seconds)
+        if shadow_seconds is not None:
+            self.shadow_seconds.append(shadow_seconds)
+
+
 @dataclass(frozen=True, slots=True)
 class ShadowTarget:
     """Where a service's shadow copies go while a snapshot lasts (built once per snapshot)."""
@@ -234,70 +280,99 @@ class ShadowTarget:
     replicas: ReplicaSet[Any]
 
 
-@dataclass
-class _Copy:
-    target: ShadowTarget
-    replay: Replay
-    primary_status: int
-    primary: bytes | None
-    primary_seconds: float
+# Messages between the gateway and its copier process: a length, then a pickle. Both ends are this
+# program (the gateway starts the copier and owns both pipes), so unpickling trusts nothing foreign.
+_LENGTH = struct.Struct("<I")
 
 
-def _clip(data: bytes | None) -> str | None:
-    if data is None:
-        return None
-    text = data[:EXAMPLE_BYTES].decode("utf-8", "replace")
-    return text + ("…" if len(data) > EXAMPLE_BYTES else "")
+def frame(message: Any) -> bytes:
+    """One message, ready for the pipe."""
+    data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+    return _LENGTH.pack(len(data)) + data
+
+
+async def read_frame(reader: asyncio.StreamReader) -> Any:
+    """The next message from the pipe (IncompleteReadError at its end)."""
+    (size,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+    return pickle.loads(await reader.readexactly(size))
 
 
 class Shadows:
-    """The shadow copies of one gateway process: offered by the proxy, sent by a few workers, compared."""
+    """The shadow copies of one gateway process: drawn and offered by the proxy, sent and compared by a
+    copier process, counted here.
 
-    def __init__(self, pool: UpstreamPool, metrics: GatewayMetrics, build_head: HeadBuilder, *, concurrency: int = 4,
-                 queue: int = 256, queue_bytes: int = 16 * 1024 * 1024, max_body: int = 256 * 1024,
-                 timeout: float = 5.0, tolerance: float = 1e-6, keep_bodies: bool = True,
-                 rand: Callable[[], float] = random.random) -> None:
-        self.pool = pool
-        self.metrics = metrics
-        self.build_head = build_head
-        self.concurrency = concurrency
+    Sending a copy, reading the shadow's answer and comparing the two costs about 1.6 times a whole
+    proxied request in interpreter work; on the gateway's event loop (or a thread of its process, which
+    shares the interpreter lock) that came straight off the clients' throughput. So the gateway only
+    pickles the copy into a pipe (a few µs) and a child process, started when the first copy is offered,
+    does the rest on another core and reports counts back in batches. Copies not yet reported done are
+    bounded by count and bytes; beyond that, and while the shadow or the copier is down, copies are
+    dropped and counted before anything is built for them.
+    """
+
+    def __init__(self, pool: UpstreamPool, metrics: GatewayMetrics, *, concurrency: int = 4, queue: int = 256,
+                 queue_bytes: int = 16 * 1024 * 1024, max_body: int = 256 * 1024, timeout: float = 5.0,
+                 tolerance: float = 1e-6, keep_bodies: bool = True, rand: Callable[[], float] = random.random) -> None:
         self.max_queue = queue
         self.max_queue_bytes = queue_bytes
         self.max_body = max_body
-        self.timeout = timeout
-        self.tolerance = tolerance
-        self.keep_bodies = keep_bodies
+        self.config = {"concurrency": concurrency, "timeout": timeout, "tolerance": tolerance, "keep_bodies": keep_bodies,
+                       "connect": pool.timeouts.connect, "keepalive": pool.keepalive}
+        self._counts = metrics.shadow
         self._rand = rand
-        self._queue: deque[_Copy] = deque()
-        self._queued_bytes = 0
-        self._wake: asyncio.Event | None = None
-        self._workers: list[asyncio.Task[None]] = []
         self.reports: dict[tuple[str, str], Report] = {}
-        # Per shadow: (until when copies are not sent, the last pause) after it refused connections.
-        self._down: dict[tuple[str, str], tuple[float, float]] = {}
+        # Copies handed to the copier and not reported done yet: per shadow, in all, and their bytes.
+        self._outstanding: dict[tuple[str, str], int] = {}
+        self._waiting = 0
+        self._waiting_bytes = 0
+        # A report's epoch: turning a shadow on afresh starts a new one; late counts of the old go to metrics only.
+        self._epochs: dict[str, int] = {}
+        # Per shadow: until when (monotonic, the same clock in both processes) it is paused after refusing connections.
+        self._down: dict[tuple[str, str], float] = {}
+        self._proc: asyncio.subprocess.Process | None = None
+        self._starting: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._pending: list[bytes] = []
+        self._ready = asyncio.Event()
+        self._restart_at = 0.0
+        self._closing = False
 
-    def report(self, target: ShadowTarget) -> Report:
+    def report(self, service: str, name: str, active: str) -> Report:
         """The report of a shadow (a new one when it now shadows another active deployment)."""
-        key = (target.service, target.name)
+        key = (service, name)
         found = self.reports.get(key)
-        if found is None or found.active != target.active:
-            found = self.reports[key] = Report(target.service, target.name, target.active)
+        if found is None or found.active != active:
+            found = self.reports[key] = Report(service, name, active)
         return found
 
     def reset(self, service: str, name: str | None = None) -> None:
         """Forget a service's reports (a shadow turned on afresh starts a new one)."""
+        self._epochs[service] = self._epochs.get(service, 0) + 1
         for key in [k for k in self.reports if k[0] == service and (name is None or k[1] == name)]:
             del self.reports[key]
 
     def discard(self, service: str) -> None:
         """Drop a service's copies still waiting (its shadow was turned off: they are nobody's business now)."""
-        kept = deque(c for c in self._queue if c.target.service != service)
-        self._queue = kept
-        self._queued_bytes = sum(len(c.replay.body) for c in kept)
+        if self._proc is not None or self._pending:
+            self._write(frame(("discard", service)))
 
     def wanted(self, target: ShadowTarget) -> bool:
-        """Whether this request falls in the shadow's share (drawn before anything is built for a copy)."""
-        return self._rand() * 100 < target.percent
+        """Whether this request falls in the shadow's share and can be copied now. Drawn before anything is
+        built for a copy; a copy that cannot be taken (queue full, shadow or copier down) is counted here."""
+        if self._rand() * 100 >= target.percent:
+            return False
+        if self._waiting >= self.max_queue:
+            self.drop(target, QUEUE_FULL)
+            return False
+        if self._down or self._restart_at:
+            now = time.monotonic()
+            if now < self._down.get((target.service, target.name), 0.0):
+                self.drop(target, SHADOW_DOWN)
+                return False
+            if self._proc is None and now < self._restart_at:
+                self.drop(target, COPIER_DOWN)
+                return False
+        return True
 
     def offer(self, target: ShadowTarget, replay: Replay, primary_status: int, primary: bytes | None,
               primary_seconds: float) -> None:
@@ -306,117 +381,161 @@ class Shadows:
         if size > self.max_body:
             self.drop(target, TOO_LARGE)
             return
-        down = self._down.get((target.service, target.name))
-        if down is not None and time.monotonic() < down[0]:
-            self.drop(target, SHADOW_DOWN)
-            return
-        if len(self._queue) >= self.max_queue or self._queued_bytes + size > self.max_queue_bytes:
+        size += len(primary) if primary is not None else 0
+        if self._waiting >= self.max_queue or self._waiting_bytes + size > self.max_queue_bytes:
             self.drop(target, QUEUE_FULL)
             return
-        self._queue.append(_Copy(target, replay, primary_status, primary, primary_seconds))
-        self._queued_bytes += size
-        if self._wake is None:
-            self._start()
-        self._wake.set()  # type: ignore[union-attr]
-
-    def drop(self, target: ShadowTarget, reason: str) -> None:
-        """A request of the shadow's share that was not copied, counted."""
-        self.metrics.shadow_dropped.labels(target.service, target.name, reason).inc()
-        self.report(target).dropped[reason] += 1
-
-    def _start(self) -> None:
-        self._wake = asyncio.Event()
-        self._workers = [asyncio.get_running_loop().create_task(self._work(), name=f"shadow-{i}")
-                         for i in range(self.concurrency)]
-
-    async def _work(self) -> None:
-        assert self._wake is not None
-        while True:
-            if not self._queue:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            copy = self._queue.popleft()
-            self._queued_bytes -= len(copy.replay.body)
-            try:
-                await self._send(copy)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("service %s: shadow copy to %s", copy.target.service, copy.target.name)
-
-    async def _send(self, copy: _Copy) -> None:
-        target = copy.target
         replicas = target.replicas
         replica = replicas.only or replicas.pick()
-        status: int | None = None
-        answer: bytes | None = None
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        if replica is not None:
-            replica.inflight += 1
-            try:
-                r = copy.replay
-                head = self.build_head(r.headers, r.query, r.remote, r.scheme, replica.target, len(r.body))
-                upstream = await self.pool.request(replica.target.host, replica.target.port, head, r.body,
-                                                   deadline=started + self.timeout)
-                try:
-                    status = upstream.status
-                    if upstream.small(MAX_ANSWER):
-                        answer = await upstream.read()
-                finally:
-                    upstream.release()
-                self._down.pop((target.service, target.name), None)
-            except UpstreamError as exc:
-                # Broken off or timed out, even after its head: the shadow failed this copy.
-                status, answer = None, None
-                log.debug("service %s: shadow %s: %s", target.service, target.name, exc)
-                if exc.kind in NOTHING_SENT:
-                    key = (target.service, target.name)
-                    pause = min(self._down.get(key, (0.0, 0.5))[1] * 2, SHADOW_DOWN_MAX)
-                    self._down[key] = (time.monotonic() + pause, pause)
-            finally:
-                replica.inflight -= 1
-        elapsed = loop.time() - started if status is not None else None
-        comparison = compare(copy.primary_status, copy.primary, status, answer, self.tolerance)
-        self._count(copy, comparison, status, answer, elapsed)
+        t = replica.target if replica is not None else None
+        key = (target.service, target.name)
+        self._write(frame((
+            "copy", target.service, target.name, target.active, self._epochs.get(target.service, 0),
+            (t.host, t.port, t.host_header, t.path) if t is not None else None,
+            replay.headers, replay.query, replay.remote, replay.scheme, replay.body,
+            primary_status, primary, primary_seconds, size,
+        )))
+        self._outstanding[key] = self._outstanding.get(key, 0) + 1
+        self._waiting += 1
+        self._waiting_bytes += size
 
-    def _count(self, copy: _Copy, comparison: Comparison, status: int | None, answer: bytes | None,
-               elapsed: float | None) -> None:
-        target, m = copy.target, self.metrics
-        m.shadow_requests.labels(target.service, target.name, comparison.result).inc()
-        if comparison.rows_agree:
-            m.shadow_rows.labels(target.service, target.name, "agree").inc(comparison.rows_agree)
-        if comparison.rows_differ:
-            m.shadow_rows.labels(target.service, target.name, "differ").inc(comparison.rows_differ)
-        histogram = m.shadow_abs_difference.labels(target.service, target.name)  # finite values only
-        for diff in comparison.abs_differences:
-            histogram.observe(diff)
-        if elapsed is not None:
-            m.shadow_duration.labels(target.service, target.name).observe(elapsed)
-        report = self.report(target)
-        report.add(comparison, copy.primary_seconds, elapsed)
-        if comparison.result in (DIFFER, SHADOW_ERROR, INCOMPARABLE):
-            example: dict[str, Any] = {"time": time.time(), "result": comparison.result, "shadow_status": status,
-                                       "rows_differ": comparison.rows_differ}
-            if self.keep_bodies:
-                # Labels can be anything the model returns: a few, and only when bodies may be kept.
-                example["flips"] = dict(comparison.flips.most_common(TOP_FLIPS))
-            if self.keep_bodies:
-                example.update(request=_clip(copy.replay.body), active_answer=_clip(copy.primary),
-                               shadow_answer=_clip(answer))
-            report.examples.append(example)
+    def drop(self, target: ShadowTarget, reason: str, count: int = 1) -> None:
+        """A request of the shadow's share that was not copied, counted."""
+        self._counts.drop(target.service, target.name, reason, count)
+        self.report(target.service, target.name, target.active).dropped[reason] += count
 
     def queued(self) -> int:
-        """Copies waiting to be sent."""
-        return len(self._queue)
+        """Copies handed to the copier and not done yet (waiting or in flight)."""
+        return self._waiting
+
+    # --- the copier process -------------------------------------------------------------------
+    def warm(self) -> None:
+        """Start the copier now if it is not running (a shadow was turned on): it takes about a second to
+        start, during which copies wait under the bound and beyond it are dropped."""
+        if self._proc is None and self._starting is None and not self._closing and time.monotonic() >= self._restart_at:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # a snapshot applied outside the gateway's loop (a unit test): the first copy starts it
+            self._starting = loop.create_task(self._start(), name="shadow-copier")
+
+    async def ready(self, timeout: float = 10.0) -> bool:
+        """Start the copier if needed and wait until it listens (False: it did not within ``timeout``)."""
+        self.warm()
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _write(self, data: bytes) -> None:
+        proc = self._proc
+        if proc is not None and proc.stdin is not None:
+            # The pipe's transport buffers what the copier has not read yet; the bound above keeps it small.
+            proc.stdin.write(data)
+            return
+        self._pending.append(data)
+        self.warm()
+
+    async def _start(self) -> None:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "gateway.shadow_copier", json.dumps(self.config),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                # Its own session: a Ctrl-C at the terminal is the gateway's to handle (it closes the pipe).
+                start_new_session=True,
+            )
+        except OSError:
+            log.exception("cannot start the shadow copier")
+            self._lost()
+            return
+        if self._closing:
+            proc.kill()
+            await proc.wait()
+            return
+        self._proc = proc
+        assert proc.stdin is not None
+        for data in self._pending:
+            proc.stdin.write(data)
+        self._pending.clear()
+        self._reader = asyncio.get_running_loop().create_task(self._read(proc), name="shadow-copier-reader")
+
+    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        try:
+            while True:
+                message = await read_frame(proc.stdout)
+                # The copier says hello (an empty report) once it reads its pipe.
+                self._ready.set()
+                self._apply(message)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        code = await proc.wait()
+        if not self._closing:
+            log.error("the shadow copier exited (%s); %d copies it held are lost, a new one starts in %g s",
+                      code, self._waiting, COPIER_RESTART)
+            self._lost()
+
+    def _lost(self) -> None:
+        """The copier is gone: what it held is dropped and counted; another starts after a pause."""
+        for (service, name), count in self._outstanding.items():
+            if count > 0:
+                self._counts.drop(service, name, COPIER_DOWN, count)
+                report = self.reports.get((service, name))
+                if report is not None:
+                    report.dropped[COPIER_DOWN] += count
+        self._outstanding.clear()
+        self._waiting = self._waiting_bytes = 0
+        self._pending.clear()
+        self._proc = self._starting = self._reader = None
+        self._ready.clear()
+        self._restart_at = time.monotonic() + COPIER_RESTART
+
+    def _apply(self, message: tuple[list[tuple[tuple[str, str, str, int], Tally]], dict[tuple[str, str], float]]) -> None:
+        """Counts from the copier: metrics always, the report only while its epoch lasts."""
+        tallies, down = message
+        counts = self._counts
+        for (service, name, active, epoch), tally in tallies:
+            key = (service, name)
+            self._outstanding[key] = self._outstanding.get(key, 0) - tally.done
+            self._waiting -= tally.done
+            self._waiting_bytes -= tally.done_bytes
+            counts.add(counts.requests, service, name, tally.results)
+            counts.add(counts.rows, service, name, {"agree": tally.rows_agree, "differ": tally.rows_differ})
+            counts.add(counts.dropped, service, name, tally.dropped)
+            if tally.results:
+                counts.observe(counts.differences, service, name, SHADOW_DIFFERENCE_BUCKETS, tally.difference_counts,
+                               tally.difference_sum)
+            if tally.shadow_seconds:
+                counts.observe(counts.durations, service, name, LATENCY_BUCKETS, tally.duration_counts, tally.duration_sum)
+            if epoch == self._epochs.get(service, 0) and (tally.results or tally.dropped):
+                self.report(service, name, active).merge(tally)
+        for key, until in down.items():
+            if until:
+                self._down[key] = until
+            else:
+                self._down.pop(key, None)
+        if self._restart_at and self._proc is not None:
+            self._restart_at = 0.0
 
     async def close(self) -> None:
-        """Stop the workers (copies still queued are dropped: they were never the client's)."""
-        for task in self._workers:
-            task.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
-        self._workers = []
-        self._queue.clear()
-        self._queued_bytes = 0
-        self._wake = None
+        """Stop the copier (copies it still holds are dropped: they were never the client's)."""
+        self._closing = True
+        if self._starting is not None and not self._starting.done():
+            await asyncio.gather(self._starting, return_exceptions=True)
+        proc = self._proc
+        if proc is not None:
+            if proc.stdin is not None:
+                proc.stdin.close()
+            try:
+                await asyncio.wait_for(proc.wait(), COPIER_STOP)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+        self._proc = self._starting = self._reader = None
+        self._ready.clear()
+        self._pending.clear()
+        self._outstanding.clear()
+        self._waiting = self._waiting_bytes = 0

@@ -89,7 +89,7 @@ def model_server(registry: Registry, model_uri: str, timeout: float = 90) -> Ite
             time.sleep(0.2)
         yield url
     finally:
-        # The CLI and its uvicorn child share a process group: signal the group (field-notes).
+        # The CLI and its uvicorn child share a process group: signal the group.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -134,7 +134,7 @@ class ModelServer:
                 log.debug("[%s :%d] %s", self.model_uri, self.port, text)
 
     async def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM the whole group (the CLI exits at once while uvicorn drains: field-notes), wait for
+        """SIGTERM the whole group (the CLI exits at once while uvicorn drains), wait for
         every member to go, SIGKILL after ``timeout``."""
         if self.proc is None:
             return
