@@ -321,8 +321,9 @@ class Shadows:
         self._counts = metrics.shadow
         self._rand = rand
         self.reports: dict[tuple[str, str], Report] = {}
-        # Copies handed to the copier and not reported done yet: per shadow, in all, and their bytes.
-        self._outstanding: dict[tuple[str, str], int] = {}
+        # Copies handed to the copier and not reported done yet: per (service, shadow, active, epoch) as the
+        # copier reports them, in all, and their bytes.
+        self._outstanding: dict[tuple[str, str, str, int], int] = {}
         self._waiting = 0
         self._waiting_bytes = 0
         # A report's epoch: turning a shadow on afresh starts a new one; late counts of the old go to metrics only.
@@ -333,6 +334,7 @@ class Shadows:
         self._starting: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._pending: list[bytes] = []
+        self._batch: list[tuple[Any, ...]] = []
         self._ready = asyncio.Event()
         self._restart_at = 0.0
         self._closing = False
@@ -353,6 +355,7 @@ class Shadows:
 
     def discard(self, service: str) -> None:
         """Drop a service's copies still waiting (its shadow was turned off: they are nobody's business now)."""
+        self._send_batch()  # the copies offered before it are discarded with the rest
         if self._proc is not None or self._pending:
             self._write(frame(("discard", service)))
 
@@ -388,16 +391,26 @@ class Shadows:
         replicas = target.replicas
         replica = replicas.only or replicas.pick()
         t = replica.target if replica is not None else None
-        key = (target.service, target.name)
-        self._write(frame((
-            "copy", target.service, target.name, target.active, self._epochs.get(target.service, 0),
+        key = (target.service, target.name, target.active, self._epochs.get(target.service, 0))
+        batch = self._batch
+        batch.append((
+            "copy", *key,
             (t.host, t.port, t.host_header, t.path) if t is not None else None,
             replay.headers, replay.query, replay.remote, replay.scheme, replay.body,
             primary_status, primary, primary_seconds, size,
-        )))
+        ))
+        if len(batch) == 1:
+            # One pickle and one write for every copy offered in this turn of the loop: under load many
+            # requests finish per turn, and a write per copy cost more than the pickling.
+            asyncio.get_running_loop().call_soon(self._send_batch)
         self._outstanding[key] = self._outstanding.get(key, 0) + 1
         self._waiting += 1
         self._waiting_bytes += size
+
+    def _send_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        if batch:
+            self._write(frame(("copies", batch)))
 
     def drop(self, target: ShadowTarget, reason: str, count: int = 1) -> None:
         """A request of the shadow's share that was not copied, counted."""
@@ -478,25 +491,32 @@ class Shadows:
 
     def _lost(self) -> None:
         """The copier is gone: what it held is dropped and counted; another starts after a pause."""
-        for (service, name), count in self._outstanding.items():
+        for (service, name, active, epoch), count in self._outstanding.items():
             if count > 0:
                 self._counts.drop(service, name, COPIER_DOWN, count)
-                report = self.reports.get((service, name))
-                if report is not None:
-                    report.dropped[COPIER_DOWN] += count
+                if epoch == self._epochs.get(service, 0):
+                    self.report(service, name, active).dropped[COPIER_DOWN] += count
         self._outstanding.clear()
         self._waiting = self._waiting_bytes = 0
         self._pending.clear()
+        self._batch.clear()
         self._proc = self._starting = self._reader = None
         self._ready.clear()
         self._restart_at = time.monotonic() + COPIER_RESTART
+        if not self._closing:
+            # Restart it then even if no copy comes to ask: the log promised it, and a shadow report should
+            # not wait for traffic to learn the copier is back.
+            try:
+                asyncio.get_running_loop().call_later(COPIER_RESTART, self.warm)
+            except RuntimeError:
+                pass  # no loop: the next copy starts it
 
     def _apply(self, message: tuple[list[tuple[tuple[str, str, str, int], Tally]], dict[tuple[str, str], float]]) -> None:
         """Counts from the copier: metrics always, the report only while its epoch lasts."""
         tallies, down = message
         counts = self._counts
-        for (service, name, active, epoch), tally in tallies:
-            key = (service, name)
+        for key, tally in tallies:
+            service, name, active, epoch = key
             self._outstanding[key] = self._outstanding.get(key, 0) - tally.done
             self._waiting -= tally.done
             self._waiting_bytes -= tally.done_bytes
@@ -537,5 +557,6 @@ class Shadows:
         self._proc = self._starting = self._reader = None
         self._ready.clear()
         self._pending.clear()
+        self._batch.clear()
         self._outstanding.clear()
         self._waiting = self._waiting_bytes = 0

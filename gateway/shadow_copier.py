@@ -1,8 +1,8 @@
 """The shadow copier: a child process of a gateway that sends the copies the gateway hands it to the
 shadow deployment, compares each answer with the active's, and reports counts back in batches.
 
-Both pipes carry :func:`gateway.shadow.frame` messages. Standard input brings ``("copy", ...)`` (see
-:meth:`gateway.shadow.Shadows.offer` for its fields) and ``("discard", service)``; standard output takes
+Both pipes carry :func:`gateway.shadow.frame` messages. Standard input brings ``("copies", [("copy", ...),
+...])`` (see :meth:`gateway.shadow.Shadows.offer` for the fields) and ``("discard", service)``; standard output takes
 ``([(key, Tally), ...], {(service, shadow): paused until})`` at most every FLUSH seconds or FLUSH_COPIES
 copies, whichever comes first (the gateway frees room under its bound only when it hears a copy is done).
 The end of standard input is the end of the gateway: the copier exits.
@@ -80,8 +80,8 @@ class Copier:
 
     def take(self, message: tuple[Any, ...]) -> None:
         """One message from the gateway."""
-        if message[0] == "copy":
-            self._queue.append(message)
+        if message[0] == "copies":
+            self._queue.extend(message[1])
             self._wake.set()
         elif message[0] == "discard":
             service = message[1]

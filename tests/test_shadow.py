@@ -360,3 +360,41 @@ async def test_a_dead_or_broken_off_shadow_is_an_error_and_a_dead_one_is_paused(
                 assert await predict(s, url, [[1.0]]) == 200
             got = await report(s, url)
         assert got["results"] == {"shadow_error": 1} and got["dropped"] == {"shadow_down": 50}, got
+
+
+async def test_a_killed_copier_is_counted_and_replaced_and_clients_see_nothing(gateway_factory: Any, fast_path: bool) -> None:
+    import os
+    import signal
+
+    freeze = asyncio.Event()
+    async with serve_app(stand_in(lambda r: 1)) as blue, serve_app(stand_in(lambda r: 1, freeze=freeze)) as green:
+        store = EmbeddedStore()
+        await deployments(store, blue=blue, green=green)
+        url = await gateway_factory(store, fast_path=fast_path, admin_token=TOKEN, shadow_timeout=30)
+        shadows = gateway_factory.gateways[-1].app[PROXY].shadows
+        async with aiohttp.ClientSession(headers=AUTH) as s:
+            assert (await shadow_on(s, url, "green", 100))[0] == 200
+            # Five copies held by the copier (stuck at the frozen shadow) when it is killed.
+            for _ in range(5):
+                assert await predict(s, url, [[1.0]]) == 200
+            await eventually(lambda: shadows.queued() == 5, timeout=5)
+            first = shadows._proc.pid
+            os.kill(first, signal.SIGKILL)
+            await eventually(lambda: shadows._proc is None, timeout=5)
+            # While it restarts, copies are dropped before anything is built; clients never notice.
+            statuses = Counter([await predict(s, url, [[1.0]]) for _ in range(20)])
+            freeze.set()
+            assert statuses == {200: 20}
+            await eventually(lambda: shadows._proc is not None and shadows._proc.pid != first, timeout=10)
+            assert await shadows.ready()
+            assert await predict(s, url, [[1.0]]) == 200
+
+            async def accounted() -> bool:
+                got = await report(s, url)
+                return got.get("mirrored", 0) + got["dropped"].get("copier_down", 0) == 5 + 20 + 1
+
+            await eventually(accounted, timeout=10)
+            got = await report(s, url)
+        # Every copy is either compared (by the new copier) or counted lost: the five the old one held at least.
+        assert set(got["results"]) == {"agree"} and got["results"]["agree"] >= 1, got
+        assert got["dropped"]["copier_down"] >= 5 and set(got["dropped"]) == {"copier_down"}, got
