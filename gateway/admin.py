@@ -25,7 +25,7 @@ from .admin_models import (
 )
 from .records import GUARD_FIELDS, Deployment, HistoryEntry, ServiceConfig, Snapshot, State, Who, check_service_name
 from .settings import Settings, SettingsError
-from .store import Store, StoreUnavailable
+from .store import Store, StoreUnavailable, replication_notes
 from .aiohttp_handler import abandon_body
 from .balancer import Balancer
 from .rollout import PlanRefused, Rollouts
@@ -84,6 +84,24 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         repeated = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
         raise ValueError(f"key {repeated!r} appears more than once")
     return out
+
+
+def _with_replication(response: web.StreamResponse, notes: list[bool]) -> web.StreamResponse:
+    """Say in a change's JSON answer whether a Redis replica acknowledged it (only where the store waits for
+    replicas: behind Sentinel an acknowledged change that no replica holds is lost if the primary dies)."""
+    if not notes or not isinstance(response, web.Response) or response.content_type != "application/json":
+        return response
+    replicated = all(notes)
+    response.headers["Turnout-Replicated"] = "yes" if replicated else "no"
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        body = json.loads(response.text or "")
+        if isinstance(body, dict):
+            body["replicated"] = replicated
+            if not replicated:
+                body["replication_warning"] = ("no Redis replica acknowledged this change in time: if the primary "
+                                               "fails before it replicates, the change is lost")
+            response.text = json.dumps(body)
+    return response
 
 
 class Admin:
@@ -169,7 +187,11 @@ class Admin:
                 self.authorize(request)
                 if mutation and body:
                     self._require_json(request)
-                return await handler(request)
+                if not mutation:
+                    return await handler(request)
+                with replication_notes() as notes:
+                    response = await handler(request)
+                return _with_replication(response, notes)
             except AdminError as exc:
                 response = errors.error_response(exc.status, exc.code, exc.message, headers=exc.headers)
                 if exc.status == 408:

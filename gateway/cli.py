@@ -206,6 +206,8 @@ def _finish(status: int, body: Any, as_json: bool, human: Callable[[Any], str]) 
         click.echo(json.dumps(body, indent=2))
     elif status < 400:
         click.echo(human(body))
+        if isinstance(body, dict) and body.get("replicated") is False:
+            click.echo(f"warning: {body.get('replication_warning', 'no Redis replica acknowledged this change')}", err=True)
     else:
         message = body.get("message", body) if isinstance(body, dict) else body
         hint = {401: " (give --token or TURNOUT_ADMIN_TOKEN)",

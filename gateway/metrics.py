@@ -306,6 +306,12 @@ class GatewayMetrics:
         self.route_updates = Counter(
             "turnout_route_updates", "Snapshots applied by this gateway, by what caused the read.", ["source"], registry=r,
         )
+        self.generation_regressions = Counter(
+            "turnout_route_generation_regressions",
+            "Reads whose route generation was below the one this gateway held (a Redis failover lost changes); "
+            "the lower route is not applied, and the store's generation is lifted above the lost ones.",
+            ["service"], registry=r,
+        )
         self.switches = Counter(
             "turnout_switches", "Route changes applied through Turnout, by service and trigger.", ["service", "trigger"], registry=r,
         )

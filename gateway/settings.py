@@ -35,10 +35,17 @@ class Settings:
     """Everything a gateway or worker process is configured with."""
 
     redis_url: str | None = _doc(
-        "Redis URL holding the route, deployments and history; unset = embedded in-process store.",
+        "Redis URL holding the route, deployments and history (redis://, rediss://, unix://, or "
+        "redis+sentinel://HOST:26379,HOST2:26379/MASTER/DB for a Sentinel-managed primary); unset = embedded "
+        "in-process store.",
         scope=BOTH, default=None,
     )
     namespace: str = _doc("Key prefix in Redis, so several Turnout installations share one server.", scope=BOTH, default="turnout")
+    redis_wait_timeout: float = _doc(
+        "With a redis+sentinel:// URL: seconds each change waits for a replica to acknowledge it (Redis WAIT); "
+        "the admin API's answer says whether one did. 0 = do not wait. Below 2 (the store's socket timeout).",
+        scope=BOTH, default=0.5,
+    )
     default_service: str = _doc(
         "Service answering the unprefixed endpoints (/invocations, /admin/...) and NAME=URI worker deployments.",
         scope=BOTH, default="default",
@@ -231,6 +238,15 @@ class Settings:
                 check_service_name(name)
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
+        if not 0 <= self.redis_wait_timeout < 2:
+            raise SettingsError(f"redis_wait_timeout must be at least 0 and below 2 seconds, got {self.redis_wait_timeout!r}")
+        if self.redis_url:
+            from .store.connect import check_url
+
+            try:
+                check_url(self.redis_url)
+            except ValueError as exc:
+                raise SettingsError(f"redis_url: {exc}") from None
         if not self.namespace or any(c in self.namespace for c in " {}:"):
             raise SettingsError(f"namespace must be a non-empty word without spaces, braces or colons: {self.namespace!r}")
         for name in ("port", "admin_port", "worker_metrics_port"):

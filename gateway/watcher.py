@@ -10,13 +10,14 @@ from types import MappingProxyType
 from .keys import SERVICE_CHANGED, SUBSCRIBED
 from .loops import Loop, Loops
 from .metrics import GatewayMetrics
-from .records import DEFAULT_SERVICE, Snapshot
+from .records import DEFAULT_SERVICE, HistoryEntry, Snapshot, Who
 from .store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 _RECONNECT_MIN = 0.05
 _RECONNECT_MAX = 2.0
+_WATCHER = Who(actor="turnout-gateway", client=None, trigger="failover")
 
 
 class RouteWatcher:
@@ -53,6 +54,8 @@ class RouteWatcher:
         self._first = asyncio.Event()
         self._reconnect_delay = _RECONNECT_MIN
         self._loops: list[Loop] = []
+        # Per service: (the store's generation, the higher one held here) awaiting a lift.
+        self._regressions: dict[str, tuple[int, int]] = {}
 
     @property
     def snapshot(self) -> Snapshot | None:
@@ -101,6 +104,28 @@ class RouteWatcher:
                 self._apply(snapshot, source, None)
             else:
                 self._remove(service)
+        await self._lift_regressions()
+
+    async def _lift_regressions(self) -> None:
+        while self._regressions:
+            service, (seen, held) = self._regressions.popitem()
+            entry = HistoryEntry(
+                action="generation_regressed", who=_WATCHER, result="applied", generation=held + 1,
+                reason="the route store went back in generation (a Redis failover lost acknowledged changes, "
+                       "or the service was deleted and created again unseen)",
+                detail=f"the store held generation {seen}, this gateway {held}; the store's route is kept and "
+                       f"re-stamped as generation {held + 1} so every gateway applies it",
+                extra={"store_generation": seen, "held_generation": held},
+            )
+            # Only the first gateway to see it lifts (and writes the history line); the others find the
+            # generation moved and simply read the lifted route.
+            try:
+                await self.store.lift_generation(seen, held, service=service, history=entry)
+            except BaseException:
+                self._regressions.setdefault(service, (seen, held))  # lifted on the next successful read
+                raise
+            self._fingerprints.pop(service, None)
+            self._mark_dirty("lift", service)
 
     def _mark_dirty(self, source: str, service: str | None = None) -> None:
         self._pending_source = source
@@ -119,10 +144,25 @@ class RouteWatcher:
             self._fingerprints[service] = fingerprint
         if current is not None:
             if snapshot.route.generation < current.route.generation:
-                log.warning(
-                    "service %s: ignoring a route with generation %d older than the one held (%d)",
-                    service, snapshot.route.generation, current.route.generation,
+                # Reads are serialized, so this is no stale read: the store itself went back (a failover to
+                # a replica that had not received the latest changes). Reported, not applied; the refresher
+                # lifts the store's generation so the fleet converges and later changes are not ignored.
+                self.metrics.generation_regressions.labels(service).inc()
+                if snapshot.route.active is None:
+                    # The store came back empty (a Redis without persistence restarted): nothing to converge
+                    # on, so keep serving (fail-static) until someone sets a route there.
+                    log.error("service %s: the store's route went back from generation %d (held here) to %d with "
+                              "no active deployment; keeping the route held here", service,
+                              current.route.generation, snapshot.route.generation)
+                    return
+                log.error(
+                    "service %s: the store's route went back from generation %d (held here) to %d (active=%s): "
+                    "a Redis failover lost changes. Not applied as is; the store's route is re-stamped as "
+                    "generation %d (recorded in the history) so every gateway converges on it",
+                    service, current.route.generation, snapshot.route.generation, snapshot.route.active,
+                    current.route.generation + 1,
                 )
+                self._regressions[service] = (snapshot.route.generation, current.route.generation)
                 return
             if snapshot == current:
                 return

@@ -85,10 +85,12 @@ class RedisServer:
         self.url = f"redis://127.0.0.1:{port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
-        """Start (or restart) on the same port, empty."""
+    def start(self, replica_of: int | None = None) -> None:
+        """Start (or restart) on the same port, empty (or as a replica of the server at ``replica_of``)."""
+        replica = ["--replicaof", "127.0.0.1", str(replica_of)] if replica_of is not None else []
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--repl-diskless-sync-delay", "0", *replica],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -111,6 +113,117 @@ def private_redis() -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+class SentinelCluster:
+    """A private Redis primary, one replica and three sentinels (quorum 2), each on its own port: a
+    Sentinel deployment we may fail over, by command or by killing the primary."""
+
+    MASTER = "turnout"
+
+    def __init__(self, workdir: Path, down_after_ms: int = 1000) -> None:
+        self.workdir = workdir
+        self.down_after_ms = down_after_ms
+        self.servers = [RedisServer(free_port()), RedisServer(free_port())]
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        """The ``redis+sentinel://`` URL of database 0 of this cluster's primary."""
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{self.MASTER}/0"
+
+    def start(self) -> None:
+        """Primary, then replica, then the sentinels; returns once the sentinels see the replica."""
+        primary, replica = self.servers
+        primary.start()
+        replica.start(replica_of=primary.port)
+        for i, port in enumerate(self.sentinel_ports):
+            # A sentinel rewrites its configuration file: each gets its own, in the test's directory.
+            conf = self.workdir / f"sentinel-{i}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {self.workdir}\n"
+                f"sentinel monitor {self.MASTER} 127.0.0.1 {primary.port} 2\n"
+                f"sentinel down-after-milliseconds {self.MASTER} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.MASTER} 10000\n"
+                f"sentinel parallel-syncs {self.MASTER} 1\n"
+            )
+            self.sentinels.append(subprocess.Popen(["redis-server", str(conf), "--sentinel"],
+                                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for port in self.sentinel_ports:
+            wait_port(port)
+        self.wait_in_sync()
+
+    def wait_in_sync(self, timeout: float = 30) -> None:
+        """Until every running replica is in sync with the primary, every sentinel sees it as a healthy
+        replica and knows the two other sentinels: what a failover (and its vote) needs."""
+        deadline = time.monotonic() + timeout
+        while True:
+            primary = self.primary_port()
+            replicas = [s.port for s in self.servers if s.proc is not None and s.port != primary]
+            synced = all("master_link_status:up" in self.info(port, "replication") for port in replicas)
+            if synced and all(self._sees(port, replicas) for port in self.sentinel_ports):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the Sentinel cluster did not settle within {timeout} s")
+            time.sleep(0.1)
+
+    def _sees(self, sentinel: int, replicas: list[int]) -> bool:
+        healthy = set()
+        for entry in self.sentinel(sentinel, "SENTINEL", "REPLICAS", self.MASTER):
+            fields = entry if isinstance(entry, dict) else dict(zip(entry[::2], entry[1::2]))
+            if "down" not in str(fields.get("flags", "")) and "disconnected" not in str(fields.get("flags", "")):
+                healthy.add(int(fields["port"]))
+        return set(replicas) <= healthy and len(self.sentinel(sentinel, "SENTINEL", "SENTINELS", self.MASTER)) == 2
+
+    def sentinel(self, port: int, *command: str) -> Any:
+        """One command to one sentinel (redis-py's sync client: test code outside any event loop)."""
+        import redis
+
+        with redis.Redis(port=port, decode_responses=True, socket_timeout=2) as client:
+            return client.execute_command(*command)
+
+    def info(self, port: int, section: str) -> str:
+        """A data server's INFO section, as text."""
+        import redis
+
+        with redis.Redis(port=port, decode_responses=True, socket_timeout=2) as client:
+            return "\n".join(f"{k}:{v}" for k, v in client.info(section).items())
+
+    def primary_port(self) -> int:
+        """The port the sentinels name as the primary now."""
+        _host, port = self.sentinel(self.sentinel_ports[0], "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.MASTER)
+        return int(port)
+
+    def primary(self) -> RedisServer:
+        """The server the sentinels name as the primary now."""
+        port = self.primary_port()
+        return next(s for s in self.servers if s.port == port)
+
+    def failover(self) -> None:
+        """SENTINEL FAILOVER: a planned switch of the primary (the old one becomes a replica)."""
+        self.sentinel(self.sentinel_ports[0], "SENTINEL", "FAILOVER", self.MASTER)
+
+    def stop(self) -> None:
+        """Every process of the cluster, killed."""
+        for proc in self.sentinels:
+            proc.kill()
+            proc.wait()
+        self.sentinels = []
+        for server in self.servers:
+            server.stop()
+
+
+@contextlib.contextmanager
+def sentinel_cluster(workdir: Path, down_after_ms: int = 1000) -> Iterator[SentinelCluster]:
+    """A private Sentinel-managed Redis for the duration of a test or benchmark."""
+    cluster = SentinelCluster(workdir, down_after_ms)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 SEEN = web.AppKey("seen", list)

@@ -31,11 +31,30 @@ def test_env_then_flags() -> None:
         ({"TURNOUT_POLL_INTERVAL": "nan"}, "poll_interval must be a finite number"),
         ({"TURNOUT_HEADER_TIMEOUT": "inf"}, "header_timeout must be a finite number"),
         ({"TURNOUT_GUARD_P99": "-inf"}, "guard_p99 must be a finite number"),
+        ({"TURNOUT_REDIS_URL": "http://127.0.0.1:6379"}, "redis_url: a Redis URL starts with redis://"),
+        ({"TURNOUT_REDIS_URL": "redis+sentinel://h1:26379"}, "needs /MASTER_NAME"),
+        ({"TURNOUT_REDIS_URL": "redis+sentinel://h1:port/m"}, "invalid port"),
+        ({"TURNOUT_REDIS_URL": "redis+sentinel://h1/m/zero"}, "database .* must be a number"),
+        ({"TURNOUT_REDIS_URL": "redis+sentinel://h1/m?pasword=x"}, "unknown redis\\+sentinel:// URL option"),
+        ({"TURNOUT_REDIS_WAIT_TIMEOUT": "2"}, "redis_wait_timeout must be at least 0 and below 2"),
     ],
 )
 def test_bad_values_name_the_setting(env: dict[str, str], message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         Settings.load(env=env)
+
+
+def test_sentinel_urls_parse_with_passwords_and_defaults_and_never_show_a_password() -> None:
+    from gateway.store.connect import parse_sentinel_url
+
+    parsed = parse_sentinel_url("redis+sentinel://:s%40cret@h1:26380,h2,[::1]:26381/mymaster/3?sentinel_password=spw")
+    assert parsed.sentinels == (("h1", 26380), ("h2", 26379), ("::1", 26381))
+    assert (parsed.master, parsed.db, parsed.username, parsed.password, parsed.sentinel_password) == (
+        "mymaster", 3, None, "s@cret", "spw")
+    assert "s@cret" not in repr(parsed) and "spw" not in repr(parsed)
+    with pytest.raises(SettingsError) as info:
+        Settings.load(env={"TURNOUT_REDIS_URL": "redis+sentinel://:hunter2@h1/m/x"})
+    assert "hunter2" not in str(info.value)
 
 
 def test_unknown_override_is_refused() -> None:

@@ -13,7 +13,7 @@ from gateway.records import Deployment, Route, Snapshot, State
 from gateway.store import RedisStore
 from gateway.store import EmbeddedStore
 from gateway.watcher import RouteWatcher
-from tests.support import backend_app, eventually, free_port, private_redis, serve_app
+from tests.support import backend_app, eventually, free_port, history, private_redis, serve_app
 
 
 def dep(name: str, url: str) -> Deployment:
@@ -203,3 +203,56 @@ async def test_a_loop_that_fails_unexpectedly_logs_counts_keeps_going_and_recove
         await eventually(lambda: watcher.snapshot.route.active == "green", timeout=15)
         assert refresh.failing_since is None
         await admin.close()
+
+
+async def test_a_route_that_went_back_in_generation_is_reported_restamped_once_and_later_switches_apply(
+    redis_store_factory: Any,
+) -> None:
+    """What a Sentinel failover that lost acknowledged switches looks like to two gateways: the store's
+    route is back at generation 1 while they hold 3. Each reports it; one history line; the store's route
+    is re-stamped above what they held, they converge on it, and the next switch is applied."""
+    admin: RedisStore = redis_store_factory()
+    for name in ("blue", "green"):
+        await admin.create_deployment(dep(name, "http://127.0.0.1:1"))
+    for name, previous in (("blue", None), ("green", "blue"), ("blue", "green")):
+        assert (await admin.set_route(name, previous)).ok
+    watchers = [RouteWatcher(redis_store_factory(), GatewayMetrics(), poll_interval=0.1) for _ in range(2)]
+    for watcher in watchers:
+        await watcher.start()
+    try:
+        for watcher in watchers:
+            await watcher.wait_ready(5)
+            await eventually(lambda watcher=watcher: watcher.snapshot.route.generation == 3, timeout=5)
+        # The failover kept generation 1 (blue → green lost): written without an event, as a replica would hold it.
+        await admin.client.hset(admin.keys.service("default").route, mapping={"active": "blue", "generation": 1})
+        await admin.client.hdel(admin.keys.service("default").route, "previous")
+        for watcher in watchers:
+            await eventually(lambda watcher=watcher: watcher.snapshot.route.generation == 4, timeout=5)
+            assert watcher.snapshot.route.active == "blue" and watcher.snapshot.route.previous is None
+        reported = [w.metrics.generation_regressions.labels("default")._value.get() for w in watchers]
+        assert sum(reported) >= 1, reported  # a gateway that read only after the re-stamp saw nothing wrong
+        entries = [e for e in await history(admin) if e["action"] == "generation_regressed"]
+        assert len(entries) == 1, entries
+        assert entries[0]["generation"] == 4 and entries[0]["store_generation"] == 1 and entries[0]["held_generation"] == 3
+        assert (await admin.read_snapshot()).route.generation == 4
+        # Later switches outrank everything lost.
+        assert (await admin.set_route("green", "blue")).route.generation == 5
+        for watcher in watchers:
+            await eventually(lambda watcher=watcher: watcher.snapshot.route.active == "green", timeout=5)
+    finally:
+        for watcher in watchers:
+            await watcher.stop()
+
+
+async def test_a_store_that_came_back_empty_is_reported_and_the_held_route_keeps_serving() -> None:
+    store = EmbeddedStore()
+    await store.create_deployment(dep("blue", "http://127.0.0.1:1"))
+    await store.set_route("blue", None)
+    watcher = RouteWatcher(store, GatewayMetrics())
+    await watcher.refresh()
+    # The route is gone (an empty Redis): generation 0, nothing active.
+    store._services["default"].route = Route()
+    await watcher.refresh(service="default")
+    assert watcher.snapshot.route == Route("blue", None, 1, watcher.snapshot.route.changed_at)
+    assert watcher.metrics.generation_regressions.labels("default")._value.get() == 1
+    assert (await store.read_snapshot()).route.generation == 0, "nothing to re-stamp: the store is left alone"

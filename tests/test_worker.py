@@ -28,11 +28,11 @@ ROW = b'{"dataframe_split": {"columns": ["sepal_length", "sepal_width", "petal_l
 class WorkerProcess:
     """A ``turnout worker`` child in a private namespace; ``marker`` finds every process it started."""
 
-    def __init__(self, registry: Registry, namespace: str, *args: str) -> None:
+    def __init__(self, registry: Registry, namespace: str, *args: str, redis_url: str = REDIS_URL) -> None:
         tag = uuid.uuid4().hex
         # Inherited by everything the worker starts: the process table tells whose a process is.
         self.marker = f"TURNOUT_TEST_WORKER={tag}"
-        env = {**registry.env, "TURNOUT_REDIS_URL": REDIS_URL, "TURNOUT_NAMESPACE": namespace, "TURNOUT_TEST_WORKER": tag}
+        env = {**registry.env, "TURNOUT_REDIS_URL": redis_url, "TURNOUT_NAMESPACE": namespace, "TURNOUT_TEST_WORKER": tag}
         self.proc = subprocess.Popen(
             [str(BIN / "turnout"), "worker", "--lease-ttl", "3", "--health-interval", "0.5",
              "--restart-backoff", "0.2", "--max-start-attempts", "2", "--stop-timeout", "5", *args],

@@ -8,7 +8,9 @@ service of every single-model install), so code that knows one route reads as it
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Mapping
+import contextlib
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +20,31 @@ DEFAULT_HISTORY_MAX = 10_000
 
 # A service's counters: (service, deployment) → second → sparse row (see ``traffic``).
 StatsRows = Mapping[tuple[str, str], Mapping[int, Mapping[int, int]]]
+
+
+# Seconds a change on a Sentinel-managed primary waits for a replica's acknowledgement (WAIT 1).
+DEFAULT_WAIT_TIMEOUT = 0.5
+
+_REPLICATION: ContextVar[list[bool] | None] = ContextVar("turnout_replication", default=None)
+
+
+@contextlib.contextmanager
+def replication_notes() -> Iterator[list[bool]]:
+    """Collect, for each change the store makes inside the block, whether a replica acknowledged it (a
+    store without replicas to wait for notes nothing)."""
+    notes: list[bool] = []
+    token = _REPLICATION.set(notes)
+    try:
+        yield notes
+    finally:
+        _REPLICATION.reset(token)
+
+
+def note_replicated(acknowledged: bool) -> None:
+    """A store made a change: whether a replica holds it (heard by the enclosing ``replication_notes``)."""
+    notes = _REPLICATION.get()
+    if notes is not None:
+        notes.append(acknowledged)
 
 
 class StoreUnavailable(ConnectionError):
@@ -105,6 +132,15 @@ class Store(abc.ABC):
         equals ``expected_generation`` (when given) and ``active`` is a known deployment; on success the
         generation rises by one, any split ends, ``plan`` (when given) is stored, ``history`` (with the
         new generation filled in) is appended and the change is published, all in one step."""
+
+    @abc.abstractmethod
+    async def lift_generation(self, expected: int, floor: int, *, service: str = DEFAULT_SERVICE,
+                              history: HistoryEntry | None = None) -> bool:
+        """A gateway held generation ``floor`` but the store's route went back to ``expected`` (a failover
+        lost acknowledged changes): raise the route's generation to ``floor + 1``, its content unchanged,
+        so every gateway applies what the store now holds and later changes outrank all that was lost.
+        Applies only while the generation is still ``expected``; ``history`` is appended and the change
+        published in the same step."""
 
     @abc.abstractmethod
     async def change_rollout(

@@ -174,6 +174,17 @@ class EmbeddedStore(Store):
         self._changed(svc, ROUTE_CHANGED, generation=svc.route.generation)
         return RouteChange(True, svc.route)
 
+    async def lift_generation(self, expected: int, floor: int, *, service: str = DEFAULT_SERVICE,
+                              history: HistoryEntry | None = None) -> bool:
+        svc = self._services.get(service)
+        if svc is None or svc.route.generation != expected or floor < expected:
+            return False
+        svc.route = replace(svc.route, generation=floor + 1, changed_at=time.time())
+        if history is not None:
+            svc.history.appendleft(history.but(generation=svc.route.generation).to_json())
+        self._changed(svc, ROUTE_CHANGED, generation=svc.route.generation)
+        return True
+
     async def change_rollout(
         self, *, service: str = DEFAULT_SERVICE, split: tuple[str, float, str | None] | None | bool = False,
         plan: Plan | None = None, expected_generation: int | None = None, expected_revision: int | None = None,

@@ -18,8 +18,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.asyncio.sentinel import SentinelConnectionPool
 
 from ..keys import (
     DEPLOYMENT_CHANGED, LEGACY_SERVICE, SERVICE_CHANGED, SUBSCRIBED, Keys, ServiceKeys, decode_event, encode_event,
@@ -28,7 +27,10 @@ from ..keys import (
 from ..records import (
     DEFAULT_SERVICE, Deployment, HistoryEntry, Plan, Route, ServiceConfig, Snapshot, encode_changes, replica_key,
 )
-from .base import DEFAULT_HISTORY_MAX, Reading, RouteChange, StatsRows, Store, StoreUnavailable
+from .base import (
+    DEFAULT_HISTORY_MAX, DEFAULT_WAIT_TIMEOUT, Reading, RouteChange, StatsRows, Store, StoreUnavailable, note_replicated,
+)
+from .connect import is_sentinel, redis_client
 
 # Replica i > 0 of a deployment keeps its fields as r{i}.{field} and its lease under lease:{name}#{i}
 # (records.replica_key). The indices of the replicas a record holds fields for: both reads and deletes
@@ -143,6 +145,21 @@ if entry ~= nil then
 end
 redis.call('PUBLISH', ARGV[6], ARGV[8] .. gen .. ARGV[9])
 return {1, gen, ARGV[2], ARGV[3], ''}
+"""
+
+# KEYS: route, history. ARGV: expected generation, new generation, history entry JSON or '', history bound,
+# events channel, now, route event head and tail. Returns 1 when applied.
+_LIFT = _HISTORY + """
+if tonumber(redis.call('HGET', KEYS[1], 'generation') or '0') ~= tonumber(ARGV[1]) then return 0 end
+local entry = nil
+if ARGV[3] ~= '' then entry = cjson.decode(ARGV[3]) end
+redis.call('HSET', KEYS[1], 'generation', ARGV[2], 'changed_at', ARGV[6])
+if entry ~= nil then
+  entry['generation'] = tonumber(ARGV[2])
+  record(KEYS[2], cjson.encode(entry), ARGV[4])
+end
+redis.call('PUBLISH', ARGV[5], ARGV[7] .. ARGV[2] .. ARGV[8])
+return 1
 """
 
 # KEYS: deployments, record, history, services. ARGV: name, record fields JSON, channel, message,
@@ -353,8 +370,10 @@ def _unavailable_on(*kinds: type[BaseException]) -> Iterator[None]:
 
 
 def _unavailable_on_connection_errors() -> contextlib.AbstractContextManager[None]:
-    """redis-py's connection failures mean the store is unavailable."""
-    return _unavailable_on(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+    """redis-py's connection failures mean the store is unavailable; so does a primary demoted to a
+    read-only replica in a failover (until the client finds the new one)."""
+    return _unavailable_on(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                           redis.exceptions.ReadOnlyError, OSError)
 
 
 def _json(value: Any) -> str:
@@ -393,30 +412,51 @@ class RedisStore(Store):
         self.client = client
         self.keys = Keys(namespace)
         self.history_max = history_max
+        self.wait_timeout = 0.0
         register = client.register_script
         self._snapshot, self._read_all = register(_SNAPSHOT), register(_READ_ALL)
         self._set_route, self._create, self._update, self._delete = (
             register(_SET_ROUTE), register(_CREATE), register(_UPDATE), register(_DELETE))
-        self._rollout = register(_ROLLOUT)
+        self._rollout, self._lift = register(_ROLLOUT), register(_LIFT)
         self._create_service, self._delete_service, self._set_config = (
             register(_CREATE_SERVICE), register(_DELETE_SERVICE), register(_SET_CONFIG))
         self._claim, self._release, self._hold_role = register(_CLAIM), register(_RELEASE), register(_HOLD_ROLE)
 
     @classmethod
-    def from_url(cls, url: str, namespace: str, history_max: int = DEFAULT_HISTORY_MAX) -> RedisStore:
-        """A store on a blocking pool (waits for a free connection rather than failing) with async retries."""
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=32,
-            timeout=2,
-            decode_responses=True,
-            socket_connect_timeout=2,
-            socket_timeout=2,
-            health_check_interval=10,
-            # The asyncio Retry: the sync one silently does nothing here (redis-py #2179).
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
-        )
-        return cls(aioredis.Redis(connection_pool=pool), namespace, history_max)
+    def from_url(cls, url: str, namespace: str, history_max: int = DEFAULT_HISTORY_MAX,
+                 wait_timeout: float = DEFAULT_WAIT_TIMEOUT) -> RedisStore:
+        """A store for any of Turnout's Redis URL forms (see ``connect``). On a Sentinel-managed primary,
+        each change waits up to ``wait_timeout`` seconds for a replica to acknowledge it (0: no wait)."""
+        store = cls(redis_client(url), namespace, history_max)
+        if is_sentinel(url):
+            store.wait_timeout = wait_timeout
+        return store
+
+    async def _follow_primary(self) -> None:
+        """Behind Sentinel, ask the sentinels which server is the primary before a change or a poll. redis-py
+        asks only when it opens a connection, so after a planned failover its pooled connections keep
+        writing to the old primary, which accepts writes until the sentinels demote it (seconds later) and
+        then loses them; when the answer moved, idle connections are dropped and the next command goes to
+        the new primary."""
+        pool = self.client.connection_pool
+        if isinstance(pool, SentinelConnectionPool):
+            with _unavailable_on_connection_errors():
+                await pool.get_master_address()
+
+    async def _change(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Run a changing script; with replicas to wait for, WAIT on the same connection and note the
+        answer for the admin API (Sentinel replication is asynchronous: an acknowledged change that no
+        replica holds is lost if the primary dies now)."""
+        await self._follow_primary()
+        if not self.wait_timeout:
+            return await script(keys=keys, args=args)
+        with _unavailable_on_connection_errors():
+            async with self.client.pipeline(transaction=False) as pipe:
+                await script(keys=keys, args=args, client=pipe)
+                pipe.execute_command("WAIT", 1, max(1, int(self.wait_timeout * 1000)))
+                result, acks = await pipe.execute()
+        note_replicated(int(acks) >= 1)
+        return result
 
     def _sk(self, service: str) -> ServiceKeys:
         return self.keys.service(service)
@@ -443,7 +483,7 @@ class RedisStore(Store):
     async def create_service(self, name: str, config: ServiceConfig, *, history: HistoryEntry | None = None) -> bool:
         sk = self._sk(name)
         with _unavailable_on_connection_errors():
-            created = await self._create_service(
+            created = await self._change(self._create_service,
                 keys=[self.keys.services, sk.config, sk.history],
                 args=[name, json.dumps(config.to_fields()), self.keys.events, encode_event(SERVICE_CHANGED, service=name),
                       *self._history_args(history), LEGACY_SERVICE],
@@ -454,7 +494,7 @@ class RedisStore(Store):
                              history_service: str = DEFAULT_SERVICE) -> str | None:
         sk = self._sk(name)
         with _unavailable_on_connection_errors():
-            refusal = await self._delete_service(
+            refusal = await self._change(self._delete_service,
                 keys=[self.keys.services, sk.route, sk.deployments, sk.config, sk.history, sk.guard,
                       self._sk(history_service).history, sk.plan],
                 args=[name, "1" if force else "0", self.keys.events, encode_event(SERVICE_CHANGED, service=name),
@@ -467,7 +507,7 @@ class RedisStore(Store):
         changes = {k: (None if v is None else json.dumps(v)) for k, v in overrides.items()}
         sk = self._sk(name)
         with _unavailable_on_connection_errors():
-            applied = await self._set_config(
+            applied = await self._change(self._set_config,
                 keys=[self.keys.services, sk.config, sk.history],
                 args=[name, LEGACY_SERVICE, json.dumps(changes), self.keys.events, encode_event(SERVICE_CHANGED, service=name),
                       *self._history_args(history)],
@@ -478,6 +518,7 @@ class RedisStore(Store):
         # Names and fingerprints travel as one string each way (service names hold no spaces): a poll
         # of 200 unchanged services is then a few kilobytes, not 800 protocol elements to parse.
         known_arg = "\n".join(f"{service} {fingerprint}" for service, fingerprint in known.items())
+        await self._follow_primary()
         with _unavailable_on_connection_errors():
             names, rows = await self._read_all(keys=[self.keys.services], args=[*self.keys.layout(), known_arg])
         changed = {service: (_snapshot(service, *data), fingerprint) for service, fingerprint, data in rows}
@@ -517,12 +558,24 @@ class RedisStore(Store):
             plan.to_json() if plan is not None else "",
         ]
         with _unavailable_on_connection_errors():
-            applied, gen, cur_active, cur_previous, refusal = await self._set_route(
+            applied, gen, cur_active, cur_previous, refusal = await self._change(self._set_route,
                 keys=[sk.route, sk.deployments, sk.history, self.keys.services, sk.plan], args=args
             )
         route = Route(active=cur_active or None, previous=cur_previous or None, generation=int(gen),
                       changed_at=now if applied else 0.0)
         return RouteChange(bool(applied), route, refusal or None)
+
+    async def lift_generation(self, expected: int, floor: int, *, service: str = DEFAULT_SERVICE,
+                              history: HistoryEntry | None = None) -> bool:
+        if floor < expected:
+            return False
+        sk = self._sk(service)
+        with _unavailable_on_connection_errors():
+            applied = await self._change(self._lift, keys=[sk.route, sk.history], args=[
+                str(expected), str(floor + 1), _json(history.to_json()) if history is not None else "",
+                str(self.history_max), self.keys.events, repr(time.time()), *route_event_parts(service),
+            ])
+        return bool(applied)
 
     async def change_rollout(
         self, *, service: str = DEFAULT_SERVICE, split: tuple[str, float, str | None] | None | bool = False,
@@ -544,7 +597,7 @@ class RedisStore(Store):
             encode_event(SERVICE_CHANGED, service=service), shadow_mode, shadow_name, repr(float(shadow_percent)),
         ]
         with _unavailable_on_connection_errors():
-            applied, gen, refusal = await self._rollout(
+            applied, gen, refusal = await self._change(self._rollout,
                 keys=[sk.route, sk.deployments, sk.history, self.keys.services, sk.plan], args=args,
             )
         return RouteChange(bool(applied), Route(generation=int(gen)), refusal or None)
@@ -557,7 +610,7 @@ class RedisStore(Store):
     ) -> bool:
         name, sk = deployment.name, self._sk(service)
         with _unavailable_on_connection_errors():
-            created = await self._create(
+            created = await self._change(self._create,
                 keys=[sk.deployments, sk.deployment(name), sk.history, self.keys.services],
                 args=[name, _json(deployment.to_fields()), self.keys.events, self._deployment_event(service, name),
                       *self._history_args(history), service, LEGACY_SERVICE],
@@ -571,7 +624,7 @@ class RedisStore(Store):
         encoded = encode_changes(changes, replica)
         sk = self._sk(service)
         with _unavailable_on_connection_errors():
-            updated = await self._update(
+            updated = await self._change(self._update,
                 keys=[sk.deployment(name), sk.lease(replica_key(name, replica)), sk.history],
                 args=[owner or "", _json(encoded), self.keys.events, self._deployment_event(service, name),
                       *self._history_args(history), _json(encode_changes(expect, replica)) if expect is not None else ""],
@@ -583,7 +636,7 @@ class RedisStore(Store):
     ) -> str | None:
         sk = self._sk(service)
         with _unavailable_on_connection_errors():
-            refusal = await self._delete(
+            refusal = await self._change(self._delete,
                 keys=[sk.route, sk.deployments, sk.deployment(name), sk.lease(name), sk.history],
                 args=[name, "1" if force else "0", self.keys.events, self._deployment_event(service, name),
                       *self._history_args(history)],
@@ -687,9 +740,15 @@ class RedisStore(Store):
             # "no pub/sub right now": the watcher retries and polling carries the route meanwhile.
             with _unavailable_on(redis.exceptions.RedisError, OSError):
                 await pubsub.subscribe(self.keys.events)
+                pool = self.client.connection_pool
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is None:
+                        if isinstance(pool, SentinelConnectionPool) and pubsub.connection is not None \
+                                and pool.master_address not in (None, (pubsub.connection.host, pubsub.connection.port)):
+                            # A poll learned the primary moved: subscribe there (the watcher then re-reads all),
+                            # not on the old one, which may stay up as a replica and hear nothing more.
+                            raise redis.exceptions.ConnectionError("the Redis primary moved (Sentinel failover)")
                         continue
                     if message["type"] == "subscribe":
                         # Only Redis's confirmation proves we listen (a refusal arrives instead of it).
@@ -709,7 +768,11 @@ class RedisStore(Store):
 
     async def close(self) -> None:
         await self.client.aclose()
-        await self.client.connection_pool.disconnect()
+        pool = self.client.connection_pool
+        await pool.disconnect()
+        sentinels = getattr(pool, "sentinel_manager", None)
+        if sentinels is not None:
+            await sentinels.aclose()
 
 
 async def drop_namespace(url: str, namespace: str) -> None:
