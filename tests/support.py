@@ -80,9 +80,11 @@ def child_env(**extra: str) -> dict[str, str]:
 class RedisServer:
     """A private redis-server we may stop and restart (the shared one must never be disturbed)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, workdir: Path | None = None) -> None:
         self.port = port
         self.url = f"redis://127.0.0.1:{port}/0"
+        # Where a replica writes the primary's snapshot during a full sync (not the current directory).
+        self.workdir = workdir
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, replica_of: int | None = None) -> None:
@@ -90,7 +92,7 @@ class RedisServer:
         replica = ["--replicaof", "127.0.0.1", str(replica_of)] if replica_of is not None else []
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--repl-diskless-sync-delay", "0", *replica],
+             "--repl-diskless-sync-delay", "0", *(["--dir", str(self.workdir)] if self.workdir else []), *replica],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -124,7 +126,10 @@ class SentinelCluster:
     def __init__(self, workdir: Path, down_after_ms: int = 1000) -> None:
         self.workdir = workdir
         self.down_after_ms = down_after_ms
-        self.servers = [RedisServer(free_port()), RedisServer(free_port())]
+        self.servers = []
+        for name in ("a", "b"):
+            (workdir / name).mkdir(exist_ok=True)  # each server its own: both may write a dump.rdb
+            self.servers.append(RedisServer(free_port(), workdir / name))
         self.sentinel_ports = [free_port() for _ in range(3)]
         self.sentinels: list[subprocess.Popen[bytes]] = []
 
