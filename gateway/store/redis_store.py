@@ -443,12 +443,12 @@ class RedisStore(Store):
             with _unavailable_on_connection_errors():
                 await pool.get_master_address()
 
-    async def _change(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        """Run a changing script; with replicas to wait for, WAIT on the same connection and note the
-        answer for the admin API (Sentinel replication is asynchronous: an acknowledged change that no
-        replica holds is lost if the primary dies now)."""
+    async def _change(self, script: Any, keys: list[str], args: list[Any], wait: bool = True) -> Any:
+        """Run a changing script; with replicas to wait for (and ``wait``), WAIT on the same connection and
+        note the answer for the admin API (Sentinel replication is asynchronous: an acknowledged change that
+        no replica holds is lost if the primary dies now)."""
         await self._follow_primary()
-        if not self.wait_timeout:
+        if not self.wait_timeout or not wait:
             return await script(keys=keys, args=args)
         with _unavailable_on_connection_errors():
             async with self.client.pipeline(transaction=False) as pipe:
@@ -628,6 +628,8 @@ class RedisStore(Store):
                 keys=[sk.deployment(name), sk.lease(replica_key(name, replica)), sk.history],
                 args=[owner or "", _json(encoded), self.keys.events, self._deployment_event(service, name),
                       *self._history_args(history), _json(encode_changes(expect, replica)) if expect is not None else ""],
+                # A worker's own state reports (owner given) repeat every health check: not worth a wait each.
+                wait=owner is None,
             )
         return None if updated == -1 else bool(updated)
 
