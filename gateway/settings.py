@@ -106,9 +106,10 @@ class Settings:
         "How a gateway process spreads a deployment's requests over its replicas: least_request (the less busy of two "
         "drawn at random, Envoy's default) or round_robin (in turn, whatever their load).", default="least_request",
     )
-    shadow_concurrency: int = _doc("Shadow copies a gateway process sends at once (off the clients' path).", default=4)
+    shadow_concurrency: int = _doc("Shadow copies a gateway process's copier sends at once (off the clients' path).", default=4)
     shadow_queue: int = _doc(
-        "Shadow copies waiting to be sent, at most (beyond it, and beyond 16 MiB of bodies, copies are dropped and counted).",
+        "Shadow copies handed to the copier and not done yet (waiting or in flight), at most (beyond it, and beyond "
+        "16 MiB of bodies, copies are dropped and counted).",
         default=256,
     )
     shadow_max_body: int = _doc("Largest request body copied to a shadow, in bytes (larger ones are counted, not copied).",
