@@ -12,6 +12,7 @@ from aiohttp import web
 from .aiohttp_handler import GuardedRequestHandler
 from .app import BAD_REQUESTS, DRAIN, FAST, LIMITS, create_admin_app, create_app
 from .settings import Settings
+from .siblings import ProcessSlot
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -126,9 +127,10 @@ class Gateway:
             await runner.cleanup()
 
 
-async def start_gateway(settings: Settings, *, store: Store | None = None) -> Gateway:
-    """Start listening; the caller owns the returned gateway and calls ``stop()`` to drain and stop."""
-    app = create_app(settings, store=store)
+async def start_gateway(settings: Settings, *, store: Store | None = None, slot: ProcessSlot | None = None) -> Gateway:
+    """Start listening; the caller owns the returned gateway and calls ``stop()`` to drain and stop
+    (``slot``: as one process of several, see :mod:`gateway.processes`)."""
+    app = create_app(settings, store=store, slot=slot)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=_CLEANUP_GRACE, auto_decompress=False)
     await runner.setup()
     admin_runner: web.AppRunner | None = None
@@ -169,11 +171,15 @@ def stop_on_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
-async def serve(settings: Settings) -> None:
-    """Run one gateway process until SIGTERM/SIGINT, then drain in-flight requests and exit."""
-    stop = asyncio.Event()
+async def serve(settings: Settings, *, slot: ProcessSlot | None = None, stop: asyncio.Event | None = None,
+                on_ready: Callable[[], None] | None = None) -> None:
+    """Run one gateway process until SIGTERM/SIGINT (or ``stop`` is set), then drain in-flight requests and
+    exit; ``on_ready`` is called once it listens."""
+    stop = stop or asyncio.Event()
     stop_on_signals(stop)
-    gateway = await start_gateway(settings)
+    gateway = await start_gateway(settings, slot=slot)
+    if on_ready is not None:
+        on_ready()
     await stop.wait()
     log.info("draining in-flight requests (up to %.0f s)", settings.shutdown_timeout)
     await gateway.stop()
