@@ -117,8 +117,9 @@ def create_app(settings: Settings, *, store: Store | None = None, slot: ProcessS
     app.cleanup_ctx.append(_watcher_ctx)
     app.cleanup_ctx.append(_guard_ctx)
     if slot is not None:
+        # Started and stopped by gateway.server around the listeners: a process shows to its siblings
+        # only while it listens.
         app[SIBLINGS] = Siblings(slot, metrics)
-        app.cleanup_ctx.append(_siblings_ctx)
     if settings.fast_path:
         app[FAST] = FastPath(proxy, limits, bad_requests)
 
@@ -187,12 +188,6 @@ async def _guard_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[GUARD].start()
     yield
     await app[GUARD].stop()
-
-
-async def _siblings_ctx(app: web.Application) -> AsyncIterator[None]:
-    await app[SIBLINGS].start()
-    yield
-    await app[SIBLINGS].stop()
 
 
 async def ping(request: web.Request) -> web.Response:

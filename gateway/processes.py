@@ -32,7 +32,7 @@ from pathlib import Path
 from .settings import Settings
 from .siblings import ProcessSlot, socket_path
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("gateway.processes")  # not __main__ when run as python -m
 
 READY = b"ready\n"
 # A process that dies is restarted after this pause, doubled per death of a process that had served for

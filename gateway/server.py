@@ -10,7 +10,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from .aiohttp_handler import GuardedRequestHandler
-from .app import BAD_REQUESTS, DRAIN, FAST, LIMITS, create_admin_app, create_app
+from .app import BAD_REQUESTS, DRAIN, FAST, LIMITS, SIBLINGS, create_admin_app, create_app
 from .settings import Settings
 from .siblings import ProcessSlot
 from .store import Store
@@ -125,6 +125,9 @@ class Gateway:
         # watcher, registry sync, upstream pool, store); nothing is left for them to wait on.
         for runner in self.runners:
             await runner.cleanup()
+        siblings = self.app.get(SIBLINGS)
+        if siblings is not None:
+            await siblings.stop()
 
 
 async def start_gateway(settings: Settings, *, store: Store | None = None, slot: ProcessSlot | None = None) -> Gateway:
@@ -151,6 +154,9 @@ async def start_gateway(settings: Settings, *, store: Store | None = None, slot:
         for site in listeners:
             await site.start()
             gateway.sites.append(site)
+        siblings = app.get(SIBLINGS)
+        if siblings is not None:
+            await siblings.start()
     except BaseException:
         await gateway.stop(0)
         raise
