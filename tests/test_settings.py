@@ -31,11 +31,24 @@ def test_env_then_flags() -> None:
         ({"TURNOUT_POLL_INTERVAL": "nan"}, "poll_interval must be a finite number"),
         ({"TURNOUT_HEADER_TIMEOUT": "inf"}, "header_timeout must be a finite number"),
         ({"TURNOUT_GUARD_P99": "-inf"}, "guard_p99 must be a finite number"),
+        ({"TURNOUT_PROCESSES": "two"}, "processes must be a number or auto"),
+        ({"TURNOUT_PROCESSES": "0"}, "processes must be 1-256 or auto"),
+        ({"TURNOUT_PROCESSES": "2"}, "processes=2 needs Redis"),
+        ({"TURNOUT_PROCESSES": "2", "TURNOUT_REDIS_URL": "redis://r", "TURNOUT_PORT": "0"}, "need a fixed port"),
     ],
 )
 def test_bad_values_name_the_setting(env: dict[str, str], message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         Settings.load(env=env)
+
+
+def test_processes_is_a_number_or_auto() -> None:
+    import os
+
+    assert Settings.load(env={}).process_count() == 1
+    redis = {"TURNOUT_REDIS_URL": "redis://r:6379/0"}
+    assert Settings.load({"processes": "3"}, env=redis).process_count() == 3
+    assert Settings.load(env={**redis, "TURNOUT_PROCESSES": "auto"}).process_count() == (os.cpu_count() or 1)
 
 
 def test_unknown_override_is_refused() -> None:
