@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from bench import canary, instructions, memory, proxy_overhead, reaction, replicas, services, shadow, switching
+from bench import canary, instructions, memory, processes, proxy_overhead, reaction, replicas, services, shadow, switching
 from bench.common import HERE, machine, save
 
 SCENARIOS = {
@@ -26,6 +26,7 @@ SCENARIOS = {
     "replicas": replicas,
     "canary": canary,
     "shadow": shadow,
+    "processes": processes,
 }
 
 
