@@ -116,7 +116,7 @@ class Supervisor:
         keepers = [asyncio.create_task(self._keep(child), name=f"gateway-process-{child.index}")
                    for child in self.children]
         stopped = asyncio.create_task(self.stopping.wait())
-        listening = asyncio.ensure_future(asyncio.gather(*(child.ready.wait() for child in self.children)))
+        listening = asyncio.create_task(self._all_ready())
         try:
             # Every process listens, or one failed to start (its keeper raised), or a signal came first.
             await asyncio.wait([*keepers, listening, stopped], return_when=asyncio.FIRST_COMPLETED)
@@ -138,6 +138,10 @@ class Supervisor:
             for task in (listening, stopped):
                 task.cancel()
         return await self._wait_all(keepers)
+
+    async def _all_ready(self) -> None:
+        for child in self.children:
+            await child.ready.wait()
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self.stopping.is_set():

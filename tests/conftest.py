@@ -27,15 +27,16 @@ def new_namespace() -> str:
 
 
 @contextlib.asynccontextmanager
-async def gateway_subprocess(*args: str, **env: str) -> AsyncIterator[dict[str, Any]]:
+async def gateway_subprocess(*args: str, port: int | None = None, **env: str) -> AsyncIterator[dict[str, Any]]:
     """``turnout gateway ARGS`` as a real process on the real Redis (private namespace, removed afterwards),
     its default service routed to blue, a local test backend; yields its ``proc``, ``url``, ``port``,
-    ``store`` and ``backend``. ``env`` adds ``TURNOUT_*`` variables (logging at WARNING unless given)."""
+    ``store`` and ``backend`` once something listens on its port (a free one unless given). ``env`` adds
+    ``TURNOUT_*`` variables (logging at WARNING unless given)."""
     from gateway.records import Deployment, State
 
     namespace = new_namespace()
     store = RedisStore.from_url(REDIS_URL, namespace)
-    port = free_port()
+    port = port or free_port()
     try:
         async with serve_app(backend_app("blue")) as blue:
             await store.create_deployment(Deployment(name="blue", url=blue, state=State.READY, external=True))

@@ -169,6 +169,23 @@ async def test_sigterm_to_the_parent_drains_and_stops_every_process(two_processe
     assert _run_dirs(proc.pid) == [], "the run directory and its sockets are gone"
 
 
+async def test_a_process_that_cannot_listen_fails_the_start() -> None:
+    """The port is taken by a socket without SO_REUSEPORT: the parent stops the other process and exits 1."""
+    tag = uuid.uuid4().hex
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        async with gateway_subprocess("--processes", "2", port=port, TURNOUT_TEST_GATEWAY=tag) as gateway:
+            proc = gateway["proc"]
+            code = await asyncio.get_running_loop().run_in_executor(None, proc.wait, 60)
+            stderr = proc.stderr.read().decode() if proc.stderr else ""
+    assert code == 1, stderr
+    assert "exited with code 1 before it listened" in stderr and "address already in use" in stderr, stderr
+    assert [pid for pid, _ in processes_with_env(f"TURNOUT_TEST_GATEWAY={tag}")] == []
+    assert _run_dirs(proc.pid) == []
+
+
 @pytest.mark.parametrize(("args", "env"), [(["--processes", "2"], {}), ([], {"TURNOUT_PROCESSES": "2"})])
 def test_more_than_one_process_needs_redis(args: list[str], env: dict[str, str]) -> None:
     result = subprocess.run([str(BIN / "turnout"), "gateway", *args], env=child_env(**env), capture_output=True,

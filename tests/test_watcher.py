@@ -203,3 +203,24 @@ async def test_a_loop_that_fails_unexpectedly_logs_counts_keeps_going_and_recove
         await eventually(lambda: watcher.snapshot.route.active == "green", timeout=15)
         assert refresh.failing_since is None
         await admin.close()
+
+
+async def test_a_task_that_swallows_its_cancellation_is_cancelled_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """redis-py can lose a cancellation while it connects: stopping a loop must not wait for it forever."""
+    from gateway import loops
+
+    monkeypatch.setattr(loops, "RECANCEL_AFTER", 0.05)
+    swallowed = []
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            swallowed.append(True)
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        await asyncio.sleep(3600)
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    await loops.cancel_and_wait(task)
+    assert swallowed == [True] and task.cancelled()
