@@ -173,7 +173,8 @@ class Supervisor:
         for task in keepers:
             if task.cancelled() or task.exception() is not None:
                 status = 1
-            elif task.result() != 0:
+            elif task.result() not in (0, -self._signal):
+                # A process still starting when the signal came dies of it: that is a clean stop too.
                 status = 1
         return status
 
@@ -181,6 +182,8 @@ class Supervisor:
         """Run slot ``child.index`` until the run stops: its last process's exit code."""
         delay = RESTART_FIRST
         while True:
+            if self.stopping.is_set():
+                return 0
             code = await self._run_once(child)
             if self.stopping.is_set():
                 return code
@@ -207,6 +210,8 @@ class Supervisor:
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         )
         child.started_at = time.monotonic()
+        if self.stopping.is_set():
+            proc.send_signal(self._signal)  # the signal came while it was being started
         assert proc.stdin is not None and proc.stdout is not None
         # The settings hold the admin token: a pipe, not the command line, carries them.
         proc.stdin.write(json.dumps(dataclasses.asdict(self.settings)).encode() + b"\n")
