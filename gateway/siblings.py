@@ -28,6 +28,9 @@ How each family is merged (by sample name and labels; a family not named below i
 Two families exist only in the merged answer: ``turnout_gateway_processes`` (processes whose metrics it
 sums) and ``turnout_process_requests_total{process}`` (each process's proxied requests, to see how evenly
 the kernel spreads connections).
+
+A process that dies takes its counts with it (nothing is kept across a SIGKILL): the sums drop by its
+share until its successor counts again, and Prometheus reads the drop as a counter reset.
 """
 
 from __future__ import annotations
