@@ -165,10 +165,15 @@ def nginx(backend: str, port: int) -> Iterator[subprocess.Popen[bytes] | None]:
             yield proc
 
 
+def child_pids(pid: int) -> list[int]:
+    """PIDs of a process's live children."""
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 def nginx_worker_pid(master: subprocess.Popen[bytes]) -> int:
     """The one worker's PID (CPU is spent there, not in the master)."""
-    children = Path(f"/proc/{master.pid}/task/{master.pid}/children").read_text().split()
-    return int(children[0]) if children else master.pid
+    children = child_pids(master.pid)
+    return children[0] if children else master.pid
 
 
 def machine() -> dict[str, object]:

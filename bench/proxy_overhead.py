@@ -42,19 +42,21 @@ async def _route(namespace: str, url: str | list[str], action: str) -> None:
 
 
 @contextlib.contextmanager
-def gateway_in_front_of(backend_url: str | list[str], processes: int = 1, **settings: str) -> Iterator[tuple[str, list[Any]]]:
+def gateway_in_front_of(backend_url: str | list[str], processes: int = 1, *, args: tuple[str, ...] = (),
+                        **settings: str) -> Iterator[tuple[str, list[Any]]]:
     """``turnout gateway`` process(es) on the shared Redis (private namespace) routed to ``backend_url`` (a
-    list: the replicas of one deployment)."""
+    list: the replicas of one deployment); ``processes`` of them side by side with --reuse-port, each given
+    ``args`` too."""
     namespace = f"turnout-bench-{uuid.uuid4().hex[:8]}"
     asyncio.run(_route(namespace, backend_url, "set"))
     port = free_port()
-    args = [str(BIN / "turnout"), "gateway", "--port", str(port), "--log-level", "WARNING"]
+    args = (str(BIN / "turnout"), "gateway", "--port", str(port), "--log-level", "WARNING", *args)
     if processes > 1:
-        args.append("--reuse-port")
+        args += ("--reuse-port",)
     try:
         with contextlib.ExitStack() as stack:
             procs = [
-                stack.enter_context(process(args, f"http://127.0.0.1:{port}/health",
+                stack.enter_context(process(list(args), f"http://127.0.0.1:{port}/health",
                                             TURNOUT_REDIS_URL=REDIS_URL, TURNOUT_NAMESPACE=namespace, **settings))
                 for _ in range(processes)
             ]

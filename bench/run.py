@@ -13,7 +13,9 @@ import argparse
 import sys
 import time
 
-from bench import canary, instructions, memory, proxy_overhead, reaction, replicas, sentinel, services, shadow, switching
+from bench import (
+    canary, instructions, memory, processes, proxy_overhead, reaction, replicas, sentinel, services, shadow, switching,
+)
 from bench.common import HERE, machine, save
 
 SCENARIOS = {
@@ -27,6 +29,7 @@ SCENARIOS = {
     "canary": canary,
     "shadow": shadow,
     "sentinel": sentinel,
+    "processes": processes,
 }
 
 

@@ -13,6 +13,7 @@ from .aiohttp_handler import Drain, on_response_prepare
 from .balancer import OutlierPolicy
 from .rollout import Rollouts
 from .shadow import Shadows
+from .siblings import ProcessSlot, Siblings
 from .fastpath import FastPath
 from .guard import Guard
 from .http1 import BadRequests, ServerLimits
@@ -42,6 +43,8 @@ FAST = web.AppKey("fast", FastPath)
 LOOPS = web.AppKey("loops", Loops)
 LIMITS = web.AppKey("limits", ServerLimits)
 BAD_REQUESTS = web.AppKey("bad_requests", BadRequests)
+# Only in one process of several (turnout gateway --processes N): /metrics answers for all of them.
+SIBLINGS = web.AppKey("siblings", Siblings)
 
 
 DRAIN = web.AppKey("drain", Drain)
@@ -58,8 +61,9 @@ def limits_from(settings: Settings) -> ServerLimits:
 Context = Callable[[web.Application], AsyncIterator[None]]
 
 
-def create_app(settings: Settings, *, store: Store | None = None) -> web.Application:
-    """Build the gateway; ``store`` lets tests and ``turnout up`` share one store object (not closed here)."""
+def create_app(settings: Settings, *, store: Store | None = None, slot: ProcessSlot | None = None) -> web.Application:
+    """Build the gateway; ``store`` lets tests and ``turnout up`` share one store object (not closed here);
+    ``slot`` makes it one process of several, whose /metrics sums them all."""
     # Small bodies are read whole; larger ones stream and are counted against max_body_bytes.
     app = web.Application(client_max_size=SMALL_BODY)
     app[SETTINGS] = settings
@@ -112,6 +116,10 @@ def create_app(settings: Settings, *, store: Store | None = None) -> web.Applica
     app.cleanup_ctx.append(_registry_ctx)
     app.cleanup_ctx.append(_watcher_ctx)
     app.cleanup_ctx.append(_guard_ctx)
+    if slot is not None:
+        # Started and stopped by gateway.server around the listeners: a process shows to its siblings
+        # only while it listens.
+        app[SIBLINGS] = Siblings(slot, metrics)
     if settings.fast_path:
         app[FAST] = FastPath(proxy, limits, bad_requests)
 
@@ -239,6 +247,7 @@ async def version(request: web.Request) -> web.Response:
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    """Prometheus exposition of this process's metrics."""
-    body = request.app[METRICS].exposition()
+    """Prometheus exposition of this process's metrics, or of every gateway process of a run summed."""
+    siblings = request.app.get(SIBLINGS)
+    body = request.app[METRICS].exposition() if siblings is None else await siblings.exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -61,9 +61,9 @@ def load_settings(options: dict[str, Any]) -> Settings:
         raise click.UsageError(str(exc)) from None
 
 
-def setup_logging(level: str) -> None:
-    """One line per event, on stderr."""
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def setup_logging(level: str, tag: str = "") -> None:
+    """One line per event, on stderr (``tag`` after the logger's name: which gateway process of several)."""
+    logging.basicConfig(level=level.upper(), format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s")
 
 
 
@@ -83,7 +83,16 @@ def gateway(**options: Any) -> None:
     settings = load_settings(options)
     setup_logging(settings.log_level)
     install_event_loop_policy()
-    asyncio.run(serve(settings))
+    if settings.process_count() == 1:
+        asyncio.run(serve(settings))
+        return
+    from .processes import StartFailed, supervise
+
+    try:
+        status = asyncio.run(supervise(settings))
+    except StartFailed as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(status)
 
 
 @main.command()
@@ -151,6 +160,8 @@ def up(workdir: Path, **options: Any) -> None:
     from .server import install_event_loop_policy
 
     settings = load_settings(options)
+    if settings.process_count() > 1:
+        raise click.UsageError("turnout up runs one gateway process: run turnout gateway --processes N for more")
     setup_logging(settings.log_level if options.get("log_level") else "WARNING")
     install_event_loop_policy()
     try:

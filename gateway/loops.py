@@ -23,6 +23,11 @@ MAX_BACKOFF = 5.0
 # /health reports a loop that has failed for longer than this many of its intervals (at least 10 s).
 UNHEALTHY_AFTER_INTERVALS = 5
 MIN_UNHEALTHY_SECONDS = 10.0
+# A task still running this long after its cancellation swallowed it, and is cancelled again: redis-py's
+# asyncio client can lose a cancellation that lands while it opens a connection (seen with uvloop on about
+# one cancel in twenty within the first 10 ms of a pub/sub subscription), which left a gateway that failed
+# to bind its port waiting for its route subscriber forever.
+RECANCEL_AFTER = 1.0
 
 
 @dataclass
@@ -43,6 +48,15 @@ class Loop:
             return 0.0
         grace = max(MIN_UNHEALTHY_SECONDS, self.interval * UNHEALTHY_AFTER_INTERVALS)
         return max(0.0, now - self.failing_since - grace)
+
+
+async def cancel_and_wait(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait for it to end, cancelling it again each RECANCEL_AFTER while it goes on."""
+    task.cancel()
+    while not (await asyncio.wait({task}, timeout=RECANCEL_AFTER))[0]:
+        log.warning("background task %s went on after it was cancelled: cancelling it again", task.get_name())
+        task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 class Loops:
@@ -67,8 +81,7 @@ class Loops:
         chosen = [lp for lp in reversed(self.loops) if not loops or lp in loops]
         for loop in chosen:
             if loop.task is not None:
-                loop.task.cancel()
-                await asyncio.gather(loop.task, return_exceptions=True)
+                await cancel_and_wait(loop.task)
             self.loops.remove(loop)
 
     def failing(self) -> list[str]:

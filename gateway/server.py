@@ -10,8 +10,9 @@ from collections.abc import Callable
 from aiohttp import web
 
 from .aiohttp_handler import GuardedRequestHandler
-from .app import BAD_REQUESTS, DRAIN, FAST, LIMITS, create_admin_app, create_app
+from .app import BAD_REQUESTS, DRAIN, FAST, LIMITS, SIBLINGS, create_admin_app, create_app
 from .settings import Settings
+from .siblings import ProcessSlot
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -124,11 +125,15 @@ class Gateway:
         # watcher, registry sync, upstream pool, store); nothing is left for them to wait on.
         for runner in self.runners:
             await runner.cleanup()
+        siblings = self.app.get(SIBLINGS)
+        if siblings is not None:
+            await siblings.stop()
 
 
-async def start_gateway(settings: Settings, *, store: Store | None = None) -> Gateway:
-    """Start listening; the caller owns the returned gateway and calls ``stop()`` to drain and stop."""
-    app = create_app(settings, store=store)
+async def start_gateway(settings: Settings, *, store: Store | None = None, slot: ProcessSlot | None = None) -> Gateway:
+    """Start listening; the caller owns the returned gateway and calls ``stop()`` to drain and stop
+    (``slot``: as one process of several, see :mod:`gateway.processes`)."""
+    app = create_app(settings, store=store, slot=slot)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=_CLEANUP_GRACE, auto_decompress=False)
     await runner.setup()
     admin_runner: web.AppRunner | None = None
@@ -149,6 +154,9 @@ async def start_gateway(settings: Settings, *, store: Store | None = None) -> Ga
         for site in listeners:
             await site.start()
             gateway.sites.append(site)
+        siblings = app.get(SIBLINGS)
+        if siblings is not None:
+            await siblings.start()
     except BaseException:
         await gateway.stop(0)
         raise
@@ -169,11 +177,15 @@ def stop_on_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
-async def serve(settings: Settings) -> None:
-    """Run one gateway process until SIGTERM/SIGINT, then drain in-flight requests and exit."""
-    stop = asyncio.Event()
+async def serve(settings: Settings, *, slot: ProcessSlot | None = None, stop: asyncio.Event | None = None,
+                on_ready: Callable[[], None] | None = None) -> None:
+    """Run one gateway process until SIGTERM/SIGINT (or ``stop`` is set), then drain in-flight requests and
+    exit; ``on_ready`` is called once it listens."""
+    stop = stop or asyncio.Event()
     stop_on_signals(stop)
-    gateway = await start_gateway(settings)
+    gateway = await start_gateway(settings, slot=slot)
+    if on_ready is not None:
+        on_ready()
     await stop.wait()
     log.info("draining in-flight requests (up to %.0f s)", settings.shutdown_timeout)
     await gateway.stop()

@@ -13,6 +13,8 @@ from typing import Any, get_args, get_type_hints
 from .records import MAX_REPLICAS, check_service_name
 
 ENV_PREFIX = "TURNOUT_"
+# Gateway processes under one parent at most: each holds its own upstream and Redis connections.
+MAX_PROCESSES = 256
 
 
 class SettingsError(ValueError):
@@ -53,6 +55,10 @@ class Settings:
     host: str = _doc("Address the gateway's data plane listens on.", default="127.0.0.1")
     port: int = _doc("Port of the data plane.", default=8080)
     reuse_port: bool = _doc("Bind with SO_REUSEPORT so several gateway processes share the port.", default=False)
+    processes: str = _doc(
+        "Gateway processes serving the port(s) under one supervising parent (SO_REUSEPORT; /metrics sums them all): "
+        "a number, or auto for one per CPU; more than 1 needs Redis.", default="1",
+    )
     fast_path: bool = _doc(
         "Relay plain prediction requests on Turnout's own HTTP/1.1 handler (off: every request goes through aiohttp).",
         default=True,
@@ -250,6 +256,14 @@ class Settings:
                 raise SettingsError(f"redis_url: {exc}") from None
         if not self.namespace or any(c in self.namespace for c in " {}:"):
             raise SettingsError(f"namespace must be a non-empty word without spaces, braces or colons: {self.namespace!r}")
+        count = self.process_count()
+        if count > 1 and not self.redis_url:
+            raise SettingsError(
+                f"processes={self.processes} needs Redis (--redis-url or TURNOUT_REDIS_URL): with the embedded store "
+                "each gateway process would keep a route, history and guard of its own"
+            )
+        if count > 1 and self.port == 0:
+            raise SettingsError("processes above 1 need a fixed port (port 0 would give each process a different one)")
         for name in ("port", "admin_port", "worker_metrics_port"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 65535:
@@ -271,6 +285,19 @@ class Settings:
             if value is not None:
                 values[key] = value
         return cls(**values)
+
+    def process_count(self) -> int:
+        """``processes`` as a number: ``auto`` is one per CPU (raises ``SettingsError`` on anything else)."""
+        raw = str(self.processes).strip().lower()
+        if raw == "auto":
+            return os.cpu_count() or 1
+        try:
+            count = int(raw)
+        except ValueError:
+            raise SettingsError(f"processes must be a number or auto, got {self.processes!r}") from None
+        if not 1 <= count <= MAX_PROCESSES:
+            raise SettingsError(f"processes must be 1-{MAX_PROCESSES} or auto, got {self.processes!r}")
+        return count
 
     def claimed_services(self) -> frozenset[str]:
         """``services`` parsed (empty: every service)."""

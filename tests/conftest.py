@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -13,7 +15,7 @@ from gateway.store import RedisStore, drop_namespace
 from gateway.settings import Settings
 from gateway.server import Gateway, start_gateway
 from gateway.store import EmbeddedStore, Store
-from tests.support import free_port
+from tests.support import BIN, backend_app, child_env, free_port, serve_app, wait_port
 
 # The machine's shared Redis; tests only ever touch keys under their own random namespace.
 REDIS_URL = os.environ.get("TURNOUT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -22,6 +24,39 @@ REDIS_URL = os.environ.get("TURNOUT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 def new_namespace() -> str:
     """A namespace no other test (or run) uses."""
     return f"turnout-test-{uuid.uuid4().hex[:12]}"
+
+
+@contextlib.asynccontextmanager
+async def gateway_subprocess(*args: str, port: int | None = None, **env: str) -> AsyncIterator[dict[str, Any]]:
+    """``turnout gateway ARGS`` as a real process on the real Redis (private namespace, removed afterwards),
+    its default service routed to blue, a local test backend; yields its ``proc``, ``url``, ``port``,
+    ``store`` and ``backend`` once something listens on its port (a free one unless given). ``env`` adds
+    ``TURNOUT_*`` variables (logging at WARNING unless given)."""
+    from gateway.records import Deployment, State
+
+    namespace = new_namespace()
+    store = RedisStore.from_url(REDIS_URL, namespace)
+    port = port or free_port()
+    try:
+        async with serve_app(backend_app("blue")) as blue:
+            await store.create_deployment(Deployment(name="blue", url=blue, state=State.READY, external=True))
+            await store.set_route("blue", None)
+            proc = subprocess.Popen(
+                [str(BIN / "turnout"), "gateway", "--port", str(port), *args],
+                env=child_env(TURNOUT_REDIS_URL=REDIS_URL, TURNOUT_NAMESPACE=namespace,
+                              **{"TURNOUT_LOG_LEVEL": "WARNING", **env}),
+                stderr=subprocess.PIPE,
+            )
+            try:
+                wait_port(port)
+                yield {"proc": proc, "url": f"http://127.0.0.1:{port}", "port": port, "store": store, "backend": blue}
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+    finally:
+        await store.close()
+        await drop_namespace(REDIS_URL, namespace)
 
 
 @pytest.fixture

@@ -111,10 +111,15 @@ def exposed_names(text: str) -> set[str]:
     return names
 
 
-def test_metrics_catalogue_matches_exposition() -> None:
+def test_metrics_catalogue_matches_exposition(tmp_path: Path) -> None:
+    from gateway.siblings import ProcessSlot, Siblings, merge
+
     gateway = GatewayMetrics()
     worker = WorkerMetrics()
-    exposed = exposed_names(gateway.exposition().decode()) | exposed_names(worker.exposition().decode())
+    # One process of several (turnout gateway --processes N) exposes what a single one does, and more.
+    Siblings(ProcessSlot(tmp_path, 0), gateway)
+    merged = merge({0: list(gateway.registry.collect())}).decode()
+    exposed = exposed_names(merged) | exposed_names(worker.exposition().decode())
     readme = (ROOT / "README.md").read_text()
     documented = set(re.findall(r"^\| `(turnout_[a-z_]+)", readme, re.M))
     assert documented == exposed, {"undocumented": exposed - documented, "not exposed": documented - exposed}

@@ -13,10 +13,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.records import Deployment, State
-from gateway.store import RedisStore, drop_namespace
-from tests.conftest import REDIS_URL, new_namespace
-from tests.support import BIN, RawConnection, backend_app, child_env, eventually, free_port, post, serve_app, wait_port
+from tests.conftest import gateway_subprocess
+from tests.support import BIN, RawConnection, child_env, eventually, post
 
 MB = 1024 * 1024
 
@@ -35,28 +33,9 @@ SHUTDOWN_TIMEOUT = 3.0
 @pytest.fixture(params=["fast", "aiohttp"])
 async def gateway_process(request: pytest.FixtureRequest) -> AsyncIterator[dict[str, Any]]:
     """A gateway process on the real Redis (private namespace), routed to a local backend, on each request path."""
-    namespace = new_namespace()
-    store = RedisStore.from_url(REDIS_URL, namespace)
-    port = free_port()
-    async with serve_app(backend_app("blue")) as blue:
-        await store.create_deployment(Deployment(name="blue", url=blue, state=State.READY, external=True))
-        await store.set_route("blue", None)
-        env = child_env(TURNOUT_REDIS_URL=REDIS_URL, TURNOUT_NAMESPACE=namespace, TURNOUT_LOG_LEVEL="WARNING",
-                        TURNOUT_FAST_PATH=str(request.param == "fast").lower())
-        proc = subprocess.Popen(
-            [str(BIN / "turnout"), "gateway", "--port", str(port), "--shutdown-timeout", str(SHUTDOWN_TIMEOUT)],
-            env=env,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            wait_port(port)
-            yield {"proc": proc, "url": f"http://127.0.0.1:{port}", "store": store}
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            await store.close()
-            await drop_namespace(REDIS_URL, namespace)
+    async with gateway_subprocess("--shutdown-timeout", str(SHUTDOWN_TIMEOUT),
+                                  TURNOUT_FAST_PATH=str(request.param == "fast").lower()) as gateway:
+        yield gateway
 
 
 async def _ready(session: aiohttp.ClientSession, url: str) -> bool:

@@ -37,6 +37,10 @@ def test_env_then_flags() -> None:
         ({"TURNOUT_REDIS_URL": "redis+sentinel://h1/m/zero"}, "database .* must be a number"),
         ({"TURNOUT_REDIS_URL": "redis+sentinel://h1/m?pasword=x"}, "unknown redis\\+sentinel:// URL option"),
         ({"TURNOUT_REDIS_WAIT_TIMEOUT": "2"}, "redis_wait_timeout must be at least 0 and below 2"),
+        ({"TURNOUT_PROCESSES": "two"}, "processes must be a number or auto"),
+        ({"TURNOUT_PROCESSES": "0"}, "processes must be 1-256 or auto"),
+        ({"TURNOUT_PROCESSES": "2"}, "processes=2 needs Redis"),
+        ({"TURNOUT_PROCESSES": "2", "TURNOUT_REDIS_URL": "redis://r", "TURNOUT_PORT": "0"}, "need a fixed port"),
     ],
 )
 def test_bad_values_name_the_setting(env: dict[str, str], message: str) -> None:
@@ -55,6 +59,13 @@ def test_sentinel_urls_parse_with_passwords_and_defaults_and_never_show_a_passwo
     with pytest.raises(SettingsError) as info:
         Settings.load(env={"TURNOUT_REDIS_URL": "redis+sentinel://:hunter2@h1/m/x"})
     assert "hunter2" not in str(info.value)
+def test_processes_is_a_number_or_auto() -> None:
+    import os
+
+    assert Settings.load(env={}).process_count() == 1
+    redis = {"TURNOUT_REDIS_URL": "redis://r:6379/0"}
+    assert Settings.load({"processes": "3"}, env=redis).process_count() == 3
+    assert Settings.load(env={**redis, "TURNOUT_PROCESSES": "auto"}).process_count() == (os.cpu_count() or 1)
 
 
 def test_unknown_override_is_refused() -> None:

@@ -256,3 +256,22 @@ async def test_a_store_that_came_back_empty_is_reported_and_the_held_route_keeps
     assert watcher.snapshot.route == Route("blue", None, 1, watcher.snapshot.route.changed_at)
     assert watcher.metrics.generation_regressions.labels("default")._value.get() == 1
     assert (await store.read_snapshot()).route.generation == 0, "nothing to re-stamp: the store is left alone"
+async def test_a_task_that_swallows_its_cancellation_is_cancelled_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """redis-py can lose a cancellation while it connects: stopping a loop must not wait for it forever."""
+    from gateway import loops
+
+    monkeypatch.setattr(loops, "RECANCEL_AFTER", 0.05)
+    swallowed = []
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            swallowed.append(True)
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        await asyncio.sleep(3600)
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    await loops.cancel_and_wait(task)
+    assert swallowed == [True] and task.cancelled()
