@@ -18,7 +18,7 @@ from gateway.records import Deployment, Snapshot, State
 from gateway.store import RedisStore, drop_namespace
 from tests.conftest import REDIS_URL, new_namespace
 from tests.mlflow_support import Registry
-from tests.support import BIN, eventually, processes_with_env
+from tests.support import BIN, eventually, free_port, processes_with_env
 
 pytestmark = pytest.mark.slow
 
@@ -163,8 +163,13 @@ async def _healthy(session: aiohttp.ClientSession, url: str) -> bool:
 
 
 async def test_sigkilled_worker_leaves_no_model_server(workers: Any, store: RedisStore) -> None:
-    w = workers("-d", "blue=models:/iris/1")
+    port = free_port()
+    w = workers("-d", "blue=models:/iris/1", "--worker-metrics-port", str(port))
     await wait_state(store, "blue", State.READY)
+    # Its own /health (a probe's target) names what it hosts, by service/name#replica.
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/health") as resp:
+        body = await resp.json()
+        assert resp.status == 200 and body["deployments"] == {"default/blue": "ready"}, body
     assert any("uvicorn" in c for _, c in w.children())
     w.stop(signal.SIGKILL)
     await eventually(lambda: w.children() == [], timeout=15)

@@ -35,7 +35,7 @@ async def _metrics(request: web.Request) -> web.Response:
 
 async def _health(request: web.Request) -> web.Response:
     worker = request.app[WORKER]
-    states = {f"{service}/{name}": (h.state.value if h.state else "claimed") for (service, name), h in worker.hosted.items()}
+    states = {h.label: (h.state.value if h.state else "claimed") for h in worker.hosted.values()}
     failing = worker.loops.failing()
     body = {"worker": worker.id, "deployments": states, **({"failing": failing} if failing else {})}
     return web.Response(text=json.dumps(body), status=503 if failing else 200, content_type="application/json")
