@@ -200,9 +200,8 @@ class Admin:
                     abandon_body(request)
                 return response
             except StoreUnavailable as exc:
-                return errors.error_response(
-                    503, errors.TEMPORARILY_UNAVAILABLE, f"the route store is unreachable ({exc}); nothing was changed"
-                )
+                outcome = "" if exc.uncertain else "; nothing was changed"
+                return errors.error_response(503, errors.TEMPORARILY_UNAVAILABLE, f"the route store is unreachable ({exc}){outcome}")
             except ConnectionError:
                 # The client went away mid-request: nobody to answer, nothing to log.
                 return web.Response(status=499)

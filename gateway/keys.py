@@ -115,6 +115,10 @@ class Keys:
         """String with a TTL: which replica holds a singleton role (e.g. the guard's evaluator)."""
         return f"{self.namespace}:role:{role}"
 
+    def change(self, token: str) -> str:
+        """String with a TTL: the answer of a change already made (a resent change returns it, see redis_store)."""
+        return f"{self.namespace}:change:{token}"
+
     def seen(self, token: str) -> str:
         """Marker with a TTL: a notification already acted upon (Alertmanager repeats them)."""
         return f"{self.namespace}:seen:{token}"

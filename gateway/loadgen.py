@@ -102,7 +102,7 @@ class LoadGenerator:
     async def _one(self, session: aiohttp.ClientSession, url: str, body: bytes, phase: Phase) -> None:
         try:
             async with session.post(url + "/invocations", data=body, headers={"Content-Type": self.content_type}) as resp:
-                await resp.read()
+                answer = await resp.read()
                 status = resp.status
                 dep = resp.headers.get("X-Turnout-Deployment")
                 gen = int(resp.headers.get("X-Turnout-Generation", "0") or 0)
@@ -122,6 +122,6 @@ class LoadGenerator:
         else:
             phase.failed += 1
             if len(phase.failures) < 5:
-                phase.failures.append(f"{status} from {dep}")
+                phase.failures.append(f"{status} from {dep}: {answer[:200].decode(errors='replace')}")
         if self.on_result is not None:
             self.on_result(self, result)

@@ -34,14 +34,14 @@ POLL = 0.5
 
 
 @contextlib.contextmanager
-def gateway(url: str, namespace: str) -> Iterator[str]:
-    """A ``turnout gateway`` process on the Sentinel URL; yields its base URL."""
+def gateway(url: str, namespace: str, log: Path) -> Iterator[str]:
+    """A ``turnout gateway`` process on the Sentinel URL, logging to ``log``; yields its base URL."""
     port = free_port()
     proc = subprocess.Popen(
         [str(BIN / "turnout"), "gateway", "--port", str(port), "--poll-interval", str(POLL)],
         env=child_env(TURNOUT_REDIS_URL=url, TURNOUT_NAMESPACE=namespace, TURNOUT_ADMIN_TOKEN=TOKEN,
-                      TURNOUT_LOG_LEVEL="WARNING", TURNOUT_REGISTRY_SYNC="false"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                      TURNOUT_LOG_LEVEL="INFO", TURNOUT_REGISTRY_SYNC="false"),
+        stdout=subprocess.DEVNULL, stderr=log.open("wb"),
     )
     try:
         wait_port(port)
@@ -85,6 +85,10 @@ class Switcher:
                         body = {"text": text}
                     self.answers.append((time.monotonic(), resp.status, body))
             await asyncio.sleep(0.1)
+
+    def replicated(self) -> bool:
+        """Whether a switch was applied and acknowledged by a replica."""
+        return any(status == 200 and body.get("replicated") is True for _, status, body in self.answers)
 
     def ok_since(self, t: float) -> bool:
         """Whether a switch succeeded after ``t``."""
@@ -136,7 +140,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Any]:
 
 
 async def test_gateways_and_a_worker_ride_out_failovers_by_command_and_by_sigkill(
-    cluster: Any, mlflow_registry: Any,
+    cluster: Any, mlflow_registry: Any, tmp_path: Path,
 ) -> None:
     namespace = new_namespace()
     store = RedisStore.from_url(cluster.url, namespace, wait_timeout=0.5)
@@ -147,14 +151,18 @@ async def test_gateways_and_a_worker_ride_out_failovers_by_command_and_by_sigkil
             assert await store.create_deployment(Deployment(name="green", url=green, state=State.READY, external=True))
             await wait_state(store, "blue", State.READY, timeout=120)
             assert (await store.set_route("blue", None)).ok
-            with gateway(cluster.url, namespace) as one, gateway(cluster.url, namespace) as two:
+            with gateway(cluster.url, namespace, tmp_path / "one.log") as one, \
+                    gateway(cluster.url, namespace, tmp_path / "two.log") as two:
                 urls = [one, two]
                 async with aiohttp.ClientSession(headers=AUTH, timeout=aiohttp.ClientTimeout(total=10)) as s:
                     for url in urls:
                         await eventually(lambda url=url: generation(s, url), timeout=15)
+                    # Two switchers at once, as two operators (or an operator and the guard): changes in flight
+                    # on several connections when the primary moves.
                     async with Load(urls, rate=40, body=IRIS_ROW) as load, Switcher(s, urls) as switcher, \
-                            Watch(s, urls) as watch:
-                        await eventually(lambda: switcher.ok_since(0), timeout=10)
+                            Switcher(s, urls[::-1]), Watch(s, urls) as watch:
+                        # With the replica in sync, changes are acknowledged by it.
+                        await eventually(switcher.replicated, timeout=10)
 
                         # 1. The primary killed: no write can succeed until the sentinels agree it is down.
                         dead = cluster.primary()
@@ -176,15 +184,20 @@ async def test_gateways_and_a_worker_ride_out_failovers_by_command_and_by_sigkil
                         await eventually(lambda: len(load.results) >= served + 40, timeout=15)
 
                     # Every gateway converges on the store's route within a poll (plus a read) of the last switch.
-                    route = (await store.read_snapshot()).route
-
                     async def converged() -> bool:
+                        route = (await store.read_snapshot()).route
                         return all([await generation(s, u) == route.generation for u in urls])
 
                     await eventually(converged, timeout=POLL * 2 + 5)
+                    scrapes = []
+                    for u in urls:
+                        async with s.get(u + "/metrics") as resp:
+                            scrapes += [line for line in (await resp.text()).splitlines()
+                                        if line.startswith(("turnout_requests_total", "turnout_upstream_errors_total"))]
 
         statuses = Counter(r.status for r in load.results)
-        assert statuses == {200: len(load.results)}, f"failed predictions: {statuses}"
+        failed = Counter((r.status, r.deployment) for r in load.results if r.status != 200)
+        assert statuses == {200: len(load.results)}, f"failed predictions: {failed}, first: {load.phase.failures}; {scrapes}"
         codes = Counter(status for _, status, _ in switcher.answers)
         # Admin writes fail cleanly while no primary is known (503 with a message); a 409 only when a
         # gateway lifted the generation after a failover lost changes, under the switch's feet.
@@ -195,19 +208,22 @@ async def test_gateways_and_a_worker_ride_out_failovers_by_command_and_by_sigkil
         assert all("changed concurrently" in body["message"] for _, status, body in switcher.answers if status == 409)
         applied = [body for _, status, body in switcher.answers if status == 200 and body["applied"]]
         assert all(isinstance(body.get("replicated"), bool) for body in applied), applied[:3]
-        assert any(body["replicated"] for body in applied), "with a replica up, changes are acknowledged"
         # No gateway's generation ever went down.
         for url, gens in watch.seen.items():
             assert gens == sorted(gens), (url, [g for g, h in zip(gens, gens[1:]) if h < g])
         # The worker kept its lease through both failovers: blue is still ready on the new primary.
         assert (await store.read_snapshot()).effective_state("blue") is State.READY
+    except AssertionError:
+        for log in sorted(tmp_path.glob("*.log")):  # what the gateways said, for whoever reads the failure
+            print(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-60:]))
+        raise
     finally:
         worker.stop()
         await store.drop_namespace()
         await store.close()
 
 
-async def test_admin_writes_answer_503_with_no_primary_then_work_again_without_a_restart(cluster: Any) -> None:
+async def test_admin_writes_answer_503_with_no_primary_then_work_again_without_a_restart(cluster: Any, tmp_path: Path) -> None:
     namespace = new_namespace()
     store = RedisStore.from_url(cluster.url, namespace, wait_timeout=0.5)
     try:
@@ -215,7 +231,7 @@ async def test_admin_writes_answer_503_with_no_primary_then_work_again_without_a
             for name in ("blue", "green"):
                 assert await store.create_deployment(Deployment(name=name, url=blue, state=State.READY, external=True))
             assert (await store.set_route("blue", None)).ok
-            with gateway(cluster.url, namespace) as url:
+            with gateway(cluster.url, namespace, tmp_path / "gateway.log") as url:
                 async with aiohttp.ClientSession(headers=AUTH) as s:
                     await eventually(lambda: generation(s, url), timeout=15)
                     async with s.post(url + "/admin/switch", json={"target": "green"}) as resp:

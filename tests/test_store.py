@@ -170,3 +170,32 @@ async def test_bad_record_fields_write_nothing(redis_store: RedisStore) -> None:
     with pytest.raises(ValueError):
         await redis_store.update_deployment("blue", state=State.READY, bogus="x")
     assert (await redis_store.read_snapshot()).deployments["blue"].state is State.STARTING
+
+
+async def test_a_change_resent_after_its_connection_broke_is_made_once_and_answered_as_made() -> None:
+    """redis-py resends a command whose connection broke before the answer came (as Sentinel drops every
+    client of a demoted primary). The switch below is cut off while it waits for a replica (WAIT, with none
+    attached): its resend must answer "applied", not "conflict" with itself, and leave one history line."""
+    import redis
+
+    from tests.support import private_redis
+
+    with private_redis() as server:
+        store = RedisStore.from_url(server.url, "t")
+        store.wait_timeout = 1.0  # as behind Sentinel: every change waits for a replica, here in vain
+        killer = redis.Redis(port=server.port)
+        try:
+            for name in ("blue", "green"):
+                await store.create_deployment(Deployment(name=name, url="http://127.0.0.1:1", state=State.READY, external=True))
+            switch = asyncio.create_task(store.set_route("green", "blue", expected_generation=0, history=HistoryEntry(
+                action="switch", who=Who(actor="t", client=None, trigger="api"), target="green")))
+            await asyncio.sleep(0.3)
+            assert killer.client_kill_filter(_type="normal", skipme=True) >= 1
+            change = await switch
+            assert change.ok and change.route.generation == 1, change
+            entries, total = await store.read_history()
+            assert total == 1 and entries[0].generation == 1, entries
+            assert (await store.read_snapshot()).route.generation == 1
+        finally:
+            killer.close()
+            await store.close()

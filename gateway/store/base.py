@@ -48,7 +48,12 @@ def note_replicated(acknowledged: bool) -> None:
 
 
 class StoreUnavailable(ConnectionError):
-    """The backing store cannot be reached; callers keep their last known state."""
+    """The backing store cannot be reached; callers keep their last known state. ``uncertain``: a change
+    was sent and its answer lost, so it may have been made."""
+
+    def __init__(self, message: str, *, uncertain: bool = False) -> None:
+        super().__init__(message)
+        self.uncertain = uncertain
 
 
 @dataclass(frozen=True, slots=True)

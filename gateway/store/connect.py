@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 
 SENTINEL_SCHEME = "redis+sentinel"
 SENTINEL_PORT = 26379
@@ -57,9 +57,16 @@ def parse_sentinel_url(url: str) -> SentinelURL:
         username = unquote(user) or None
         password = unquote(secret) if has_password else None
     sentinels = []
-    for item in hosts.split(","):
-        host, port = _host_port(item.strip())
-        sentinels.append((host, port))
+    items = hosts.split(",")
+    for number, item in enumerate(items, 1):
+        try:
+            sentinels.append(_host_port(item.strip()))
+        except ValueError as exc:
+            # Never the text itself: a password holding "/", "?" or "#" ends the host list early, and its
+            # first part would then be shown as a host.
+            hint = (" (a password holding / ? # @ or : must be percent-encoded: %2F %3F %23 %40 %3A)"
+                    if "@" in url else "")
+            raise ValueError(f"sentinel {number} of {len(items)} {exc}{hint}") from None
     path = [unquote(p) for p in parts.path.split("/") if p]
     if not path or len(path) > 2:
         raise ValueError(f"{SENTINEL_SCHEME}:// URL needs /MASTER_NAME[/DB] after the sentinels, e.g. "
@@ -69,12 +76,15 @@ def parse_sentinel_url(url: str) -> SentinelURL:
         if not path[1].isdigit():
             raise ValueError(f"the database in a {SENTINEL_SCHEME}:// URL must be a number, got {path[1]!r}")
         db = int(path[1])
-    query = parse_qs(parts.query, keep_blank_values=True)
-    unknown = sorted(set(query) - _SENTINEL_OPTIONS)
+    # Not parse_qs: it reads "+" as a space, and a password may hold a "+".
+    one = {}
+    for item in filter(None, parts.query.split("&")):
+        key, _, value = item.partition("=")
+        one[unquote(key)] = unquote(value)
+    unknown = sorted(set(one) - _SENTINEL_OPTIONS)
     if unknown:
         raise ValueError(f"unknown {SENTINEL_SCHEME}:// URL option(s): {', '.join(unknown)} "
                          f"(known: {', '.join(sorted(_SENTINEL_OPTIONS))})")
-    one = {k: v[-1] for k, v in query.items()}
     ssl = one.get("ssl", "false").lower()
     if ssl not in ("true", "false", "1", "0", "yes", "no"):
         raise ValueError(f"ssl in a {SENTINEL_SCHEME}:// URL must be true or false, got {ssl!r}")
@@ -87,19 +97,21 @@ def parse_sentinel_url(url: str) -> SentinelURL:
 
 def _host_port(item: str) -> tuple[str, int]:
     if not item:
-        raise ValueError(f"a {SENTINEL_SCHEME}:// URL needs at least one sentinel host, comma-separated")
+        raise ValueError("is empty (sentinels are HOST[:PORT], comma-separated)")
     if item.startswith("["):  # [IPv6]:port
-        host, _, rest = item[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
+        host, closed, rest = item[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            raise ValueError("is not [IPv6-ADDRESS]:PORT")
+        port_text = rest[1:]
     else:
         host, _, port_text = item.rpartition(":") if ":" in item else (item, "", "")
     if not host:
-        raise ValueError(f"sentinel {item!r} has no host")
-    if not port_text:
-        return host, SENTINEL_PORT
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"sentinel {item!r} has an invalid port")
-    return host, int(port_text)
+        raise ValueError("has no host")
+    if not port_text and not item.endswith(":"):
+        return unquote(host), SENTINEL_PORT
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
+        raise ValueError("has an invalid port (1-65535)")
+    return unquote(host), int(port_text)
 
 
 def check_url(url: str) -> None:
@@ -115,6 +127,14 @@ def check_url(url: str) -> None:
 class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
     """Sentinel discovery with the blocking pool's manners: a burst waits for a free connection (up to
     ``timeout``) instead of failing at ``max_connections``."""
+
+    async def release(self, connection: Any) -> None:
+        """A connection to a server that is no longer the primary is closed on its way back to the pool
+        (redis-py closes only the idle ones when it learns of a failover; one busy then would go on
+        writing to the old primary, which accepts writes until the sentinels demote it, then loses them)."""
+        if self.master_address is not None and (connection.host, connection.port) != self.master_address:
+            await connection.disconnect()
+        await super().release(connection)
 
 
 # What every Turnout connection uses: short deadlines (a store that does not answer in 2 s is down, and
@@ -137,8 +157,11 @@ def redis_client(url: str) -> aioredis.Redis:
     parsed = parse_sentinel_url(url)
     sentinel = Sentinel(
         list(parsed.sentinels),
+        # One try per sentinel, half a second each: redis-py's default retries (with back-off) made a
+        # stalled sentinel cost 15 s per question, and the next sentinel is the retry.
         sentinel_kwargs={"username": parsed.sentinel_username, "password": parsed.sentinel_password,
-                         "socket_connect_timeout": 1, "socket_timeout": 1, "decode_responses": True},
+                         "socket_connect_timeout": 0.5, "socket_timeout": 0.5, "decode_responses": True,
+                         "retry": Retry(NoBackoff(), 0)},
     )
     return sentinel.master_for(
         parsed.master, redis_class=aioredis.Redis, connection_pool_class=_BlockingSentinelPool,

@@ -12,13 +12,14 @@ import asyncio
 import contextlib
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions
-from redis.asyncio.sentinel import SentinelConnectionPool
+from redis.asyncio.sentinel import MasterNotFoundError, SentinelConnectionPool
 
 from ..keys import (
     DEPLOYMENT_CHANGED, LEGACY_SERVICE, SERVICE_CHANGED, SUBSCRIBED, Keys, ServiceKeys, decode_event, encode_event,
@@ -364,9 +365,22 @@ def _unavailable_on(*kinds: type[BaseException]) -> Iterator[None]:
     except kinds as exc:
         if task is not None and task.cancelling():
             raise asyncio.CancelledError() from exc
-        raise StoreUnavailable(str(exc) or type(exc).__name__) from exc
+        raise StoreUnavailable(_brief(exc)) from exc
     if task is not None and task.cancelling():
         raise asyncio.CancelledError()
+
+
+def _brief(exc: BaseException) -> str:
+    """What went wrong, in a line: redis-py's "no master found" lists every sentinel's client repr."""
+    if isinstance(exc, MasterNotFoundError):
+        return str(exc).split(" : ", 1)[0] + " (no sentinel named a reachable primary)"
+    return str(exc) or type(exc).__name__
+
+
+def _before_sending(exc: BaseException) -> bool:
+    """Whether a connection error happened before a command could reach Redis (no connection was made)."""
+    text = str(exc)
+    return isinstance(exc, MasterNotFoundError) or "connecting to" in text or "No connection available" in text
 
 
 def _unavailable_on_connection_errors() -> contextlib.AbstractContextManager[None]:
@@ -405,6 +419,27 @@ def _snapshot(service: str, raw_route: list[Any], raw_deps: list[Any], raw_confi
                     config=ServiceConfig.from_fields(_pairs(raw_config)), plan=Plan.from_json(raw_plan or None))
 
 
+# How long a change's answer is kept for a resend of the same change (redis-py resends a command whose
+# connection broke, after reconnecting; a failover takes seconds).
+_CHANGE_MEMORY_MS = 60_000
+
+
+def _once(script: str) -> str:
+    """A changing script made safe to run twice: its last KEYS entry names where its answer is kept, and a
+    second run with the same key returns that answer instead of changing anything again. redis-py resends
+    a command when the connection breaks before the answer arrives (a primary demoted in a failover drops
+    its clients); run twice, a switch would answer "conflict" to itself and a create "already exists"."""
+    return (
+        "local change_key = KEYS[#KEYS]\n"
+        "local done = redis.call('GET', change_key)\n"
+        "if done then return cjson.decode(done) end\n"
+        "local function change()\n" + script + "\nend\n"
+        "local answer = change()\n"
+        f"redis.call('SET', change_key, cjson.encode(answer), 'PX', {_CHANGE_MEMORY_MS})\n"
+        "return answer\n"
+    )
+
+
 class RedisStore(Store):
     """Services, routes, deployments, leases and histories in Redis, changes announced on one pub/sub channel."""
 
@@ -413,13 +448,14 @@ class RedisStore(Store):
         self.keys = Keys(namespace)
         self.history_max = history_max
         self.wait_timeout = 0.0
+        self._followed = 0.0
         register = client.register_script
         self._snapshot, self._read_all = register(_SNAPSHOT), register(_READ_ALL)
-        self._set_route, self._create, self._update, self._delete = (
-            register(_SET_ROUTE), register(_CREATE), register(_UPDATE), register(_DELETE))
-        self._rollout, self._lift = register(_ROLLOUT), register(_LIFT)
-        self._create_service, self._delete_service, self._set_config = (
-            register(_CREATE_SERVICE), register(_DELETE_SERVICE), register(_SET_CONFIG))
+        # Every script run through _change (it appends the key its answer is kept under).
+        once = [register(_once(text)) for text in (_SET_ROUTE, _CREATE, _UPDATE, _DELETE, _ROLLOUT, _LIFT,
+                                                   _CREATE_SERVICE, _DELETE_SERVICE, _SET_CONFIG)]
+        (self._set_route, self._create, self._update, self._delete, self._rollout, self._lift,
+         self._create_service, self._delete_service, self._set_config) = once
         self._claim, self._release, self._hold_role = register(_CLAIM), register(_RELEASE), register(_HOLD_ROLE)
 
     @classmethod
@@ -440,21 +476,43 @@ class RedisStore(Store):
         the new primary."""
         pool = self.client.connection_pool
         if isinstance(pool, SentinelConnectionPool):
+            self._followed = time.monotonic()
             with _unavailable_on_connection_errors():
                 await pool.get_master_address()
+
+    async def _follow_primary_lately(self) -> None:
+        """``_follow_primary`` at most once a second, for frequent writes (leases, counters): a worker's
+        lease renewals written to a demoted primary are lost, and its deployments go unhealthy."""
+        if time.monotonic() - self._followed >= 1.0:
+            await self._follow_primary()
 
     async def _change(self, script: Any, keys: list[str], args: list[Any], wait: bool = True) -> Any:
         """Run a changing script; with replicas to wait for (and ``wait``), WAIT on the same connection and
         note the answer for the admin API (Sentinel replication is asynchronous: an acknowledged change that
         no replica holds is lost if the primary dies now)."""
         await self._follow_primary()
-        if not self.wait_timeout or not wait:
-            return await script(keys=keys, args=args)
-        with _unavailable_on_connection_errors():
+        keys = [*keys, self.keys.change(uuid.uuid4().hex)]
+        try:
+            if not self.wait_timeout or not wait:
+                return await script(keys=keys, args=args)
             async with self.client.pipeline(transaction=False) as pipe:
                 await script(keys=keys, args=args, client=pipe)
                 pipe.execute_command("WAIT", 1, max(1, int(self.wait_timeout * 1000)))
                 result, acks = await pipe.execute()
+        except redis.exceptions.ResponseError as exc:
+            # A change that wrote nothing (a refusal) on a primary demoted a moment ago, then WAIT there.
+            if "replica" not in str(exc).lower():
+                raise
+            raise StoreUnavailable("the Redis primary changed during the change (a failover)") from exc
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            if _before_sending(exc):
+                raise  # the callers' _unavailable_on_connection_errors: certain that nothing was changed
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError() from exc
+            raise StoreUnavailable(f"{_brief(exc)}; the change was sent but its answer was lost, so it may have "
+                                   "been made: read the route or the history before retrying",
+                                   uncertain=True) from exc
         note_replicated(int(acks) >= 1)
         return result
 
@@ -527,6 +585,7 @@ class RedisStore(Store):
     # --- one service ------------------------------------------------------------------------
     async def read_snapshot(self, *, service: str = DEFAULT_SERVICE) -> Snapshot:
         sk = self._sk(service)
+        await self._follow_primary_lately()
         with _unavailable_on_connection_errors():
             raw = await self._snapshot(keys=[sk.route, sk.deployments, sk.config, sk.plan],
                                        args=[sk.deployment_prefix, sk.lease_prefix])
@@ -648,6 +707,7 @@ class RedisStore(Store):
     async def claim(self, name: str, owner: str, ttl: float, *, service: str = DEFAULT_SERVICE, replica: int = 0,
                     taking: Mapping[str, Any] | None = None) -> bool:
         sk = self._sk(service)
+        await self._follow_primary_lately()
         with _unavailable_on_connection_errors():
             ok = await self._claim(
                 keys=[sk.lease(replica_key(name, replica)), sk.deployment(name)],
@@ -682,6 +742,7 @@ class RedisStore(Store):
         return [HistoryEntry.from_json(json.loads(item)) for item in raw], int(total)
 
     async def add_stats(self, pending: StatsRows, ttl: int = 180) -> None:
+        await self._follow_primary_lately()
         with _unavailable_on_connection_errors():
             async with self.client.pipeline(transaction=False) as pipe:
                 for (service, deployment), per in pending.items():
@@ -728,6 +789,7 @@ class RedisStore(Store):
 
     # --- the whole namespace ----------------------------------------------------------------
     async def hold_role(self, role: str, owner: str, ttl: float) -> bool:
+        await self._follow_primary_lately()
         with _unavailable_on_connection_errors():
             return bool(await self._hold_role(keys=[self.keys.lease_of(role)], args=[owner, str(max(1, int(ttl * 1000)))]))
 
