@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -256,8 +257,28 @@ def _describe(code: int) -> str:
     return f"code {code}"
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something listens on ``host:port`` already. Bound without SO_REUSEPORT, so another run of
+    ``--processes`` (whose processes all set it, and would share the port with ours unnoticed) shows too."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 async def supervise(settings: Settings) -> int:
     """Run ``settings.process_count()`` gateway processes until SIGTERM/SIGINT; the exit status."""
+    ports = [(settings.host, settings.port)]
+    if settings.admin_port is not None:
+        ports.append((settings.admin_host or settings.host, settings.admin_port))
+    for host, port in ports:
+        if port_in_use(host, port):
+            log.error("%s:%d is in use (another gateway, or another run of --processes): not starting", host, port)
+            return 1
     run_dir = make_run_dir()
     try:
         return await Supervisor(settings, settings.process_count(), run_dir).run()

@@ -264,6 +264,11 @@ class Settings:
             )
         if count > 1 and self.port == 0:
             raise SettingsError("processes above 1 need a fixed port (port 0 would give each process a different one)")
+        if self.admin_port is not None and self.admin_port == self.port and self.port != 0:
+            # With SO_REUSEPORT both listeners would bind, and the kernel would split connections between the
+            # data plane and the admin API at random.
+            raise SettingsError(f"admin_port must differ from port ({self.port}); leave it unset to serve the "
+                                "admin API on the data-plane port")
         for name in ("port", "admin_port", "worker_metrics_port"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 65535:
@@ -291,10 +296,9 @@ class Settings:
         raw = str(self.processes).strip().lower()
         if raw == "auto":
             return os.cpu_count() or 1
-        try:
-            count = int(raw)
-        except ValueError:
-            raise SettingsError(f"processes must be a number or auto, got {self.processes!r}") from None
+        if not (raw.isascii() and raw.isdigit()):
+            raise SettingsError(f"processes must be a number or auto, got {self.processes!r}")
+        count = int(raw)
         if not 1 <= count <= MAX_PROCESSES:
             raise SettingsError(f"processes must be 1-{MAX_PROCESSES} or auto, got {self.processes!r}")
         return count

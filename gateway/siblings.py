@@ -155,6 +155,7 @@ class Siblings:
     """This process's place in a run of several: serves its own exposition, answers /metrics for all."""
 
     def __init__(self, slot: ProcessSlot, metrics: GatewayMetrics, deadline: float = SIBLING_DEADLINE) -> None:
+        self._merging: asyncio.Future[bytes] | None = None
         self.run_dir = slot.run_dir
         self.index = slot.index
         self.path = socket_path(slot.run_dir, slot.index)
@@ -172,8 +173,10 @@ class Siblings:
         """Serve this process's own exposition on its socket (a stale one, from a process before it, goes first)."""
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+        # A burst of scrapes on every process at once opens that many connections here: the default backlog
+        # (100) refused the rest at once and those answers summed fewer processes.
         self._server = await asyncio.get_running_loop().create_unix_server(
-            lambda: _ExpositionProtocol(self.metrics), str(self.path)
+            lambda: _ExpositionProtocol(self.metrics), str(self.path), backlog=1024
         )
 
     async def stop(self) -> None:
@@ -195,7 +198,14 @@ class Siblings:
         return found
 
     async def exposition(self) -> bytes:
-        """The sum over this process and every sibling that answers within the deadline."""
+        """The sum over this process and every sibling that answers within the deadline. Scrapes that arrive
+        while one is being merged share its answer: /metrics needs no token, and a burst of concurrent
+        scrapes each fetching every sibling left siblings out (counters that went down: false resets)."""
+        if self._merging is None or self._merging.done():
+            self._merging = asyncio.ensure_future(self._merge())
+        return await asyncio.shield(self._merging)
+
+    async def _merge(self) -> bytes:
         paths = self.sibling_paths()
         texts = await asyncio.gather(*(self._fetch(index, path) for index, path in paths.items()))
         processes: dict[int, Iterable[Metric]] = {self.index: list(self.metrics.registry.collect())}

@@ -4,6 +4,7 @@ all, a killed process restarted, SIGTERM stopping every one; refused on the embe
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 import glob
 import os
 import signal
@@ -181,9 +182,33 @@ async def test_a_process_that_cannot_listen_fails_the_start() -> None:
             code = await asyncio.get_running_loop().run_in_executor(None, proc.wait, 60)
             stderr = proc.stderr.read().decode() if proc.stderr else ""
     assert code == 1, stderr
-    assert "exited with code 1 before it listened" in stderr and "address already in use" in stderr, stderr
+    assert f"127.0.0.1:{port} is in use" in stderr, stderr
     assert [pid for pid, _ in processes_with_env(f"TURNOUT_TEST_GATEWAY={tag}")] == []
     assert _run_dirs(proc.pid) == []
+
+
+async def test_a_second_run_on_the_same_port_is_refused(two_processes: dict[str, Any]) -> None:
+    """Every process of a run binds with SO_REUSEPORT, so a second run would share the port unnoticed and
+    take half the connections: the parent looks first, without SO_REUSEPORT."""
+    port = int(two_processes["url"].rsplit(":", 1)[1])
+    async with gateway_subprocess("--processes", "2", port=port) as second:
+        proc = second["proc"]
+        code = await asyncio.get_running_loop().run_in_executor(None, proc.wait, 60)
+        stderr = proc.stderr.read().decode() if proc.stderr else ""
+    assert code == 1 and "is in use" in stderr, stderr
+    ok, failures = await _send(two_processes["url"], 20, workers=2)
+    assert (ok, failures) == (20, [])
+
+
+async def test_a_burst_of_concurrent_scrapes_each_sums_every_process(two_processes: dict[str, Any]) -> None:
+    """/metrics needs no token: 400 scrapes at once (on new connections, so both processes get some) must
+    each sum both processes, or counters seem to go down and Prometheus sees resets."""
+    url = two_processes["url"]
+    ok, _ = await _send(url, 100, workers=4)
+    assert ok == 100
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True, limit=0)) as fresh:
+        answers = await asyncio.gather(*(_scrape(fresh, url) for _ in range(400)))
+    assert Counter(_requests(samples) for samples in answers) == {100.0: 400}
 
 
 @pytest.mark.parametrize(("args", "env"), [(["--processes", "2"], {}), ([], {"TURNOUT_PROCESSES": "2"})])

@@ -38,6 +38,8 @@ def test_env_then_flags() -> None:
         ({"TURNOUT_REDIS_URL": "redis+sentinel://h1/m?pasword=x"}, "unknown redis\\+sentinel:// URL option"),
         ({"TURNOUT_REDIS_WAIT_TIMEOUT": "2"}, "redis_wait_timeout must be at least 0 and below 2"),
         ({"TURNOUT_PROCESSES": "two"}, "processes must be a number or auto"),
+        ({"TURNOUT_PROCESSES": "+2"}, "processes must be a number or auto"),
+        ({"TURNOUT_PORT": "9000", "TURNOUT_ADMIN_PORT": "9000"}, "admin_port must differ from port"),
         ({"TURNOUT_PROCESSES": "0"}, "processes must be 1-256 or auto"),
         ({"TURNOUT_PROCESSES": "2"}, "processes=2 needs Redis"),
         ({"TURNOUT_PROCESSES": "2", "TURNOUT_REDIS_URL": "redis://r", "TURNOUT_PORT": "0"}, "need a fixed port"),
