@@ -64,13 +64,31 @@ async def generation(s: aiohttp.ClientSession, url: str) -> int | None:
     return None
 
 
-class Switcher:
+class Background:
+    """A loop (``_run``) that runs for the length of an ``async with`` block."""
+
+    _task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Any:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+class Switcher(Background):
     """Switches blue ⇄ green through the gateways in turn, as fast as answers come; keeps every answer."""
 
     def __init__(self, session: aiohttp.ClientSession, urls: list[str]) -> None:
         self.session, self.urls = session, urls
         self.answers: list[tuple[float, int, dict[str, Any]]] = []
-        self._task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
         for i in itertools.count():
@@ -94,24 +112,13 @@ class Switcher:
         """Whether a switch succeeded after ``t``."""
         return any(at > t and status == 200 for at, status, _ in self.answers)
 
-    async def __aenter__(self) -> Switcher:
-        self._task = asyncio.create_task(self._run())
-        return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-
-
-class Watch:
+class Watch(Background):
     """Reads every gateway's applied generation all along: none may ever go down."""
 
     def __init__(self, session: aiohttp.ClientSession, urls: list[str]) -> None:
         self.session, self.urls = session, urls
         self.seen: dict[str, list[int]] = {u: [] for u in urls}
-        self._task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
         while True:
@@ -121,16 +128,6 @@ class Watch:
                     if gen is not None:
                         self.seen[url].append(gen)
             await asyncio.sleep(0.05)
-
-    async def __aenter__(self) -> Watch:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
 
 
 @pytest.fixture
