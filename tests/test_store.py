@@ -199,3 +199,24 @@ async def test_a_change_resent_after_its_connection_broke_is_made_once_and_answe
         finally:
             killer.close()
             await store.close()
+
+
+async def test_a_change_whose_answer_was_lost_says_it_may_have_been_made(redis_store: RedisStore,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection error before anything reached Redis: nothing changed. A read timeout after the change
+    went out: the 503 must not say "nothing was changed"."""
+    import redis.exceptions
+
+    from gateway.store import StoreUnavailable
+
+    async def lost(**_: object) -> None:
+        raise redis.exceptions.TimeoutError("Timeout reading from 127.0.0.1:6379")
+
+    async def refused(**_: object) -> None:
+        raise redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    for script, uncertain in ((lost, True), (refused, False)):
+        monkeypatch.setattr(redis_store, "_set_route", script)
+        with pytest.raises(StoreUnavailable) as info:
+            await redis_store.set_route("blue", None)
+        assert info.value.uncertain is uncertain, info.value

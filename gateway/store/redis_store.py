@@ -362,6 +362,8 @@ def _unavailable_on(*kinds: type[BaseException]) -> Iterator[None]:
     task = asyncio.current_task()
     try:
         yield
+    except StoreUnavailable:
+        raise  # already said (a ConnectionError, hence an OSError: it would lose what it says otherwise)
     except kinds as exc:
         if task is not None and task.cancelling():
             raise asyncio.CancelledError() from exc
